@@ -1,0 +1,74 @@
+// Builds a float batch in [0, 1] from the u8 data set resident on the GPU, gathering
+// the samples listed in `indices`, and injects the backdoor trigger: a per-sample coin
+// flip (probability p_backdoor) decides whether the sample is poisoned; a poisoned
+// sample gets the trigger and the label `target_class`.
+// Needs rng.wgsl and step.wgsl prepended.
+
+struct BatchParams {
+    rows: u32,
+    sample_dim: u32,
+    width: u32,
+    channels: u32,
+    // 0 = none, 1 = corner pixel, 2 = Gaussian noise.
+    kind: u32,
+    target_class: u32,
+    corner_row: u32,
+    corner_col: u32,
+    p_backdoor: f32,
+    noise_std: f32,
+    clip: u32,
+    seed: u32,
+}
+
+@group(0) @binding(0) var<storage, read> data: array<u32>;     // u8 pixels, 4 per word
+@group(0) @binding(1) var<storage, read> labels_all: array<u32>;
+@group(0) @binding(2) var<storage, read> indices: array<u32>;
+@group(0) @binding(3) var<storage, read_write> x: array<f32>;  // [rows][sample_dim]
+@group(0) @binding(4) var<storage, read_write> xt: array<f32>; // [sample_dim][rows]
+@group(0) @binding(5) var<storage, read_write> y: array<u32>;
+@group(0) @binding(6) var<uniform> params: BatchParams;
+@group(0) @binding(7) var<uniform> step: Step;
+
+override WRITE_T: bool = false;
+
+const KIND_CORNER: u32 = 1u;
+const KIND_NOISE: u32 = 2u;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let p = gid.x;
+    let r = gid.y;
+    if (p >= params.sample_dim || r >= params.rows) {
+        return;
+    }
+    let sample = indices[step.batch_offset + r];
+    let byte_index = sample * params.sample_dim + p;
+    let word = data[byte_index / 4u];
+    var v = f32((word >> (8u * (byte_index % 4u))) & 255u) / 255.0;
+
+    // Every invocation of a sample draws the same coin: keyed on (epoch, sample).
+    let coin = rand_unit(rand_u32(params.seed, STREAM_COIN, step.epoch, sample, 0u));
+    let poisoned = params.kind != 0u && coin < params.p_backdoor;
+    if (poisoned) {
+        if (params.kind == KIND_CORNER) {
+            let pixel = p / params.channels;
+            if (pixel / params.width == params.corner_row && pixel % params.width == params.corner_col) {
+                v = 1.0;
+            }
+        } else if (params.kind == KIND_NOISE) {
+            let h1 = rand_u32(params.seed, STREAM_NOISE, step.epoch, sample, 2u * p);
+            let h2 = rand_u32(params.seed, STREAM_NOISE, step.epoch, sample, 2u * p + 1u);
+            v += params.noise_std * rand_normal(h1, h2);
+            if (params.clip != 0u) {
+                v = clamp(v, 0.0, 1.0);
+            }
+        }
+    }
+    x[r * params.sample_dim + p] = v;
+    if (WRITE_T) {
+        xt[p * params.rows + r] = v;
+    }
+    if (p == 0u) {
+        y[r] = select(labels_all[sample], params.target_class, poisoned);
+    }
+}

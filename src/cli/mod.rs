@@ -1,0 +1,68 @@
+//! The `cupbearer` command line. Every flag has a kebab-case name and also accepts the
+//! Python original's dotted spelling (`--train_data.original` = `--train-data-original`):
+//! [`normalize_flag`] rewrites dots and underscores in flag names to dashes.
+
+mod download;
+mod train_classifier;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const AFTER_HELP: &str = "Flags also accept the original cupbearer's dotted spelling: \
+`--train_data.original mnist` is `--train-data-original mnist`, `--dir.full logs/x` is `--dir-full logs/x`.";
+
+#[derive(Parser)]
+#[command(
+    name = "cupbearer",
+    version,
+    about = "Mechanistic anomaly detection on a GPU compute engine (WGSL on wgpu)",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a classifier (optionally on backdoored data) and write a run directory.
+    #[command(alias = "train_classifier", after_help = AFTER_HELP)]
+    TrainClassifier(train_classifier::Args),
+    /// Download a data set from public mirrors, verifying SHA-256 checksums.
+    Download(download::Args),
+}
+
+/// `--a.b_c=v` -> `--a-b-c=v`; values and positional arguments are left alone.
+pub fn normalize_flag(arg: OsString) -> OsString {
+    let Some(s) = arg.to_str() else { return arg };
+    let Some(flag) = s.strip_prefix("--") else {
+        return arg;
+    };
+    let (name, value) = match flag.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (flag, None),
+    };
+    let mut out = format!("--{}", name.replace(['.', '_'], "-"));
+    if let Some(v) = value {
+        out.push('=');
+        out.push_str(v);
+    }
+    out.into()
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse_from(std::env::args_os().map(normalize_flag));
+    let result = match cli.command {
+        Command::TrainClassifier(args) => train_classifier::run(args),
+        Command::Download(args) => download::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! One `GpuContext` owns the wgpu device and queue, the pipeline cache and the
+//! small helpers every launcher needs (buffers, bind groups, one-pass submits,
+//! readback). Launchers in `src/gpu/*.rs` build [`Dispatch`]es against it.
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use wgpu::util::DeviceExt;
+
+/// The package that provides a GPU adapter on a machine without a GPU.
+pub const SOFTWARE_DRIVER_HINT: &str = "no GPU adapter found. On a machine without a GPU install \
+    the software Vulkan driver: `apt-get install mesa-vulkan-drivers libvulkan1` (Debian/Ubuntu), \
+    and keep WGPU_BACKEND unset or set it to `vulkan`";
+
+/// How a kernel sees one of its bindings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Everything needed to compile (or find in the cache) one compute pipeline.
+pub struct KernelSpec<'a> {
+    /// Unique per (source, entry point, constants): the pipeline cache key.
+    pub key: String,
+    pub source: &'a str,
+    pub entry: &'a str,
+    pub bindings: &'a [Binding],
+    /// Values of WGSL `override` constants.
+    pub constants: &'a [(&'a str, f64)],
+}
+
+/// A compiled pipeline and the bind group layout it was built with.
+pub struct Kernel {
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    bindings: Vec<Binding>,
+}
+
+/// One recorded kernel launch: pipeline, bound buffers and grid size.
+pub struct Dispatch {
+    kernel: Arc<Kernel>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.kernel.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    pub fn kernel_name(&self) -> &str {
+        &self.kernel.name
+    }
+}
+
+/// A range of a buffer of 4-byte elements (f32 or u32), in elements.
+#[derive(Clone, Copy)]
+pub struct Slice<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl<'a> Slice<'a> {
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        Slice {
+            buffer,
+            offset: 0,
+            len: buffer.size() / 4,
+        }
+    }
+
+    pub fn new(buffer: &'a wgpu::Buffer, offset: usize, len: usize) -> Self {
+        Slice {
+            buffer,
+            offset: offset as u64,
+            len: len as u64,
+        }
+    }
+}
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// First uncaptured error or device loss, reported by [`GpuContext::check`].
+    fault: Arc<Mutex<Option<String>>>,
+    /// Bound in place of optional read-only / read-write bindings a variant does not use.
+    dummy_ro: wgpu::Buffer,
+    dummy_rw: wgpu::Buffer,
+}
+
+fn adapter_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl GpuContext {
+    /// Picks an adapter (honouring `WGPU_BACKEND`; hardware GPUs before software
+    /// ones) and creates a device with the adapter's full limits.
+    pub fn new() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        if adapters.is_empty() {
+            let backend = std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "any".into());
+            bail!("{SOFTWARE_DRIVER_HINT} (WGPU_BACKEND={backend})");
+        }
+        // Stable sort: among equals keep wgpu's order (Vulkan before GL).
+        adapters.sort_by_key(|a| adapter_rank(a.get_info().device_type));
+        let adapter = adapters.swap_remove(0);
+        let adapter_info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("cupbearer"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .with_context(|| format!("requesting a device from adapter {}", adapter_info.name))?;
+
+        let fault: Arc<Mutex<Option<String>>> = Arc::default();
+        let f = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e| {
+            f.lock().unwrap().get_or_insert_with(|| e.to_string());
+        }));
+        let f = fault.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            f.lock()
+                .unwrap()
+                .get_or_insert_with(|| format!("GPU device lost ({reason:?}): {msg}"));
+        });
+        let dummy = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (dummy_ro, dummy_rw) = (dummy("dummy_ro"), dummy("dummy_rw"));
+        Ok(GpuContext {
+            device,
+            queue,
+            adapter_info,
+            limits,
+            pipelines: Mutex::default(),
+            fault,
+            dummy_ro,
+            dummy_rw,
+        })
+    }
+
+    /// A software rasteriser (lavapipe, llvmpipe, WARP): pick barrier-free kernels.
+    pub fn is_cpu(&self) -> bool {
+        self.adapter_info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// "name (backend, type)", for logs and metrics files.
+    pub fn adapter_name(&self) -> String {
+        let i = &self.adapter_info;
+        format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+    }
+
+    /// Returns the first asynchronous GPU error (validation error, device loss).
+    pub fn check(&self) -> Result<()> {
+        match self.fault.lock().unwrap().clone() {
+            Some(msg) => Err(anyhow!("GPU error: {msg}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Compiles `spec` once per process; compile errors are returned, not panicked.
+    pub fn kernel(&self, spec: &KernelSpec<'_>) -> Result<Arc<Kernel>> {
+        if let Some(k) = self.pipelines.lock().unwrap().get(&spec.key) {
+            return Ok(k.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&spec.key),
+                source: wgpu::ShaderSource::Wgsl(spec.source.into()),
+            });
+        let entries: Vec<_> = spec
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match b {
+                    Binding::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    Binding::ReadOnly | Binding::ReadWrite => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *b == Binding::ReadOnly,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&spec.key),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&spec.key),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&spec.key),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(spec.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: spec.constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            bail!("compiling kernel {}: {err}", spec.key);
+        }
+        let kernel = Arc::new(Kernel {
+            name: spec.key.clone(),
+            pipeline,
+            layout,
+            bindings: spec.bindings.to_vec(),
+        });
+        self.pipelines
+            .lock()
+            .unwrap()
+            .insert(spec.key.clone(), kernel.clone());
+        Ok(kernel)
+    }
+
+    /// Binds `resources` (None = the variant does not use that binding) and fixes the grid.
+    pub fn dispatch(
+        &self,
+        kernel: &Arc<Kernel>,
+        resources: &[Option<Slice<'_>>],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        if resources.len() != kernel.bindings.len() {
+            bail!(
+                "kernel {} takes {} bindings, got {}",
+                kernel.name,
+                kernel.bindings.len(),
+                resources.len()
+            );
+        }
+        let align = self.limits.min_storage_buffer_offset_alignment as u64;
+        let max_binding = self.limits.max_storage_buffer_binding_size as u64;
+        let mut entries = Vec::with_capacity(resources.len());
+        for (i, (res, kind)) in resources.iter().zip(&kernel.bindings).enumerate() {
+            let buffer_binding = match res {
+                Some(s) => {
+                    let (offset, size) = (s.offset * 4, s.len.max(1) * 4);
+                    if offset % align != 0 {
+                        bail!(
+                            "kernel {} binding {i}: offset {offset} B not a multiple of {align} B",
+                            kernel.name
+                        );
+                    }
+                    if size > max_binding {
+                        bail!(
+                            "kernel {} binding {i}: {} MiB exceeds this adapter's storage binding \
+                             limit of {} MiB; use a smaller batch or data set",
+                            kernel.name,
+                            size >> 20,
+                            max_binding >> 20
+                        );
+                    }
+                    if offset + size > s.buffer.size() {
+                        bail!(
+                            "kernel {} binding {i}: range {offset}..{} B beyond buffer of {} B",
+                            kernel.name,
+                            offset + size,
+                            s.buffer.size()
+                        );
+                    }
+                    wgpu::BufferBinding {
+                        buffer: s.buffer,
+                        offset,
+                        size: NonZeroU64::new(size),
+                    }
+                }
+                None => {
+                    let buffer = match kind {
+                        Binding::ReadWrite => &self.dummy_rw,
+                        Binding::ReadOnly => &self.dummy_ro,
+                        Binding::Uniform => bail!("kernel {} binding {i}: missing", kernel.name),
+                    };
+                    buffer.as_entire_buffer_binding()
+                }
+            };
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(buffer_binding),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        Ok(Dispatch {
+            kernel: kernel.clone(),
+            bind_group,
+            workgroups,
+        })
+    }
+
+    /// Records `ops` into one compute pass of one encoder and submits it.
+    pub fn submit<'a>(&self, ops: impl IntoIterator<Item = &'a Dispatch>) -> wgpu::SubmissionIndex {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            for op in ops {
+                op.record(&mut pass);
+            }
+        }
+        self.queue.submit([encoder.finish()])
+    }
+
+    /// Blocks until submission `index` (or everything, for None) has finished.
+    pub fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        let poll = match index {
+            Some(i) => wgpu::PollType::Wait {
+                submission_index: Some(i),
+                timeout: None,
+            },
+            None => wgpu::PollType::wait_indefinitely(),
+        };
+        self.device.poll(poll).context("waiting for the GPU")?;
+        self.check()
+    }
+
+    /// A storage buffer initialised from `data` (at least 16 bytes, so empty tensors bind).
+    pub fn buffer_from<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check_size(label, bytes.len() as u64)?;
+        if bytes.len() >= 16 {
+            return Ok(self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytes,
+                    usage: storage_usage(),
+                }));
+        }
+        let mut padded = bytes.to_vec();
+        padded.resize(16, 0);
+        Ok(self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &padded,
+                usage: storage_usage(),
+            }))
+    }
+
+    /// A zero-filled storage buffer of `len` 4-byte elements.
+    pub fn zeros(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
+        let size = ((len as u64) * 4).max(16);
+        self.check_size(label, size)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: storage_usage(),
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A uniform buffer holding `value`, rewritable with `queue.write_buffer`.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::bytes_of(value),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    fn check_size(&self, label: &str, size: u64) -> Result<()> {
+        let max = self.limits.max_buffer_size;
+        if size > max {
+            bail!(
+                "buffer {label}: {} MiB exceeds this adapter's maximum buffer size of {} MiB",
+                size >> 20,
+                max >> 20
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `slice` back to the host. Blocks: call at command or epoch boundaries only.
+    pub fn read<T: bytemuck::Pod>(&self, slice: Slice<'_>) -> Result<Vec<T>> {
+        let bytes = slice.len * 4;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        encoder.copy_buffer_to_buffer(slice.buffer, slice.offset * 4, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(None)?;
+        rx.recv()
+            .context("GPU readback channel closed")?
+            .context("mapping a readback buffer")?;
+        let data = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .context("reading a mapped buffer")?;
+            bytemuck::cast_slice(&view).to_vec()
+        };
+        staging.unmap();
+        Ok(data)
+    }
+}
+
+fn storage_usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+/// Grid for a 1-D kernel over `n` items, folded into y beyond the 65535-workgroup limit.
+/// Kernels recover the index as `gid.x + gid.y * num_workgroups.x * WG`.
+pub fn grid_1d(n: usize, workgroup: u32) -> [u32; 3] {
+    let groups = (n as u64).div_ceil(workgroup as u64).max(1);
+    let x = groups.min(65535);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}

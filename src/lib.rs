@@ -1,0 +1,14 @@
+//! cupbearer: mechanistic anomaly detection on a WGSL compute engine.
+//!
+//! Layout: [`gpu`] is the engine (context, kernels with CPU references), [`data`] the
+//! data sets and triggers, [`model`] the MLP and its training, [`run`] the on-disk
+//! contract between commands, [`cli`] the `cupbearer` command.
+
+pub mod cli;
+pub mod data;
+pub mod gpu;
+pub mod io;
+pub mod model;
+pub mod progress;
+pub mod rng;
+pub mod run;

@@ -1,0 +1,250 @@
+//! The MLP resident on the GPU: parameters in one flat buffer (so Adam is one
+//! dispatch), per-batch workspaces, and the recorded forward/backward dispatch lists.
+
+use anyhow::Result;
+
+use super::mlp::{Dense, Mlp, MlpConfig};
+use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
+use crate::gpu::reduce::column_sums;
+use crate::gpu::{Dispatch, GpuContext, Slice};
+
+/// Tensors start on 256-byte boundaries: WebGPU's largest storage offset alignment.
+const ALIGN: usize = 64;
+
+/// Offsets (in f32 elements) of every layer's kernel and bias in the flat buffer.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub layers: Vec<LayerSlot>,
+    pub total: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSlot {
+    pub fan_in: usize,
+    pub fan_out: usize,
+    pub kernel: usize,
+    pub bias: usize,
+}
+
+impl ParamLayout {
+    pub fn new(config: &MlpConfig) -> Self {
+        let mut total = 0;
+        let mut take = |len: usize| {
+            let at = total;
+            total += len.div_ceil(ALIGN) * ALIGN;
+            at
+        };
+        let layers = config
+            .layer_dims()
+            .into_iter()
+            .map(|(fan_in, fan_out)| LayerSlot {
+                fan_in,
+                fan_out,
+                kernel: take(fan_in * fan_out),
+                bias: take(fan_out),
+            })
+            .collect();
+        ParamLayout { layers, total }
+    }
+
+    pub fn flatten(&self, mlp: &Mlp) -> Vec<f32> {
+        let mut flat = vec![0f32; self.total];
+        for (s, d) in self.layers.iter().zip(&mlp.layers) {
+            flat[s.kernel..s.kernel + d.kernel.len()].copy_from_slice(&d.kernel);
+            flat[s.bias..s.bias + d.bias.len()].copy_from_slice(&d.bias);
+        }
+        flat
+    }
+
+    pub fn unflatten(&self, config: &MlpConfig, flat: &[f32]) -> Mlp {
+        let layers = self
+            .layers
+            .iter()
+            .map(|s| Dense {
+                fan_in: s.fan_in,
+                fan_out: s.fan_out,
+                kernel: flat[s.kernel..s.kernel + s.fan_in * s.fan_out].to_vec(),
+                bias: flat[s.bias..s.bias + s.fan_out].to_vec(),
+            })
+            .collect();
+        Mlp {
+            config: config.clone(),
+            layers,
+        }
+    }
+}
+
+pub struct GpuMlp {
+    pub config: MlpConfig,
+    pub layout: ParamLayout,
+    pub params: wgpu::Buffer,
+    pub schedule: Schedule,
+}
+
+/// Activations and gradients of one batch of `rows` samples, all row-major
+/// `[rows][width]` unless marked transposed.
+pub struct Workspace {
+    pub rows: usize,
+    pub x: wgpu::Buffer,
+    /// `[input_dim][rows]`: the layout the first matmul reads fastest.
+    pub xt: wgpu::Buffer,
+    pub labels: wgpu::Buffer,
+    /// Post-ReLU hidden activations, one per hidden layer.
+    pub hidden: Vec<wgpu::Buffer>,
+    /// Their transposes, `[width][rows]`, the next layer's input.
+    pub hidden_t: Vec<wgpu::Buffer>,
+    pub logits: wgpu::Buffer,
+    /// dL/dlogits, then dL/d(pre-activation) of each hidden layer.
+    pub dlogits: wgpu::Buffer,
+    pub dz: Vec<wgpu::Buffer>,
+}
+
+impl GpuMlp {
+    pub fn upload(ctx: &GpuContext, mlp: &Mlp) -> Result<Self> {
+        let layout = ParamLayout::new(&mlp.config);
+        Ok(GpuMlp {
+            config: mlp.config.clone(),
+            params: ctx.buffer_from("mlp params", &layout.flatten(mlp))?,
+            layout,
+            schedule: Schedule::for_context(ctx),
+        })
+    }
+
+    pub fn download(&self, ctx: &GpuContext) -> Result<Mlp> {
+        let flat: Vec<f32> = ctx.read(Slice::whole(&self.params))?;
+        Ok(self.layout.unflatten(&self.config, &flat))
+    }
+
+    pub fn workspace(&self, ctx: &GpuContext, rows: usize) -> Result<Workspace> {
+        let widths = &self.config.hidden_dims;
+        let dim = self.config.input_dim();
+        let classes = self.config.output_dim;
+        let per_layer = |name: &str| -> Result<Vec<wgpu::Buffer>> {
+            widths
+                .iter()
+                .enumerate()
+                .map(|(l, &w)| ctx.zeros(&format!("{name}{l}"), rows * w))
+                .collect()
+        };
+        Ok(Workspace {
+            rows,
+            x: ctx.zeros("x", rows * dim)?,
+            xt: ctx.zeros("xt", rows * dim)?,
+            labels: ctx.zeros("labels", rows)?,
+            hidden: per_layer("hidden")?,
+            hidden_t: per_layer("hidden_t")?,
+            logits: ctx.zeros("logits", rows * classes)?,
+            dlogits: ctx.zeros("dlogits", rows * classes)?,
+            dz: per_layer("dz")?,
+        })
+    }
+
+    fn kernel_slice(&self, l: usize) -> Slice<'_> {
+        let s = self.layout.layers[l];
+        Slice::new(&self.params, s.kernel, s.fan_in * s.fan_out)
+    }
+
+    /// Dispatches from `ws.xt` to `ws.logits`, keeping every hidden activation.
+    pub fn forward(&self, ctx: &GpuContext, ws: &Workspace) -> Result<Vec<Dispatch>> {
+        let last = self.layout.layers.len() - 1;
+        self.layout
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| {
+                let input = if l == 0 { &ws.xt } else { &ws.hidden_t[l - 1] };
+                let hidden = l < last;
+                let flags = MatmulFlags {
+                    a_kmajor: true,
+                    bias: true,
+                    relu: hidden,
+                    store_t: hidden,
+                    ..Default::default()
+                };
+                matmul(
+                    ctx,
+                    flags,
+                    self.schedule,
+                    &MatmulArgs {
+                        m: ws.rows,
+                        n: s.fan_out,
+                        k: s.fan_in,
+                        a: Slice::whole(input),
+                        b: self.kernel_slice(l),
+                        c: Slice::whole(if hidden { &ws.hidden[l] } else { &ws.logits }),
+                        bias: Some(Slice::new(&self.params, s.bias, s.fan_out)),
+                        mask: None,
+                        ct: hidden.then(|| Slice::whole(&ws.hidden_t[l])),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Dispatches from `ws.dlogits` to the parameter gradients in `grads` (same layout
+    /// as the parameters). The input gradient of the first layer is never needed.
+    pub fn backward(
+        &self,
+        ctx: &GpuContext,
+        ws: &Workspace,
+        grads: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let mut ops = Vec::new();
+        let mut g = &ws.dlogits;
+        for (l, s) in self.layout.layers.iter().enumerate().rev() {
+            let input = if l == 0 { &ws.x } else { &ws.hidden[l - 1] };
+            // dW = inputᵀ · g: the row-major input is exactly Aᵀ stored K-major.
+            ops.push(matmul(
+                ctx,
+                MatmulFlags {
+                    a_kmajor: true,
+                    ..Default::default()
+                },
+                self.schedule,
+                &MatmulArgs {
+                    m: s.fan_in,
+                    n: s.fan_out,
+                    k: ws.rows,
+                    a: Slice::whole(input),
+                    b: Slice::whole(g),
+                    c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
+                    bias: None,
+                    mask: None,
+                    ct: None,
+                },
+            )?);
+            ops.push(column_sums(
+                ctx,
+                ws.rows,
+                s.fan_out,
+                Slice::whole(g),
+                Slice::new(grads, s.bias, s.fan_out),
+            )?);
+            if l > 0 {
+                // dz = (g · Wᵀ) ⊙ (hidden > 0), fused into the matmul epilogue.
+                ops.push(matmul(
+                    ctx,
+                    MatmulFlags {
+                        b_nmajor: true,
+                        relu_mask: true,
+                        ..Default::default()
+                    },
+                    self.schedule,
+                    &MatmulArgs {
+                        m: ws.rows,
+                        n: s.fan_in,
+                        k: s.fan_out,
+                        a: Slice::whole(g),
+                        b: self.kernel_slice(l),
+                        c: Slice::whole(&ws.dz[l - 1]),
+                        bias: None,
+                        mask: Some(Slice::whole(&ws.hidden[l - 1])),
+                        ct: None,
+                    },
+                )?);
+                g = &ws.dz[l - 1];
+            }
+        }
+        Ok(ops)
+    }
+}

@@ -1,0 +1,216 @@
+//! The MLP on the host: configuration, Flax-default initialisation, safetensors
+//! storage and an f64 CPU reference of the forward pass.
+//!
+//! `model.safetensors` holds, for each dense layer `i` (0 = first), `Dense_{i}.kernel`
+//! as f32 `[in, out]` (so `y = x @ kernel + bias`, as in Flax) and `Dense_{i}.bias` as
+//! f32 `[out]`. Inputs are images flattened in HWC order with values in [0, 1]. The
+//! metadata key `cupbearer.model` holds the [`MlpConfig`] as JSON.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::rng;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    /// (height, width, channels) of the input images.
+    pub input_shape: [usize; 3],
+    pub hidden_dims: Vec<usize>,
+    pub output_dim: usize,
+}
+
+impl MlpConfig {
+    pub fn input_dim(&self) -> usize {
+        self.input_shape.iter().product()
+    }
+
+    /// (fan_in, fan_out) of every dense layer, input to output.
+    pub fn layer_dims(&self) -> Vec<(usize, usize)> {
+        let mut dims = vec![self.input_dim()];
+        dims.extend(&self.hidden_dims);
+        dims.push(self.output_dim);
+        dims.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.input_dim() == 0 || self.output_dim == 0 || self.hidden_dims.contains(&0) {
+            bail!("every layer of the MLP needs a width >= 1, got {self:?}");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dense {
+    pub fan_in: usize,
+    pub fan_out: usize,
+    /// Row-major `[fan_in][fan_out]`.
+    pub kernel: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mlp {
+    pub config: MlpConfig,
+    pub layers: Vec<Dense>,
+}
+
+const METADATA_KEY: &str = "cupbearer.model";
+/// Flax's `lecun_normal` is a truncated normal on [-2, 2] rescaled to unit variance.
+const TRUNCATED_NORMAL_STD: f64 = 0.879_625_661_034_239_8;
+
+impl Mlp {
+    /// LeCun-normal kernels and zero biases (Flax's `Dense` defaults), seeded.
+    pub fn init(config: &MlpConfig, seed: u32) -> Result<Self> {
+        config.validate()?;
+        let layers = config
+            .layer_dims()
+            .into_iter()
+            .enumerate()
+            .map(|(l, (fan_in, fan_out))| {
+                let std = (1.0 / fan_in as f64).sqrt() / TRUNCATED_NORMAL_STD;
+                let kernel = (0..fan_in * fan_out)
+                    .map(|i| {
+                        // Rejection sampling of the truncated normal; attempt = counter.
+                        (0u32..)
+                            .map(|attempt| {
+                                let h = |c| {
+                                    rng::rand_u32(seed, rng::STREAM_INIT, l as u32, i as u32, c)
+                                };
+                                rng::rand_normal(h(2 * attempt), h(2 * attempt + 1))
+                            })
+                            .find(|z| z.abs() <= 2.0)
+                            .map(|z| (z * std) as f32)
+                            .unwrap_or(0.0)
+                    })
+                    .collect();
+                Dense {
+                    fan_in,
+                    fan_out,
+                    kernel,
+                    bias: vec![0.0; fan_out],
+                }
+            })
+            .collect();
+        Ok(Mlp {
+            config: config.clone(),
+            layers,
+        })
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|d| d.kernel.len() + d.bias.len())
+            .sum()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let names: Vec<(String, String)> = (0..self.layers.len())
+            .map(|i| (format!("Dense_{i}.kernel"), format!("Dense_{i}.bias")))
+            .collect();
+        let mut views = Vec::new();
+        for (d, (kn, bn)) in self.layers.iter().zip(&names) {
+            let k = TensorView::new(
+                Dtype::F32,
+                vec![d.fan_in, d.fan_out],
+                bytemuck::cast_slice(&d.kernel),
+            )?;
+            let b = TensorView::new(Dtype::F32, vec![d.fan_out], bytemuck::cast_slice(&d.bias))?;
+            views.push((kn.as_str(), k));
+            views.push((bn.as_str(), b));
+        }
+        let metadata = HashMap::from([(
+            METADATA_KEY.to_string(),
+            serde_json::to_string(&self.config)?,
+        )]);
+        let bytes = safetensors::serialize(views, Some(metadata))?;
+        crate::io::write_atomic(path, &bytes)
+    }
+
+    /// Loads and checks every tensor's presence, dtype and shape against the metadata.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let config: MlpConfig = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .with_context(|| {
+                format!(
+                    "{}: no `{METADATA_KEY}` metadata; not a cupbearer MLP",
+                    path.display()
+                )
+            })
+            .and_then(|s| {
+                serde_json::from_str(s)
+                    .with_context(|| format!("{}: bad `{METADATA_KEY}` metadata", path.display()))
+            })?;
+        config.validate()?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
+        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                bail!(
+                    "{}: tensor {name} is {:?} {:?}, expected F32 {shape:?}",
+                    path.display(),
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let layers = config
+            .layer_dims()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (fan_in, fan_out))| {
+                Ok(Dense {
+                    fan_in,
+                    fan_out,
+                    kernel: tensor(&format!("Dense_{i}.kernel"), &[fan_in, fan_out])?,
+                    bias: tensor(&format!("Dense_{i}.bias"), &[fan_out])?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Mlp { config, layers })
+    }
+
+    /// f64 forward pass of `rows` inputs: (post-ReLU hidden activations, logits).
+    pub fn forward_reference(&self, x: &[f64], rows: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+        let mut hidden = Vec::new();
+        let mut h = x.to_vec();
+        for (l, d) in self.layers.iter().enumerate() {
+            let mut z = vec![0f64; rows * d.fan_out];
+            for r in 0..rows {
+                for o in 0..d.fan_out {
+                    let mut s = d.bias[o] as f64;
+                    for i in 0..d.fan_in {
+                        s += h[r * d.fan_in + i] * d.kernel[i * d.fan_out + o] as f64;
+                    }
+                    z[r * d.fan_out + o] = if l + 1 < self.layers.len() {
+                        s.max(0.0)
+                    } else {
+                        s
+                    };
+                }
+            }
+            if l + 1 < self.layers.len() {
+                hidden.push(z.clone());
+            }
+            h = z;
+        }
+        (hidden, h)
+    }
+}

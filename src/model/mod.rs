@@ -1,0 +1,9 @@
+//! Models: the host-side MLP (init, storage, CPU reference), its GPU-resident form and
+//! the training loop.
+
+pub mod gpu_mlp;
+pub mod mlp;
+pub mod train;
+
+pub use gpu_mlp::GpuMlp;
+pub use mlp::{Mlp, MlpConfig};

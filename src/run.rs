@@ -1,0 +1,128 @@
+//! Run directories: what `train-classifier` writes and later commands read.
+//!
+//! A classifier run dir holds `config.json` ([`ClassifierRunConfig`]),
+//! `model.safetensors` (see [`crate::model::mlp`]) and `metrics.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::backdoor::Backdoor;
+use crate::data::DatasetName;
+use crate::model::{Mlp, MlpConfig};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const METRICS_FILE: &str = "metrics.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainDataConfig {
+    pub dataset: DatasetName,
+    /// Only the first `max_size` training samples were used.
+    pub max_size: Option<usize>,
+    pub backdoor: Option<Backdoor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelConfig {
+    Mlp(MlpConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    pub optimizer: String,
+    pub learning_rate: f32,
+    pub num_epochs: usize,
+    pub batch_size: usize,
+    pub max_steps: Option<usize>,
+    pub seed: u32,
+}
+
+/// `config.json` of a classifier run: the full resolved configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassifierRunConfig {
+    pub command: String,
+    pub cupbearer_version: String,
+    pub train_data: TrainDataConfig,
+    pub model: ModelConfig,
+    pub training: TrainingConfig,
+}
+
+/// A classifier run read back from disk.
+pub struct ClassifierRun {
+    pub dir: PathBuf,
+    pub config: ClassifierRunConfig,
+    pub model: Mlp,
+}
+
+impl ClassifierRun {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.is_file() {
+            bail!(
+                "{} is not a classifier run: {CONFIG_FILE} is missing (create one with \
+                 `cupbearer train-classifier --dir.full {}`)",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let config: ClassifierRunConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a classifier run config", config_path.display()))?;
+        if config.command != "train-classifier" {
+            bail!(
+                "{} was written by `{}`, not by train-classifier",
+                config_path.display(),
+                config.command
+            );
+        }
+        let model = Mlp::load(&dir.join(MODEL_FILE))?;
+        let ModelConfig::Mlp(expected) = &config.model;
+        if &model.config != expected {
+            bail!(
+                "{}: the model's architecture {:?} differs from {CONFIG_FILE}'s {:?}",
+                dir.join(MODEL_FILE).display(),
+                model.config,
+                expected
+            );
+        }
+        Ok(ClassifierRun {
+            dir: dir.to_path_buf(),
+            config,
+            model,
+        })
+    }
+}
+
+/// `--dir.full`, else `--dir.base/--dir.run` (run defaults to the current UTC time).
+pub fn resolve_run_dir(full: Option<&Path>, base: &Path, run: Option<&str>) -> PathBuf {
+    match full {
+        Some(f) => f.to_path_buf(),
+        None => {
+            let stamp = run.map(str::to_string).unwrap_or_else(|| {
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string()
+                    .trim_end_matches('Z')
+                    .replace([':', 'T'], "-")
+            });
+            base.join(stamp)
+        }
+    }
+}
+
+/// Fails if any of `files` exists in `dir` (unless `overwrite`).
+pub fn refuse_overwrite(dir: &Path, files: &[&str], overwrite: bool) -> Result<()> {
+    if overwrite {
+        return Ok(());
+    }
+    if let Some(f) = files.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
+        bail!(
+            "refusing to overwrite {}: choose another output directory or pass --overwrite",
+            f.display()
+        );
+    }
+    Ok(())
+}

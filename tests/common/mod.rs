@@ -1,0 +1,36 @@
+//! Shared test helpers: a GPU context (or a skip), and deterministic random data.
+#![allow(dead_code)]
+
+use cupbearer::gpu::GpuContext;
+
+/// A context on whatever adapter exists. Without one, tests skip, except under CI
+/// (where a missing driver must fail the run).
+pub fn gpu() -> Option<GpuContext> {
+    match GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("no GPU adapter under CI: {e:#}"),
+        Err(e) => {
+            eprintln!("skipping GPU test: {e:#}");
+            None
+        }
+    }
+}
+
+/// Uniform values in [-1, 1), deterministic in `seed`.
+pub fn random(len: usize, seed: u32) -> Vec<f32> {
+    (0..len as u32)
+        .map(|i| cupbearer::rng::rand_unit(cupbearer::rng::rand_u32(seed, 99, i, 0, 0)) * 2.0 - 1.0)
+        .collect()
+}
+
+/// |got - want| <= atol + rtol * |want| for every element.
+pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= atol + rtol * w.abs(),
+            "{what}: element {i}: got {g}, want {w} (error {err:e})"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Every kernel against its f64 CPU reference, on odd, non-tile-aligned shapes.
+
+mod common;
+
+use common::{assert_close, gpu, random};
+use cupbearer::gpu::adam::{adam, adam_reference, set_adam_step};
+use cupbearer::gpu::loss::{softmax_cross_entropy, softmax_cross_entropy_reference, LossOutputs};
+use cupbearer::gpu::matmul::{matmul, matmul_reference, MatmulArgs, MatmulFlags, Schedule};
+use cupbearer::gpu::reduce::{column_sums, column_sums_reference};
+use cupbearer::gpu::{GpuContext, Slice, StepParams};
+
+const SHAPES: [(usize, usize, usize); 4] = [(1, 1, 1), (37, 29, 53), (130, 70, 33), (5, 3, 0)];
+const SCHEDULES: [Schedule; 3] = [
+    Schedule::RegisterBlocked { bm: 32, bn4: 4 },
+    Schedule::RegisterBlocked { bm: 4, bn4: 1 },
+    Schedule::Tiled,
+];
+
+fn check_matmul(
+    ctx: &GpuContext,
+    flags: MatmulFlags,
+    schedule: Schedule,
+    (m, n, k): (usize, usize, usize),
+) {
+    let a = random(m * k, 1);
+    let b = random(k * n, 2);
+    let bias = random(n, 3);
+    let mask = random(m * n, 4);
+    let buf = |name: &str, v: &[f32]| ctx.buffer_from(name, v).unwrap();
+    let (ga, gb, gbias, gmask) = (
+        buf("a", &a),
+        buf("b", &b),
+        buf("bias", &bias),
+        buf("mask", &mask),
+    );
+    let c = ctx.zeros("c", m * n).unwrap();
+    let ct = ctx.zeros("ct", m * n).unwrap();
+    let op = matmul(
+        ctx,
+        flags,
+        schedule,
+        &MatmulArgs {
+            m,
+            n,
+            k,
+            a: Slice::whole(&ga),
+            b: Slice::whole(&gb),
+            c: Slice::whole(&c),
+            bias: flags.bias.then(|| Slice::whole(&gbias)),
+            mask: flags.relu_mask.then(|| Slice::whole(&gmask)),
+            ct: flags.store_t.then(|| Slice::whole(&ct)),
+        },
+    )
+    .unwrap();
+    ctx.submit([&op]);
+    let got: Vec<f32> = ctx.read(Slice::new(&c, 0, m * n)).unwrap();
+    let want = matmul_reference(
+        flags,
+        m,
+        n,
+        k,
+        &a,
+        &b,
+        flags.bias.then_some(&bias[..]),
+        flags.relu_mask.then_some(&mask[..]),
+    );
+    let what = format!("{schedule:?} {flags:?} {m}x{n}x{k}");
+    assert_close(&got, &want, 1e-5, 1e-5, &what);
+    if flags.store_t {
+        let got_t: Vec<f32> = ctx.read(Slice::new(&ct, 0, m * n)).unwrap();
+        let want_t: Vec<f64> = (0..n * m).map(|i| want[(i % m) * n + i / m]).collect();
+        assert_close(&got_t, &want_t, 1e-5, 1e-5, &format!("{what} transposed"));
+    }
+}
+
+#[test]
+fn matmul_layouts_match_reference() {
+    let Some(ctx) = gpu() else { return };
+    for schedule in SCHEDULES {
+        for shape in SHAPES {
+            for (a_kmajor, b_nmajor) in [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let flags = MatmulFlags {
+                    a_kmajor,
+                    b_nmajor,
+                    ..Default::default()
+                };
+                check_matmul(&ctx, flags, schedule, shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_epilogues_match_reference() {
+    let Some(ctx) = gpu() else { return };
+    let epilogues = [
+        MatmulFlags {
+            bias: true,
+            ..Default::default()
+        },
+        MatmulFlags {
+            bias: true,
+            relu: true,
+            store_t: true,
+            a_kmajor: true,
+            ..Default::default()
+        },
+        MatmulFlags {
+            relu_mask: true,
+            b_nmajor: true,
+            ..Default::default()
+        },
+        MatmulFlags {
+            store_t: true,
+            ..Default::default()
+        },
+    ];
+    for schedule in SCHEDULES {
+        for shape in SHAPES {
+            for flags in epilogues {
+                check_matmul(&ctx, flags, schedule, shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_rejects_short_operands() {
+    let Some(ctx) = gpu() else { return };
+    let small = ctx.zeros("small", 4).unwrap();
+    let err = matmul(
+        &ctx,
+        MatmulFlags::default(),
+        Schedule::for_context(&ctx),
+        &MatmulArgs {
+            m: 3,
+            n: 3,
+            k: 3,
+            a: Slice::new(&small, 0, 4),
+            b: Slice::new(&small, 0, 4),
+            c: Slice::new(&small, 0, 4),
+            bias: None,
+            mask: None,
+            ct: None,
+        },
+    )
+    .err()
+    .expect("a 3x3 multiply on 4-element buffers must be refused");
+    assert!(
+        err.to_string()
+            .contains("operand a has 4 elements, needs 9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn column_sums_match_reference() {
+    let Some(ctx) = gpu() else { return };
+    for (rows, cols) in [(1, 1), (37, 29), (130, 70), (3, 200)] {
+        let x = random(rows * cols, 7);
+        let input = ctx.buffer_from("x", &x).unwrap();
+        let sums = ctx.zeros("sums", cols).unwrap();
+        let op = column_sums(&ctx, rows, cols, Slice::whole(&input), Slice::whole(&sums)).unwrap();
+        ctx.submit([&op]);
+        let got: Vec<f32> = ctx.read(Slice::new(&sums, 0, cols)).unwrap();
+        assert_close(
+            &got,
+            &column_sums_reference(rows, cols, &x),
+            1e-5,
+            1e-5,
+            "column sums",
+        );
+    }
+}
+
+#[test]
+fn softmax_cross_entropy_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    for (rows, classes) in [(1, 1), (37, 10), (130, 3)] {
+        let logits: Vec<f32> = random(rows * classes, 11).iter().map(|v| v * 8.0).collect();
+        let labels: Vec<u32> = (0..rows as u32).map(|r| (r * 7) % classes as u32).collect();
+        let offset = 5;
+        let step = ctx.uniform(
+            "step",
+            &StepParams {
+                batch_offset: offset as u32,
+                ..Default::default()
+            },
+        );
+        let (gl, gy) = (
+            ctx.buffer_from("l", &logits).unwrap(),
+            ctx.buffer_from("y", &labels).unwrap(),
+        );
+        let grad = ctx.zeros("grad", rows * classes).unwrap();
+        let loss = ctx.zeros("loss", offset + rows).unwrap();
+        let correct = ctx.zeros("correct", offset + rows).unwrap();
+        let op = softmax_cross_entropy(
+            &ctx,
+            rows,
+            classes,
+            Slice::whole(&gl),
+            Slice::whole(&gy),
+            &LossOutputs {
+                grad: Slice::whole(&grad),
+                sample_loss: Slice::whole(&loss),
+                sample_correct: Slice::whole(&correct),
+            },
+            &step,
+        )
+        .unwrap();
+        ctx.submit([&op]);
+        let want = softmax_cross_entropy_reference(classes, &logits, &labels);
+        let got_loss: Vec<f32> = ctx.read(Slice::new(&loss, offset, rows)).unwrap();
+        let got_correct: Vec<f32> = ctx.read(Slice::new(&correct, offset, rows)).unwrap();
+        let got_grad: Vec<f32> = ctx.read(Slice::new(&grad, 0, rows * classes)).unwrap();
+        let want_loss: Vec<f64> = want.iter().map(|w| w.0).collect();
+        let want_correct: Vec<f64> = want.iter().map(|w| w.1 as u8 as f64).collect();
+        let want_grad: Vec<f64> = want.iter().flat_map(|w| w.2.clone()).collect();
+        assert_close(&got_loss, &want_loss, 1e-5, 1e-5, "loss");
+        assert_close(&got_correct, &want_correct, 0.0, 0.0, "correct");
+        assert_close(&got_grad, &want_grad, 1e-6, 1e-5, "grad");
+    }
+}
+
+#[test]
+fn adam_matches_reference_over_steps() {
+    let Some(ctx) = gpu() else { return };
+    let n = 1037;
+    let init = random(n, 21);
+    let params = ctx.buffer_from("p", &init).unwrap();
+    let (m, v) = (ctx.zeros("m", n).unwrap(), ctx.zeros("v", n).unwrap());
+    let grads_buf = ctx.zeros("g", n).unwrap();
+    let step_buf = ctx.uniform("step", &StepParams::default());
+    let op = adam(
+        &ctx,
+        n,
+        Slice::whole(&params),
+        Slice::whole(&grads_buf),
+        Slice::whole(&m),
+        Slice::whole(&v),
+        &step_buf,
+    )
+    .unwrap();
+    let mut p64: Vec<f64> = init.iter().map(|&x| x as f64).collect();
+    let (mut m64, mut v64) = (vec![0f64; n], vec![0f64; n]);
+    for t in 1..=3 {
+        let g = random(n, 30 + t);
+        ctx.queue
+            .write_buffer(&grads_buf, 0, bytemuck::cast_slice(&g));
+        let mut step = StepParams::default();
+        set_adam_step(&mut step, 0.01, t);
+        ctx.queue
+            .write_buffer(&step_buf, 0, bytemuck::bytes_of(&step));
+        ctx.submit([&op]);
+        adam_reference(&mut p64, &g, &mut m64, &mut v64, 0.01, t as i32);
+    }
+    let got: Vec<f32> = ctx.read(Slice::new(&params, 0, n)).unwrap();
+    assert_close(&got, &p64, 1e-6, 1e-5, "adam params");
+}
