@@ -40,6 +40,20 @@ pub struct TrainingConfig {
     pub seed: u32,
 }
 
+impl Default for TrainingConfig {
+    /// The original's defaults: Adam 1e-3, 10 epochs of batch 128, seed 0.
+    fn default() -> Self {
+        TrainingConfig {
+            optimizer: "adam".into(),
+            learning_rate: 1e-3,
+            num_epochs: 10,
+            batch_size: 128,
+            max_steps: None,
+            seed: 0,
+        }
+    }
+}
+
 /// `config.json` of a classifier run: the full resolved configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierRunConfig {
@@ -48,6 +62,18 @@ pub struct ClassifierRunConfig {
     pub train_data: TrainDataConfig,
     pub model: ModelConfig,
     pub training: TrainingConfig,
+}
+
+impl ClassifierRunConfig {
+    pub fn new(train_data: TrainDataConfig, model: MlpConfig, training: TrainingConfig) -> Self {
+        ClassifierRunConfig {
+            command: "train-classifier".into(),
+            cupbearer_version: env!("CARGO_PKG_VERSION").into(),
+            train_data,
+            model: ModelConfig::Mlp(model),
+            training,
+        }
+    }
 }
 
 /// A classifier run read back from disk.

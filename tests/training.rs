@@ -37,7 +37,13 @@ fn gpu_batch(
         ctx.zeros("xt", rows * dim).unwrap(),
         ctx.zeros("y", rows).unwrap(),
     );
-    let step = ctx.uniform("step", &StepParams { epoch, ..Default::default() });
+    let step = ctx.uniform(
+        "step",
+        &StepParams {
+            epoch,
+            ..Default::default()
+        },
+    );
     let op = gather_batch(
         ctx,
         data,
@@ -68,15 +74,26 @@ fn gather_matches_reference_with_and_without_triggers() {
     let gdata = GpuDataset::upload(&ctx, &data).unwrap();
     let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
     let noise = Backdoor {
-        trigger: Trigger::Noise { std: 0.3, clip: true },
+        trigger: Trigger::Noise {
+            std: 0.3,
+            clip: true,
+        },
         p_backdoor: 0.5,
         target_class: 1,
     };
     let unclipped = Backdoor {
-        trigger: Trigger::Noise { std: 0.3, clip: false },
+        trigger: Trigger::Noise {
+            std: 0.3,
+            clip: false,
+        },
         ..noise
     };
-    for backdoor in [None, Some(corner(Corner::BottomLeft, 0.5)), Some(noise), Some(unclipped)] {
+    for backdoor in [
+        None,
+        Some(corner(Corner::BottomLeft, 0.5)),
+        Some(noise),
+        Some(unclipped),
+    ] {
         let (x, xt, y) = gpu_batch(&ctx, &gdata, &indices, backdoor.as_ref(), 7, 2);
         let (want_x, want_y) = gather_batch_reference(&data, &indices, backdoor.as_ref(), 7, 2);
         common::assert_close(&x, &want_x, 1e-5, 1e-5, &format!("batch {backdoor:?}"));
@@ -137,7 +154,10 @@ fn coin_flips_are_seeded_per_epoch_and_at_the_requested_rate() {
     let e0 = poisoned(11, 0);
     let count = e0.iter().filter(|&&p| p).count() as f64;
     // Binomial(4000, 0.05): mean 200, sd 13.8; 5 sd either side.
-    assert!((count - 200.0).abs() < 69.0, "{count} poisoned of {n} at p=0.05");
+    assert!(
+        (count - 200.0).abs() < 69.0,
+        "{count} poisoned of {n} at p=0.05"
+    );
     assert_eq!(e0, poisoned(11, 0), "same seed and epoch, same coin flips");
     assert_ne!(e0, poisoned(11, 1), "another epoch, other coin flips");
     assert_ne!(e0, poisoned(12, 0), "another seed, other coin flips");
@@ -232,21 +252,31 @@ fn mlp_gradients_match_finite_differences() {
     let mut checked = 0;
     for l in 0..mlp.layers.len() {
         let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
-        for (i, is_bias) in (0..nk).map(|i| (i, false)).chain((0..nb).map(|i| (i, true))) {
+        for (i, is_bias) in (0..nk)
+            .map(|i| (i, false))
+            .chain((0..nb).map(|i| (i, true)))
+        {
             let fd = {
                 let mut plus = mlp.clone();
                 let mut minus = mlp.clone();
                 let (p, m) = if is_bias {
                     (&mut plus.layers[l].bias[i], &mut minus.layers[l].bias[i])
                 } else {
-                    (&mut plus.layers[l].kernel[i], &mut minus.layers[l].kernel[i])
+                    (
+                        &mut plus.layers[l].kernel[i],
+                        &mut minus.layers[l].kernel[i],
+                    )
                 };
                 *p += h as f32;
                 *m -= h as f32;
                 let dp = (*p as f64) - (*m as f64);
                 (reference_loss(&plus, &x, &labels) - reference_loss(&minus, &x, &labels)) / dp
             };
-            let g = if is_bias { got.layers[l].bias[i] } else { got.layers[l].kernel[i] } as f64;
+            let g = if is_bias {
+                got.layers[l].bias[i]
+            } else {
+                got.layers[l].kernel[i]
+            } as f64;
             assert!(
                 (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
                 "layer {l} {} {i}: gpu {g}, finite difference {fd}",
@@ -291,8 +321,15 @@ fn training_learns_synthetic_data_and_the_backdoor() {
     let all: Vec<u32> = (0..300).collect();
     let clean = evaluate(&ctx, &model, &gtest, &all, None, 0, 64).unwrap();
     assert!(clean.accuracy >= 0.95, "clean accuracy {}", clean.accuracy);
-    let victims: Vec<u32> = all.iter().copied().filter(|&i| test_set.labels[i as usize] != 3).collect();
-    let always = Backdoor { p_backdoor: 1.0, ..backdoor };
+    let victims: Vec<u32> = all
+        .iter()
+        .copied()
+        .filter(|&i| test_set.labels[i as usize] != 3)
+        .collect();
+    let always = Backdoor {
+        p_backdoor: 1.0,
+        ..backdoor
+    };
     let asr = evaluate(&ctx, &model, &gtest, &victims, Some(&always), 0, 64).unwrap();
     assert!(asr.accuracy >= 0.9, "attack success {}", asr.accuracy);
 

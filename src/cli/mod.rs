@@ -18,7 +18,9 @@ const AFTER_HELP: &str = "Flags also accept the original cupbearer's dotted spel
     name = "cupbearer",
     version,
     about = "Mechanistic anomaly detection on a GPU compute engine (WGSL on wgpu)",
-    after_help = AFTER_HELP
+    after_help = AFTER_HELP,
+    // As with the original's argparse, a repeated flag takes its last value.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a classifier (optionally on backdoored data) and write a run directory.
-    #[command(alias = "train_classifier", after_help = AFTER_HELP)]
+    #[command(alias = "train_classifier", after_help = AFTER_HELP, args_override_self = true)]
     TrainClassifier(train_classifier::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),

@@ -1,23 +1,15 @@
 //! `cupbearer train-classifier`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use serde::Serialize;
 
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
-use crate::data::{resolve_data_dir, Dataset, DatasetName, Split};
-use crate::gpu::batch::GpuDataset;
-use crate::gpu::GpuContext;
-use crate::io::write_json;
-use crate::model::train::{evaluate, train, EpochMetrics, TrainOptions};
-use crate::model::{GpuMlp, Mlp, MlpConfig};
-use crate::run::{
-    refuse_overwrite, resolve_run_dir, ClassifierRunConfig, ModelConfig, TrainDataConfig,
-    TrainingConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE,
-};
+use crate::data::{resolve_data_dir, DatasetName};
+use crate::model::classifier::{train_classifier, RunOptions};
+use crate::model::MlpConfig;
+use crate::run::{resolve_run_dir, ClassifierRunConfig, TrainDataConfig, TrainingConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TriggerKind {
@@ -116,21 +108,6 @@ pub struct Args {
     quiet: bool,
 }
 
-#[derive(Serialize)]
-struct Metrics {
-    clean_test_accuracy: f64,
-    clean_test_loss: f64,
-    /// Fraction of triggered test images (true label != target) classified as target.
-    attack_success_rate: Option<f64>,
-    attack_samples: usize,
-    epochs: Vec<EpochMetrics>,
-    steps: usize,
-    samples_per_second: f64,
-    train_seconds: f64,
-    wall_seconds: f64,
-    adapter: String,
-}
-
 impl Args {
     fn resolve(&self) -> Result<ClassifierRunConfig> {
         let (dataset, backdoor) = match self.train_data.as_str() {
@@ -176,21 +153,19 @@ impl Args {
         }
         let ModelKind::Mlp = self.model;
         let Optimizer::Adam = self.optim;
-        Ok(ClassifierRunConfig {
-            command: "train-classifier".into(),
-            cupbearer_version: env!("CARGO_PKG_VERSION").into(),
-            train_data: TrainDataConfig {
+        Ok(ClassifierRunConfig::new(
+            TrainDataConfig {
                 dataset,
                 max_size: self.train_data_max_size,
                 backdoor,
             },
             // The input shape is filled in from the data set.
-            model: ModelConfig::Mlp(MlpConfig {
+            MlpConfig {
                 input_shape: [0; 3],
                 hidden_dims: self.model_hidden_dims.clone(),
                 output_dim: self.model_output_dim,
-            }),
-            training: TrainingConfig {
+            },
+            TrainingConfig {
                 optimizer: "adam".into(),
                 learning_rate: self.optim_learning_rate,
                 num_epochs: self.num_epochs,
@@ -198,121 +173,27 @@ impl Args {
                 max_steps: self.max_steps,
                 seed: self.seed,
             },
-        })
+        ))
     }
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let wall = Instant::now();
-    let mut config = args.resolve()?;
+    let config = args.resolve()?;
     let dir = resolve_run_dir(
         args.dir_full.as_deref(),
         &args.dir_base,
         args.dir_run.as_deref(),
     );
-    let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE];
-    refuse_overwrite(&dir, &files, args.overwrite)?;
-    let progress = !args.quiet;
-
-    let data_dir = resolve_data_dir(args.data_dir.as_deref());
-    let dataset = config.train_data.dataset;
-    let mut train_set = Dataset::load(dataset, Split::Train, &data_dir)?;
-    if let Some(n) = config.train_data.max_size {
-        if n == 0 || n > train_set.len() {
-            bail!(
-                "--train_data.max_size {n} out of range: {} has {} training samples",
-                dataset,
-                train_set.len()
-            );
-        }
-        train_set.truncate(n);
-    }
-    let test_set = Dataset::load(dataset, Split::Test, &data_dir)?;
-    let ModelConfig::Mlp(mlp_config) = &mut config.model;
-    mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
-
-    let ctx = GpuContext::new()?;
-    if progress {
-        eprintln!("adapter: {}", ctx.adapter_name());
-    }
-    let t = &config.training;
-    let model = GpuMlp::upload(&ctx, &Mlp::init(mlp_config, t.seed)?)?;
-    let train_gpu = GpuDataset::upload(&ctx, &train_set)?;
-    let report = train(
-        &ctx,
-        &model,
-        &train_gpu,
-        &TrainOptions {
-            epochs: t.num_epochs,
-            batch_size: t.batch_size,
-            learning_rate: t.learning_rate,
-            seed: t.seed,
-            max_steps: t.max_steps,
-            backdoor: config.train_data.backdoor,
-            progress,
+    let metrics = train_classifier(
+        config,
+        &RunOptions {
+            dir: dir.clone(),
+            data_dir: resolve_data_dir(args.data_dir.as_deref()),
+            overwrite: args.overwrite,
+            eval_batch_size: args.max_batch_size,
+            progress: !args.quiet,
         },
     )?;
-    drop(train_gpu);
-
-    let test_gpu = GpuDataset::upload(&ctx, &test_set)?;
-    let all: Vec<u32> = (0..test_set.len() as u32).collect();
-    let clean = evaluate(
-        &ctx,
-        &model,
-        &test_gpu,
-        &all,
-        None,
-        t.seed,
-        args.max_batch_size,
-    )?;
-    let (attack_success_rate, attack_samples) = match &config.train_data.backdoor {
-        Some(b) => {
-            let mut full = *b;
-            full.p_backdoor = 1.0;
-            let victims: Vec<u32> = all
-                .iter()
-                .copied()
-                .filter(|&i| test_set.labels[i as usize] as u32 != b.target_class)
-                .collect();
-            let m = evaluate(
-                &ctx,
-                &model,
-                &test_gpu,
-                &victims,
-                Some(&full),
-                t.seed,
-                args.max_batch_size,
-            )?;
-            (Some(m.accuracy), m.samples)
-        }
-        None => (None, 0),
-    };
-    let trained = model.download(&ctx)?;
-
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_json(&dir.join(CONFIG_FILE), &config)?;
-    trained.save(&dir.join(MODEL_FILE))?;
-    let metrics = Metrics {
-        clean_test_accuracy: clean.accuracy,
-        clean_test_loss: clean.loss,
-        attack_success_rate,
-        attack_samples,
-        steps: report.steps,
-        samples_per_second: report.samples_per_second,
-        train_seconds: report.seconds,
-        epochs: report.epochs,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        adapter: ctx.adapter_name(),
-    };
-    write_json(&dir.join(METRICS_FILE), &metrics)?;
-    let asr = attack_success_rate.map_or(String::new(), |a| format!(", attack success {a:.4}"));
-    println!(
-        "clean test accuracy {:.4}{asr}; {} steps in {:.1} s ({:.0} samples/s) -> {}",
-        clean.accuracy,
-        metrics.steps,
-        metrics.train_seconds,
-        metrics.samples_per_second,
-        dir.display()
-    );
+    println!("{} -> {}", metrics.summary(), dir.display());
     Ok(())
 }

@@ -279,7 +279,7 @@ impl GpuContext {
             );
         }
         let align = self.limits.min_storage_buffer_offset_alignment as u64;
-        let max_binding = self.limits.max_storage_buffer_binding_size as u64;
+        let max_binding = self.limits.max_storage_buffer_binding_size;
         let mut entries = Vec::with_capacity(resources.len());
         for (i, (res, kind)) in resources.iter().zip(&kernel.bindings).enumerate() {
             let buffer_binding = match res {

@@ -1,0 +1,154 @@
+//! The `train-classifier` workflow as a library call: load data, train on the GPU,
+//! evaluate clean accuracy and attack success, write the run directory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::train::{evaluate, train, EpochMetrics, TrainOptions};
+use super::{GpuMlp, Mlp};
+use crate::data::{Dataset, Split};
+use crate::gpu::batch::GpuDataset;
+use crate::gpu::GpuContext;
+use crate::io::write_json;
+use crate::run::{
+    refuse_overwrite, ClassifierRunConfig, ModelConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE,
+};
+
+pub struct RunOptions {
+    /// The run directory to create (or add to).
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub overwrite: bool,
+    pub eval_batch_size: usize,
+    pub progress: bool,
+}
+
+/// `metrics.json` of a classifier run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClassifierMetrics {
+    pub clean_test_accuracy: f64,
+    pub clean_test_loss: f64,
+    /// Fraction of triggered test images (true label != target) classified as target.
+    pub attack_success_rate: Option<f64>,
+    pub attack_samples: usize,
+    pub epochs: Vec<EpochMetrics>,
+    pub steps: usize,
+    pub samples_per_second: f64,
+    pub train_seconds: f64,
+    pub wall_seconds: f64,
+    pub adapter: String,
+}
+
+impl ClassifierMetrics {
+    pub fn summary(&self) -> String {
+        let asr = self
+            .attack_success_rate
+            .map_or(String::new(), |a| format!(", attack success {a:.4}"));
+        format!(
+            "clean test accuracy {:.4}{asr}; {} steps in {:.1} s ({:.0} samples/s)",
+            self.clean_test_accuracy, self.steps, self.train_seconds, self.samples_per_second
+        )
+    }
+}
+
+/// Runs the whole command. `config.model`'s input shape is taken from the data set.
+/// Files are written only after training and evaluation succeed.
+pub fn train_classifier(
+    mut config: ClassifierRunConfig,
+    opts: &RunOptions,
+) -> Result<ClassifierMetrics> {
+    let wall = Instant::now();
+    let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE];
+    refuse_overwrite(&opts.dir, &files, opts.overwrite)?;
+    if opts.eval_batch_size == 0 {
+        bail!("the evaluation batch size must be >= 1");
+    }
+
+    let dataset = config.train_data.dataset;
+    let mut train_set = Dataset::load(dataset, Split::Train, &opts.data_dir)?;
+    if let Some(n) = config.train_data.max_size {
+        if n == 0 || n > train_set.len() {
+            bail!(
+                "max_size {n} out of range: {dataset} has {} training samples",
+                train_set.len()
+            );
+        }
+        train_set.truncate(n);
+    }
+    let test_set = Dataset::load(dataset, Split::Test, &opts.data_dir)?;
+    let ModelConfig::Mlp(mlp_config) = &mut config.model;
+    mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
+
+    let ctx = GpuContext::new()?;
+    crate::progress::note(opts.progress, &format!("adapter: {}", ctx.adapter_name()));
+    let t = &config.training;
+    let model = GpuMlp::upload(&ctx, &Mlp::init(mlp_config, t.seed)?)?;
+    let train_gpu = GpuDataset::upload(&ctx, &train_set)?;
+    let report = train(
+        &ctx,
+        &model,
+        &train_gpu,
+        &TrainOptions {
+            epochs: t.num_epochs,
+            batch_size: t.batch_size,
+            learning_rate: t.learning_rate,
+            seed: t.seed,
+            max_steps: t.max_steps,
+            backdoor: config.train_data.backdoor,
+            progress: opts.progress,
+        },
+    )?;
+    drop(train_gpu);
+
+    let test_gpu = GpuDataset::upload(&ctx, &test_set)?;
+    let all: Vec<u32> = (0..test_set.len() as u32).collect();
+    let batch = opts.eval_batch_size;
+    let clean = evaluate(&ctx, &model, &test_gpu, &all, None, t.seed, batch)?;
+    let (attack_success_rate, attack_samples) = match &config.train_data.backdoor {
+        Some(b) => {
+            let always = crate::data::backdoor::Backdoor {
+                p_backdoor: 1.0,
+                ..*b
+            };
+            let victims: Vec<u32> = all
+                .iter()
+                .copied()
+                .filter(|&i| test_set.labels[i as usize] as u32 != b.target_class)
+                .collect();
+            let m = evaluate(
+                &ctx,
+                &model,
+                &test_gpu,
+                &victims,
+                Some(&always),
+                t.seed,
+                batch,
+            )?;
+            (Some(m.accuracy), m.samples)
+        }
+        None => (None, 0),
+    };
+    let trained = model.download(&ctx)?;
+
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_json(&dir.join(CONFIG_FILE), &config)?;
+    trained.save(&dir.join(MODEL_FILE))?;
+    let metrics = ClassifierMetrics {
+        clean_test_accuracy: clean.accuracy,
+        clean_test_loss: clean.loss,
+        attack_success_rate,
+        attack_samples,
+        steps: report.steps,
+        samples_per_second: report.samples_per_second,
+        train_seconds: report.seconds,
+        epochs: report.epochs,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        adapter: ctx.adapter_name(),
+    };
+    write_json(&dir.join(METRICS_FILE), &metrics)?;
+    Ok(metrics)
+}

@@ -1,0 +1,323 @@
+//! The `cupbearer` binary end to end: a run on generated data, the safetensors contract
+//! checked from Python, and clear errors (exit code != 0, nothing written) on bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cupbearer::data::{idx, Dataset, Split};
+use cupbearer::gpu::batch::{gather_batch_reference, GpuDataset};
+use cupbearer::model::train::predict_logits;
+use cupbearer::model::GpuMlp;
+use cupbearer::run::ClassifierRun;
+
+fn cupbearer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .args(args)
+        .env_remove("CUPBEARER_DATA_DIR")
+        .output()
+        .expect("running cupbearer")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes a synthetic data set as MNIST-named IDX files under `dir/mnist/`.
+fn write_mnist_like(dir: &Path, train: &Dataset, test: &Dataset) {
+    let d = dir.join("mnist");
+    std::fs::create_dir_all(&d).unwrap();
+    for (prefix, set) in [("train", train), ("t10k", test)] {
+        idx::write_images(
+            &d.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            set.height,
+            set.width,
+            &set.images,
+            true,
+        )
+        .unwrap();
+        idx::write_labels(
+            &d.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+            &set.labels,
+            true,
+        )
+        .unwrap();
+    }
+}
+
+fn generated_data_dir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    write_mnist_like(
+        tmp.path(),
+        &Dataset::synthetic(900, 12, 10, 1),
+        &Dataset::synthetic(300, 12, 10, 2),
+    );
+    tmp
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The original README's command, verbatim but for the program name, plus small sizes.
+fn train_args<'a>(data: &'a str, run: &'a str) -> Vec<&'a str> {
+    vec![
+        "train_classifier",
+        "--train_data",
+        "backdoor",
+        "--train_data.original",
+        "mnist",
+        "--train_data.backdoor",
+        "corner",
+        "--model",
+        "mlp",
+        "--dir.full",
+        run,
+        "--data-dir",
+        data,
+        "--num_epochs",
+        "4",
+        "--model.hidden_dims",
+        "48",
+        "32",
+        "--train_data.backdoor.p_backdoor",
+        "0.2",
+        "--optim.learning_rate",
+        "0.003",
+        "--batch_size",
+        "50",
+        "--quiet",
+    ]
+}
+
+#[test]
+fn train_classifier_writes_a_loadable_run_dir() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let data = generated_data_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("classifier");
+    let out = cupbearer(&train_args(s(data.path()), s(&run)));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    let acc = metrics["clean_test_accuracy"].as_f64().unwrap();
+    let asr = metrics["attack_success_rate"].as_f64().unwrap();
+    assert!(acc >= 0.95, "clean accuracy {acc}");
+    assert!(asr >= 0.9, "attack success {asr}");
+    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 4);
+    assert!(metrics["samples_per_second"].as_f64().unwrap() > 0.0);
+
+    let loaded = ClassifierRun::load(&run).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.train_data.backdoor.unwrap().p_backdoor, 0.2);
+    assert_eq!(c.training.num_epochs, 4);
+    assert_eq!(loaded.model.config.hidden_dims, vec![48, 32]);
+    assert_eq!(loaded.model.config.input_shape, [12, 10, 1]);
+
+    // The same model, evaluated in numpy from the safetensors file, gives our logits.
+    let ctx = common::gpu().unwrap();
+    let test = Dataset::load(
+        cupbearer::data::DatasetName::Mnist,
+        Split::Test,
+        data.path(),
+    )
+    .unwrap();
+    let indices: Vec<u32> = (0..100).collect();
+    let model = GpuMlp::upload(&ctx, &loaded.model).unwrap();
+    let logits = predict_logits(
+        &ctx,
+        &model,
+        &GpuDataset::upload(&ctx, &test).unwrap(),
+        &indices,
+        64,
+    )
+    .unwrap();
+    let (x, _) = gather_batch_reference(&test, &indices, None, 0, 0);
+    let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let dim = test.sample_dim();
+    let views = vec![
+        (
+            "inputs",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![100, dim],
+                bytemuck::cast_slice(&x),
+            )
+            .unwrap(),
+        ),
+        (
+            "logits",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![100, 10],
+                bytemuck::cast_slice(&logits),
+            )
+            .unwrap(),
+        ),
+    ];
+    let reference = out_dir.path().join("reference.safetensors");
+    std::fs::write(&reference, safetensors::serialize(views, None).unwrap()).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_forward.py");
+    let py = Command::new("python3")
+        .arg(&script)
+        .arg(run.join("model.safetensors"))
+        .arg(&reference)
+        .output();
+    match py {
+        Ok(o) if o.status.success() => {}
+        Ok(o)
+            if std::env::var_os("CI").is_none()
+                && String::from_utf8_lossy(&o.stderr).contains("ModuleNotFoundError") =>
+        {
+            eprintln!("skipping the Python check: numpy/safetensors not installed")
+        }
+        Ok(o) => panic!(
+            "python check failed:\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 missing under CI: {e}"
+        ),
+    }
+
+    // A second run into the same dir is refused and leaves the first run intact.
+    let before = std::fs::read(run.join("model.safetensors")).unwrap();
+    let again = cupbearer(&train_args(s(data.path()), s(&run)));
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("refusing to overwrite"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        before,
+        std::fs::read(run.join("model.safetensors")).unwrap()
+    );
+}
+
+/// Runs a training command expected to fail; checks the message and that no run dir appeared.
+fn assert_fails_cleanly(data_dir: &Path, extra: &[&str], expected: &str) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("run");
+    let mut args = train_args(s(data_dir), s(&run));
+    args.extend(extra);
+    let out = cupbearer(&args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected failure, got success");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert!(err.contains(expected), "expected {expected:?} in: {err}");
+    assert!(!run.exists(), "a failed run left {} behind", run.display());
+}
+
+#[test]
+fn missing_data_is_a_clear_error() {
+    let empty = tempfile::tempdir().unwrap();
+    assert_fails_cleanly(empty.path(), &[], "cupbearer download mnist");
+}
+
+#[test]
+fn corrupt_and_inconsistent_idx_files_are_clear_errors() {
+    let data = generated_data_dir();
+    let images = data.path().join("mnist/train-images-idx3-ubyte.gz");
+    let labels = data.path().join("mnist/train-labels-idx1-ubyte.gz");
+    // Labels for fewer images than the images file holds.
+    idx::write_labels(&labels, &[1u8; 899], true).unwrap();
+    assert_fails_cleanly(data.path(), &[], "900");
+    // A truncated images file.
+    idx::write_labels(&labels, &[1u8; 900], true).unwrap();
+    let raw = idx::read_images(&images).unwrap();
+    std::fs::remove_file(&images).unwrap();
+    let raw_path = data.path().join("mnist/train-images-idx3-ubyte");
+    idx::write_images(&raw_path, raw.rows, raw.cols, &raw.pixels, false).unwrap();
+    let bytes = std::fs::read(&raw_path).unwrap();
+    std::fs::write(&raw_path, &bytes[..bytes.len() - 7]).unwrap();
+    assert_fails_cleanly(data.path(), &[], "train-images-idx3-ubyte");
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let data = generated_data_dir();
+    assert_fails_cleanly(
+        data.path(),
+        &["--train_data.backdoor.p_backdoor", "1.5"],
+        "p_backdoor",
+    );
+    assert_fails_cleanly(
+        data.path(),
+        &["--train_data.backdoor.target_class", "10"],
+        "target_class 10",
+    );
+    assert_fails_cleanly(
+        data.path(),
+        &["--train_data.backdoor.corner", "middle"],
+        "middle",
+    );
+    let out = cupbearer(&[
+        "train-classifier",
+        "--train_data",
+        "backdoor",
+        "--dir.full",
+        "/nonexistent/x",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--train_data.original"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn help_documents_both_spellings() {
+    let out = cupbearer(&["train-classifier", "-h"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--train-data-original"), "{help}");
+    assert!(help.contains("--train_data.original"), "{help}");
+    assert!(help.contains("0.05"), "{help}");
+}
+
+/// Full MNIST, one epoch, when the shared copy is present.
+#[test]
+fn one_epoch_on_real_mnist() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !shared.join("mnist").exists() || common::gpu().is_none() {
+        eprintln!("skipping: {} not present", shared.display());
+        return;
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("mnist");
+    let out = cupbearer(&[
+        "train-classifier",
+        "--train_data",
+        "backdoor",
+        "--train_data.original",
+        "mnist",
+        "--train_data.backdoor",
+        "corner",
+        "--dir.full",
+        s(&run),
+        "--data-dir",
+        s(&shared),
+        "--num_epochs",
+        "1",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let acc = metrics["clean_test_accuracy"].as_f64().unwrap();
+    let asr = metrics["attack_success_rate"].as_f64().unwrap();
+    assert!(acc >= 0.95, "clean accuracy {acc}");
+    assert!(asr >= 0.95, "attack success {asr}");
+}
