@@ -18,10 +18,12 @@ struct AdamParams {
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
-    if (i >= dims.count) {
-        return;
+    for (var i = gid.x; i < dims.count; i += nwg.x * 64u) {
+        update(i);
     }
+}
+
+fn update(i: u32) {
     let g = grads[i];
     let m = step.beta1 * m1[i] + (1.0 - step.beta1) * g;
     let v = step.beta2 * m2[i] + (1.0 - step.beta2) * g * g;

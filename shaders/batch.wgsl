@@ -23,32 +23,34 @@ struct BatchParams {
 @group(0) @binding(0) var<storage, read> data: array<u32>;     // u8 pixels, 4 per word
 @group(0) @binding(1) var<storage, read> labels_all: array<u32>;
 @group(0) @binding(2) var<storage, read> indices: array<u32>;
-@group(0) @binding(3) var<storage, read_write> x: array<f32>;  // [rows][sample_dim]
-@group(0) @binding(4) var<storage, read_write> xt: array<f32>; // [sample_dim][rows]
-@group(0) @binding(5) var<storage, read_write> y: array<u32>;
-@group(0) @binding(6) var<uniform> params: BatchParams;
-@group(0) @binding(7) var<uniform> step: Step;
-
-override WRITE_T: bool = false;
+@group(0) @binding(3) var<storage, read_write> x: array<f32>; // [rows][sample_dim]
+@group(0) @binding(4) var<storage, read_write> y: array<u32>;
+@group(0) @binding(5) var<uniform> params: BatchParams;
+@group(0) @binding(6) var<uniform> step: Step;
 
 const KIND_CORNER: u32 = 1u;
 const KIND_NOISE: u32 = 2u;
 
+// One workgroup per row (few, large workgroups: cheap on CPU adapters too).
 @compute @workgroup_size(64, 1, 1)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let p = gid.x;
-    let r = gid.y;
-    if (p >= params.sample_dim || r >= params.rows) {
-        return;
-    }
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wid.x;
     let sample = indices[step.batch_offset + r];
-    let byte_index = sample * params.sample_dim + p;
-    let word = data[byte_index / 4u];
-    var v = f32((word >> (8u * (byte_index % 4u))) & 255u) / 255.0;
-
     // Every invocation of a sample draws the same coin: keyed on (epoch, sample).
     let coin = rand_unit(rand_u32(params.seed, STREAM_COIN, step.epoch, sample, 0u));
     let poisoned = params.kind != 0u && coin < params.p_backdoor;
+    if (lid.x == 0u) {
+        y[r] = select(labels_all[sample], params.target_class, poisoned);
+    }
+    for (var p = lid.x; p < params.sample_dim; p += 64u) {
+        x[r * params.sample_dim + p] = pixel(sample, p, poisoned);
+    }
+}
+
+fn pixel(sample: u32, p: u32, poisoned: bool) -> f32 {
+    let byte_index = sample * params.sample_dim + p;
+    let word = data[byte_index / 4u];
+    var v = f32((word >> (8u * (byte_index % 4u))) & 255u) / 255.0;
     if (poisoned) {
         if (params.kind == KIND_CORNER) {
             let pixel = p / params.channels;
@@ -64,11 +66,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
         }
     }
-    x[r * params.sample_dim + p] = v;
-    if (WRITE_T) {
-        xt[p * params.rows + r] = v;
-    }
-    if (p == 0u) {
-        y[r] = select(labels_all[sample], params.target_class, poisoned);
-    }
+    return v;
 }

@@ -19,11 +19,13 @@ struct LossParams {
 @group(0) @binding(6) var<uniform> step: Step;
 
 @compute @workgroup_size(64, 1, 1)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r = gid.x;
-    if (r >= params.rows) {
-        return;
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    for (var r = gid.x; r < params.rows; r += nwg.x * 64u) {
+        row(r);
     }
+}
+
+fn row(r: u32) {
     let base = r * params.classes;
     var best = logits[base];
     var arg = 0u;

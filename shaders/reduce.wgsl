@@ -14,13 +14,11 @@ struct ReduceParams {
 
 @compute @workgroup_size(64, 1, 1)
 fn column_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let col = gid.x + gid.y * nwg.x * 64u;
-    if (col >= params.cols) {
-        return;
+    for (var col = gid.x; col < params.cols; col += nwg.x * 64u) {
+        var s = 0.0;
+        for (var r = 0u; r < params.rows; r++) {
+            s += input[r * params.cols + col];
+        }
+        sums[col] = s;
     }
-    var s = 0.0;
-    for (var r = 0u; r < params.rows; r++) {
-        s += input[r * params.cols + col];
-    }
-    sums[col] = s;
 }

@@ -28,13 +28,12 @@ fn gpu_batch(
     backdoor: Option<&Backdoor>,
     seed: u32,
     epoch: u32,
-) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+) -> (Vec<f32>, Vec<u32>) {
     let rows = indices.len();
     let dim = data.sample_dim();
     let idx = ctx.buffer_from("idx", indices).unwrap();
-    let (x, xt, y) = (
+    let (x, y) = (
         ctx.zeros("x", rows * dim).unwrap(),
-        ctx.zeros("xt", rows * dim).unwrap(),
         ctx.zeros("y", rows).unwrap(),
     );
     let step = ctx.uniform(
@@ -51,7 +50,6 @@ fn gpu_batch(
         Slice::whole(&idx),
         &BatchOutputs {
             x: Slice::whole(&x),
-            xt: Some(Slice::whole(&xt)),
             labels: Slice::whole(&y),
         },
         backdoor,
@@ -62,7 +60,6 @@ fn gpu_batch(
     ctx.submit([&op]);
     (
         ctx.read(Slice::new(&x, 0, rows * dim)).unwrap(),
-        ctx.read(Slice::new(&xt, 0, rows * dim)).unwrap(),
         ctx.read(Slice::new(&y, 0, rows)).unwrap(),
     )
 }
@@ -94,17 +91,10 @@ fn gather_matches_reference_with_and_without_triggers() {
         Some(noise),
         Some(unclipped),
     ] {
-        let (x, xt, y) = gpu_batch(&ctx, &gdata, &indices, backdoor.as_ref(), 7, 2);
+        let (x, y) = gpu_batch(&ctx, &gdata, &indices, backdoor.as_ref(), 7, 2);
         let (want_x, want_y) = gather_batch_reference(&data, &indices, backdoor.as_ref(), 7, 2);
         common::assert_close(&x, &want_x, 1e-5, 1e-5, &format!("batch {backdoor:?}"));
         assert_eq!(y, want_y, "labels {backdoor:?}");
-        let dim = data.sample_dim();
-        let rows = indices.len();
-        for r in 0..rows {
-            for p in 0..dim {
-                assert_eq!(xt[p * rows + r], x[r * dim + p], "transpose");
-            }
-        }
     }
     // Unclipped noise leaves [0, 1] somewhere; clipped never does.
     let (x, ..) = gpu_batch(&ctx, &gdata, &indices, Some(&unclipped), 7, 2);
@@ -125,7 +115,7 @@ fn corner_names_mean_what_they_say() {
         (Corner::BottomLeft, (h - 1, 0)),
         (Corner::BottomRight, (h - 1, w - 1)),
     ] {
-        let (x, _, y) = gpu_batch(&ctx, &gdata, &[0, 1, 2, 3], Some(&corner(c, 1.0)), 0, 0);
+        let (x, y) = gpu_batch(&ctx, &gdata, &[0, 1, 2, 3], Some(&corner(c, 1.0)), 0, 0);
         for r in 0..4 {
             let img = &x[r * h * w..(r + 1) * h * w];
             let clean: Vec<f32> = data.image(r).iter().map(|&p| p as f32 / 255.0).collect();
@@ -217,7 +207,6 @@ fn mlp_gradients_match_finite_differences() {
         Slice::whole(&idx),
         &BatchOutputs {
             x: Slice::whole(&ws.x),
-            xt: Some(Slice::whole(&ws.xt)),
             labels: Slice::whole(&ws.labels),
         },
         None,

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{grid_1d, simple_kernel, Binding, Dispatch, GpuContext, Slice, StepParams, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, StepParams, STEP_WGSL};
 
 pub const BETA1: f32 = 0.9;
 pub const BETA2: f32 = 0.999;
@@ -67,7 +67,7 @@ pub fn adam(
             Some(Slice::whole(&dims)),
             Some(Slice::whole(step)),
         ],
-        grid_1d(count, 64),
+        ctx.grid_1d(count, 64),
     )
 }
 

@@ -63,10 +63,9 @@ struct BatchParams {
     seed: u32,
 }
 
-/// Where a batch goes: `x` is rows x sample_dim; `xt` (optional) its transpose.
+/// Where a batch goes: `x` is rows x sample_dim (row-major).
 pub struct BatchOutputs<'a> {
     pub x: Slice<'a>,
-    pub xt: Option<Slice<'a>>,
     pub labels: Slice<'a>,
 }
 
@@ -100,11 +99,10 @@ pub fn gather_batch(
             Binding::ReadOnly,
             Binding::ReadWrite,
             Binding::ReadWrite,
-            Binding::ReadWrite,
             Binding::Uniform,
             Binding::Uniform,
         ],
-        &[("WRITE_T", out.xt.is_some() as u8 as f64)],
+        &[],
     )?;
     let mut p = BatchParams {
         rows: rows as u32,
@@ -135,7 +133,6 @@ pub fn gather_batch(
         }
     }
     let params = ctx.uniform("batch_params", &p);
-    let dim = data.sample_dim();
     ctx.dispatch(
         &kernel,
         &[
@@ -143,12 +140,11 @@ pub fn gather_batch(
             Some(Slice::whole(&data.labels)),
             Some(indices),
             Some(out.x),
-            out.xt,
             Some(out.labels),
             Some(Slice::whole(&params)),
             Some(Slice::whole(step)),
         ],
-        [dim.div_ceil(64) as u32, rows as u32, 1],
+        [rows as u32, 1, 1],
     )
 }
 

@@ -466,10 +466,13 @@ fn storage_usage() -> wgpu::BufferUsages {
     wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
 }
 
-/// Grid for a 1-D kernel over `n` items, folded into y beyond the 65535-workgroup limit.
-/// Kernels recover the index as `gid.x + gid.y * num_workgroups.x * WG`.
-pub fn grid_1d(n: usize, workgroup: u32) -> [u32; 3] {
-    let groups = (n as u64).div_ceil(workgroup as u64).max(1);
-    let x = groups.min(65535);
-    [x as u32, groups.div_ceil(x) as u32, 1]
+impl GpuContext {
+    /// Grid for a 1-D kernel over `n` items whose invocations loop with stride
+    /// `num_workgroups.x * workgroup`. CPU adapters pay per workgroup, so they get a few
+    /// (enough for every core); GPUs get one invocation per item up to the grid limit.
+    pub fn grid_1d(&self, n: usize, workgroup: u32) -> [u32; 3] {
+        let groups = (n as u64).div_ceil(workgroup as u64).max(1);
+        let cap = if self.is_cpu() { 64 } else { 65535 };
+        [groups.min(cap) as u32, 1, 1]
+    }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{grid_1d, simple_kernel, Binding, Dispatch, GpuContext, Slice, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, STEP_WGSL};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -66,7 +66,7 @@ pub fn softmax_cross_entropy(
             Some(Slice::whole(&params)),
             Some(Slice::whole(step)),
         ],
-        grid_1d(rows, 64),
+        ctx.grid_1d(rows, 64),
     )
 }
 

@@ -7,14 +7,15 @@ use anyhow::{bail, Result};
 use super::context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
-const BINDINGS: [Binding; 7] = [
+const BINDINGS: [Binding; 8] = [
     Binding::ReadOnly,  // a
     Binding::ReadOnly,  // b
     Binding::ReadOnly,  // bias
     Binding::ReadOnly,  // mask
     Binding::ReadWrite, // c
-    Binding::ReadWrite, // ct
     Binding::Uniform,   // dims
+    Binding::ReadOnly,  // a as vec4
+    Binding::ReadOnly,  // b as vec4
 ];
 
 /// Operand layouts and the fused epilogue, i.e. which pipeline variant runs.
@@ -28,8 +29,6 @@ pub struct MatmulFlags {
     pub relu: bool,
     /// Multiply each output by `mask[m][n] > 0` (ReLU backward).
     pub relu_mask: bool,
-    /// Also write Cᵀ (N x M) to `ct`.
-    pub store_t: bool,
 }
 
 /// Which schedule runs; [`Schedule::for_context`] picks by adapter type.
@@ -70,19 +69,28 @@ pub struct MatmulArgs<'a> {
     pub c: Slice<'a>,
     pub bias: Option<Slice<'a>>,
     pub mask: Option<Slice<'a>>,
-    pub ct: Option<Slice<'a>>,
 }
 
-fn kernel(ctx: &GpuContext, flags: MatmulFlags, schedule: Schedule) -> Result<Arc<Kernel>> {
-    // Register-blocked invocations run 8 to a SIMD row on lavapipe: keep workgroups
-    // small so that small outputs still spread over all cores.
-    let (bm, bn4, entry) = match schedule {
-        Schedule::RegisterBlocked { bm, bn4 } => (bm, bn4, "main_regblock"),
-        Schedule::Tiled => (1, 1, "main_tiled"),
+/// Whether the register-blocked schedule reads A and B as whole vec4s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct VecLoads {
+    a: bool,
+    b: bool,
+}
+
+fn kernel(
+    ctx: &GpuContext,
+    flags: MatmulFlags,
+    schedule: Schedule,
+    vec: VecLoads,
+) -> Result<Arc<Kernel>> {
+    let (source, entry) = match schedule {
+        Schedule::RegisterBlocked { bm, bn4 } => (
+            format!("{SOURCE}\n{}", register_blocked(bm, bn4, vec)),
+            "main_regblock",
+        ),
+        Schedule::Tiled => (SOURCE.to_string(), "main_tiled"),
     };
-    let source = format!(
-        "const BM: u32 = {bm}u;\nconst BN4: u32 = {bn4}u;\nconst WG_X: u32 = 8u;\nconst WG_Y: u32 = 1u;\n{SOURCE}"
-    );
     let f = flags;
     let constants = [
         ("A_KMAJOR", f.a_kmajor as u8 as f64),
@@ -90,10 +98,9 @@ fn kernel(ctx: &GpuContext, flags: MatmulFlags, schedule: Schedule) -> Result<Ar
         ("BIAS", f.bias as u8 as f64),
         ("RELU", f.relu as u8 as f64),
         ("RELU_MASK", f.relu_mask as u8 as f64),
-        ("STORE_T", f.store_t as u8 as f64),
     ];
     ctx.kernel(&KernelSpec {
-        key: format!("matmul_{schedule:?}_{flags:?}"),
+        key: format!("matmul_{schedule:?}_{flags:?}_{vec:?}"),
         source: &source,
         entry,
         bindings: &BINDINGS,
@@ -101,12 +108,95 @@ fn kernel(ctx: &GpuContext, flags: MatmulFlags, schedule: Schedule) -> Result<Ar
     })
 }
 
+/// WGSL of the register-blocked schedule for a `bm` x `4*bn4` block per invocation.
+/// Generated rather than looped over arrays: lavapipe keeps arrays indexed in loops in
+/// scratch memory, but named values in registers.
+fn register_blocked(bm: u32, bn4: u32, vec: VecLoads) -> String {
+    use std::fmt::Write;
+    let (rows, cols) = (0..bm, 0..bn4);
+    let mut w = String::new();
+    let _ = writeln!(
+        w,
+        "@compute @workgroup_size(8, 1, 1)\n\
+         fn main_regblock(@builtin(global_invocation_id) gid: vec3<u32>) {{\n\
+         let n0 = gid.x * {}u;\nlet m0 = gid.y * {bm}u;\n\
+         if (n0 >= dims.n || m0 >= dims.m) {{ return; }}\n\
+         // Out-of-range rows and columns read clamped addresses; store() drops them.\n\
+         let last_m = dims.m - 1u;\nlet last_n = vec4<u32>(dims.n - 1u);\n\
+         let last_m4 = dims.m / 4u - 1u;\nlet last_n4 = dims.n / 4u - 1u;",
+        4 * bn4
+    );
+    for i in rows.clone() {
+        let _ = writeln!(w, "let r{i} = min(m0 + {i}u, last_m);");
+    }
+    for j in cols.clone() {
+        let _ = writeln!(
+            w,
+            "let c{j} = min(vec4<u32>(n0 + {}u) + vec4<u32>(0u, 1u, 2u, 3u), last_n);",
+            4 * j
+        );
+    }
+    for i in rows.clone() {
+        for j in cols.clone() {
+            let _ = writeln!(w, "var acc{i}_{j} = vec4<f32>(0.0);");
+        }
+    }
+    let _ = writeln!(w, "for (var k = 0u; k < dims.k; k++) {{");
+    for j in cols.clone() {
+        if vec.b {
+            let _ = writeln!(
+                w,
+                "let b{j} = b4[k * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)];"
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "let b{j} = vec4<f32>(load_b(k, c{j}.x), load_b(k, c{j}.y), load_b(k, c{j}.z), load_b(k, c{j}.w));"
+            );
+        }
+    }
+    if vec.a {
+        for q in 0..bm / 4 {
+            let _ = writeln!(
+                w,
+                "let aq{q} = a4[k * (dims.m / 4u) + min(gid.y * {}u + {q}u, last_m4)];",
+                bm / 4
+            );
+        }
+    }
+    for i in rows.clone() {
+        if vec.a {
+            let c = ["x", "y", "z", "w"][i as usize % 4];
+            let _ = writeln!(w, "let a{i} = vec4<f32>(aq{}.{c});", i / 4);
+        } else {
+            let _ = writeln!(w, "let a{i} = vec4<f32>(load_a(r{i}, k));");
+        }
+        for j in cols.clone() {
+            let _ = writeln!(w, "acc{i}_{j} = fma(a{i}, b{j}, acc{i}_{j});");
+        }
+    }
+    let _ = writeln!(w, "}}");
+    for i in rows {
+        for j in cols.clone() {
+            for (l, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                let _ = writeln!(
+                    w,
+                    "store(m0 + {i}u, n0 + {}u, acc{i}_{j}.{c});",
+                    4 * j as usize + l
+                );
+            }
+        }
+    }
+    w.push_str("}\n");
+    w
+}
+
 /// Builds one matmul dispatch; the shape lives in its own uniform buffer.
-pub fn matmul(
+pub fn matmul<'a>(
     ctx: &GpuContext,
     flags: MatmulFlags,
     schedule: Schedule,
-    args: &MatmulArgs<'_>,
+    args: &MatmulArgs<'a>,
 ) -> Result<Dispatch> {
     let (m, n, k) = (args.m, args.n, args.k);
     let need = |name: &str, s: Option<&Slice<'_>>, len: usize, wanted: bool| -> Result<()> {
@@ -127,11 +217,24 @@ pub fn matmul(
     need("c", Some(&args.c), m * n, true)?;
     need("bias", args.bias.as_ref(), n, flags.bias)?;
     need("mask", args.mask.as_ref(), m * n, flags.relu_mask)?;
-    need("ct", args.ct.as_ref(), m * n, flags.store_t)?;
     if flags.relu && flags.relu_mask {
         bail!("matmul: relu and relu_mask are exclusive");
     }
-    let kernel = kernel(ctx, flags, schedule)?;
+    // Whole-vec4 loads need 4-aligned rows and 16-byte-aligned bindings.
+    let vec = match schedule {
+        Schedule::RegisterBlocked { bm, .. } => VecLoads {
+            a: flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset % 4 == 0,
+            b: !flags.b_nmajor && n % 4 == 0 && args.b.offset % 4 == 0,
+        },
+        Schedule::Tiled => VecLoads { a: false, b: false },
+    };
+    let kernel = kernel(ctx, flags, schedule, vec)?;
+    let vec_view = |s: Slice<'a>, len: usize, on: bool| {
+        (on && len > 0).then(|| Slice {
+            len: len as u64,
+            ..s
+        })
+    };
     let dims = ctx.uniform(
         "matmul_dims",
         &Dims {
@@ -160,14 +263,15 @@ pub fn matmul(
             args.bias,
             args.mask,
             Some(args.c),
-            args.ct,
             Some(Slice::whole(&dims)),
+            vec_view(args.a, m * k, vec.a),
+            vec_view(args.b, k * n, vec.b),
         ],
         workgroups,
     )
 }
 
-/// f64 CPU reference of the same computation (C only; Cᵀ is its transpose).
+/// f64 CPU reference of the same computation.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_reference(
     flags: MatmulFlags,

@@ -8,7 +8,7 @@ pub mod loss;
 pub mod matmul;
 pub mod reduce;
 
-pub use context::{grid_1d, Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
+pub use context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
 
 pub(crate) const STEP_WGSL: &str = include_str!("../../shaders/step.wgsl");
 pub(crate) const RNG_WGSL: &str = include_str!("../../shaders/rng.wgsl");

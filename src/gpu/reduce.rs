@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{grid_1d, simple_kernel, Binding, Dispatch, GpuContext, Slice};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -39,7 +39,7 @@ pub fn column_sums(
     ctx.dispatch(
         &kernel,
         &[Some(input), Some(sums), Some(Slice::whole(&params))],
-        grid_1d(cols, 64),
+        ctx.grid_1d(cols, 64),
     )
 }
 

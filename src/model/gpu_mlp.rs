@@ -86,13 +86,9 @@ pub struct GpuMlp {
 pub struct Workspace {
     pub rows: usize,
     pub x: wgpu::Buffer,
-    /// `[input_dim][rows]`: the layout the first matmul reads fastest.
-    pub xt: wgpu::Buffer,
     pub labels: wgpu::Buffer,
     /// Post-ReLU hidden activations, one per hidden layer.
     pub hidden: Vec<wgpu::Buffer>,
-    /// Their transposes, `[width][rows]`, the next layer's input.
-    pub hidden_t: Vec<wgpu::Buffer>,
     pub logits: wgpu::Buffer,
     /// dL/dlogits, then dL/d(pre-activation) of each hidden layer.
     pub dlogits: wgpu::Buffer,
@@ -129,10 +125,8 @@ impl GpuMlp {
         Ok(Workspace {
             rows,
             x: ctx.zeros("x", rows * dim)?,
-            xt: ctx.zeros("xt", rows * dim)?,
             labels: ctx.zeros("labels", rows)?,
             hidden: per_layer("hidden")?,
-            hidden_t: per_layer("hidden_t")?,
             logits: ctx.zeros("logits", rows * classes)?,
             dlogits: ctx.zeros("dlogits", rows * classes)?,
             dz: per_layer("dz")?,
@@ -144,7 +138,7 @@ impl GpuMlp {
         Slice::new(&self.params, s.kernel, s.fan_in * s.fan_out)
     }
 
-    /// Dispatches from `ws.xt` to `ws.logits`, keeping every hidden activation.
+    /// Dispatches from `ws.x` to `ws.logits`, keeping every hidden activation.
     pub fn forward(&self, ctx: &GpuContext, ws: &Workspace) -> Result<Vec<Dispatch>> {
         let last = self.layout.layers.len() - 1;
         self.layout
@@ -152,13 +146,11 @@ impl GpuMlp {
             .iter()
             .enumerate()
             .map(|(l, s)| {
-                let input = if l == 0 { &ws.xt } else { &ws.hidden_t[l - 1] };
+                let input = if l == 0 { &ws.x } else { &ws.hidden[l - 1] };
                 let hidden = l < last;
                 let flags = MatmulFlags {
-                    a_kmajor: true,
                     bias: true,
                     relu: hidden,
-                    store_t: hidden,
                     ..Default::default()
                 };
                 matmul(
@@ -174,7 +166,6 @@ impl GpuMlp {
                         c: Slice::whole(if hidden { &ws.hidden[l] } else { &ws.logits }),
                         bias: Some(Slice::new(&self.params, s.bias, s.fan_out)),
                         mask: None,
-                        ct: hidden.then(|| Slice::whole(&ws.hidden_t[l])),
                     },
                 )
             })
@@ -210,7 +201,6 @@ impl GpuMlp {
                     c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
                     bias: None,
                     mask: None,
-                    ct: None,
                 },
             )?);
             ops.push(column_sums(
@@ -239,7 +229,6 @@ impl GpuMlp {
                         c: Slice::whole(&ws.dz[l - 1]),
                         bias: None,
                         mask: Some(Slice::whole(&ws.hidden[l - 1])),
-                        ct: None,
                     },
                 )?);
                 g = &ws.dz[l - 1];

@@ -115,7 +115,6 @@ impl Plan {
             Slice::whole(&s.indices),
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
-                xt: Some(Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
             s.backdoor.as_ref(),
