@@ -223,14 +223,14 @@ pub fn matmul<'a>(
     // Whole-vec4 loads need 4-aligned rows and 16-byte-aligned bindings.
     let vec = match schedule {
         Schedule::RegisterBlocked { bm, .. } => VecLoads {
-            a: flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset % 4 == 0,
-            b: !flags.b_nmajor && n % 4 == 0 && args.b.offset % 4 == 0,
+            a: flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset.is_multiple_of(4),
+            b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
         },
         Schedule::Tiled => VecLoads { a: false, b: false },
     };
     let kernel = kernel(ctx, flags, schedule, vec)?;
     let vec_view = |s: Slice<'a>, len: usize, on: bool| {
-        (on && len > 0).then(|| Slice {
+        (on && len > 0).then_some(Slice {
             len: len as u64,
             ..s
         })
