@@ -1,18 +1,20 @@
 // One Adam step (optax semantics: eps added to sqrt of the bias-corrected second
-// moment) over every parameter of the model, stored in one flat buffer.
+// moment) over every parameter of the model, stored in one flat buffer whose length
+// is a multiple of 4 (elementwise, so vec4 is just 4x less loop overhead).
 // Needs step.wgsl prepended.
 
 struct AdamParams {
+    // Number of vec4s.
     count: u32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
 
-@group(0) @binding(0) var<storage, read_write> params: array<f32>;
-@group(0) @binding(1) var<storage, read> grads: array<f32>;
-@group(0) @binding(2) var<storage, read_write> m1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> m2: array<f32>;
+@group(0) @binding(0) var<storage, read_write> params: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> grads: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> m1: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> m2: array<vec4<f32>>;
 @group(0) @binding(4) var<uniform> dims: AdamParams;
 @group(0) @binding(5) var<uniform> step: Step;
 

@@ -321,3 +321,40 @@ fn one_epoch_on_real_mnist() {
     assert!(acc >= 0.95, "clean accuracy {acc}");
     assert!(asr >= 0.95, "attack success {asr}");
 }
+
+#[test]
+fn no_gpu_adapter_names_the_package_to_install() {
+    let data = generated_data_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .args(train_args(s(data.path()), s(&run)))
+        // Hide every Vulkan driver; the Vulkan-only backend then has no adapter.
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .env("WGPU_BACKEND", "vulkan")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("mesa-vulkan-drivers"), "{err}");
+    assert!(!run.exists());
+}
+
+#[test]
+fn download_from_a_dead_mirror_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused.
+    let out = cupbearer(&[
+        "download",
+        "mnist",
+        "--data-dir",
+        s(dir.path()),
+        "--mirror",
+        "http://127.0.0.1:9/",
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    assert!(!dir.path().join("mnist").exists(), "nothing left behind");
+}

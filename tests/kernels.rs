@@ -227,7 +227,7 @@ fn softmax_cross_entropy_matches_reference() {
 #[test]
 fn adam_matches_reference_over_steps() {
     let Some(ctx) = gpu() else { return };
-    let n = 1037;
+    let n = 1036;
     let init = random(n, 21);
     let params = ctx.buffer_from("p", &init).unwrap();
     let (m, v) = (ctx.zeros("m", n).unwrap(), ctx.zeros("v", n).unwrap());
@@ -258,4 +258,22 @@ fn adam_matches_reference_over_steps() {
     }
     let got: Vec<f32> = ctx.read(Slice::new(&params, 0, n)).unwrap();
     assert_close(&got, &p64, 1e-6, 1e-5, "adam params");
+}
+
+#[test]
+fn shader_errors_are_results_not_panics() {
+    let Some(ctx) = gpu() else { return };
+    let err = ctx
+        .kernel(&cupbearer::gpu::KernelSpec {
+            key: "broken".into(),
+            source: "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }",
+            entry: "main",
+            bindings: &[],
+            constants: &[],
+        })
+        .err()
+        .expect("invalid WGSL must be an error");
+    assert!(format!("{err:#}").contains("broken"), "{err:#}");
+    ctx.check()
+        .expect("a captured compile error leaves the device usable");
 }

@@ -25,7 +25,7 @@ pub fn set_adam_step(step: &mut StepParams, learning_rate: f32, t: u32) {
     step.bias_correction2 = 1.0 - BETA2.powi(t as i32);
 }
 
-/// One Adam update of all `count` parameters in a single dispatch.
+/// One Adam update of all `count` parameters (a multiple of 4) in a single dispatch.
 pub fn adam(
     ctx: &GpuContext,
     count: usize,
@@ -35,6 +35,9 @@ pub fn adam(
     v: Slice<'_>,
     step: &wgpu::Buffer,
 ) -> Result<Dispatch> {
+    if !count.is_multiple_of(4) {
+        anyhow::bail!("adam: {count} parameters is not a multiple of 4");
+    }
     let kernel = simple_kernel(
         ctx,
         "adam",
@@ -53,7 +56,7 @@ pub fn adam(
     let dims = ctx.uniform(
         "adam_params",
         &AdamParams {
-            count: count as u32,
+            count: (count / 4) as u32,
             _pad: [0; 3],
         },
     );
@@ -67,7 +70,7 @@ pub fn adam(
             Some(Slice::whole(&dims)),
             Some(Slice::whole(step)),
         ],
-        ctx.grid_1d(count, 64),
+        ctx.grid_1d(count / 4, 64),
     )
 }
 
