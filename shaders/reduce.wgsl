@@ -1,11 +1,12 @@
-// Column sums of a row-major [rows][cols] matrix (bias gradients). One invocation per
-// column sums its rows in order, so the result is deterministic.
+// Scaled column sums of a row-major [rows][cols] matrix (bias gradients with scale 1,
+// column means with 1/rows). One invocation per column sums its rows in order, so the
+// result is deterministic.
 
 struct ReduceParams {
     rows: u32,
     cols: u32,
+    scale: f32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> input: array<f32>;
@@ -19,6 +20,6 @@ fn column_sums(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         for (var r = 0u; r < params.rows; r++) {
             s += input[r * params.cols + col];
         }
-        sums[col] = s;
+        sums[col] = params.scale * s;
     }
 }

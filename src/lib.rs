@@ -6,9 +6,12 @@
 
 pub mod cli;
 pub mod data;
+pub mod detectors;
+pub mod eval;
 pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod progress;
 pub mod rng;
 pub mod run;
+pub mod tasks;

@@ -162,16 +162,22 @@ fn column_sums_match_reference() {
         let x = random(rows * cols, 7);
         let input = ctx.buffer_from("x", &x).unwrap();
         let sums = ctx.zeros("sums", cols).unwrap();
-        let op = column_sums(&ctx, rows, cols, Slice::whole(&input), Slice::whole(&sums)).unwrap();
+        let op = column_sums(
+            &ctx,
+            rows,
+            cols,
+            0.5,
+            Slice::whole(&input),
+            Slice::whole(&sums),
+        )
+        .unwrap();
         ctx.submit([&op]);
         let got: Vec<f32> = ctx.read(Slice::new(&sums, 0, cols)).unwrap();
-        assert_close(
-            &got,
-            &column_sums_reference(rows, cols, &x),
-            1e-5,
-            1e-5,
-            "column sums",
-        );
+        let want: Vec<f64> = column_sums_reference(rows, cols, &x)
+            .iter()
+            .map(|s| 0.5 * s)
+            .collect();
+        assert_close(&got, &want, 1e-5, 1e-5, "column sums");
     }
 }
 

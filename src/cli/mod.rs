@@ -2,8 +2,11 @@
 //! Python original's dotted spelling (`--train_data.original` = `--train-data-original`):
 //! [`normalize_flag`] rewrites dots and underscores in flag names to dashes.
 
+mod detector_args;
 mod download;
+mod eval_detector;
 mod train_classifier;
+mod train_detector;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -32,8 +35,40 @@ enum Command {
     /// Train a classifier (optionally on backdoored data) and write a run directory.
     #[command(alias = "train_classifier", after_help = AFTER_HELP, args_override_self = true)]
     TrainClassifier(train_classifier::Args),
+    /// Fit an anomaly detector on a task's trusted data and write a detector run dir.
+    #[command(alias = "train_detector", after_help = AFTER_HELP, args_override_self = true)]
+    TrainDetector(train_detector::Args),
+    /// Score a task's test mix with a trained detector: AUROC, AP, scores and plots.
+    #[command(alias = "eval_detector", after_help = AFTER_HELP, args_override_self = true)]
+    EvalDetector(eval_detector::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),
+}
+
+/// Output, data and reproducibility flags of the detector commands.
+#[derive(clap::Args)]
+struct CommonArgs {
+    /// Seeds the triggers' random draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    dir_full: Option<std::path::PathBuf>,
+    /// Parent of the output dir when --dir.full is not given.
+    #[arg(long, value_name = "DIR")]
+    dir_base: Option<std::path::PathBuf>,
+    /// Name of the output dir under --dir.base [default: the current time].
+    #[arg(long, value_name = "NAME")]
+    dir_run: Option<String>,
+    /// Data directory [default: $CUPBEARER_DATA_DIR, else ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Replace existing outputs.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// `--a.b_c=v` -> `--a-b-c=v`; values and positional arguments are left alone.
@@ -58,6 +93,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse_from(std::env::args_os().map(normalize_flag));
     let result = match cli.command {
         Command::TrainClassifier(args) => train_classifier::run(args),
+        Command::TrainDetector(args) => train_detector::run(args),
+        Command::EvalDetector(args) => eval_detector::run(args),
         Command::Download(args) => download::run(args),
     };
     match result {

@@ -7,6 +7,7 @@ pub mod context;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;
+pub mod stats;
 
 pub use context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
 

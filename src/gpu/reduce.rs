@@ -9,14 +9,16 @@ use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 struct ReduceParams {
     rows: u32,
     cols: u32,
-    _pad: [u32; 2],
+    scale: f32,
+    _pad: u32,
 }
 
-/// `sums[c] = Σ_r input[r][c]` for a row-major `rows x cols` input.
+/// `sums[c] = scale · Σ_r input[r][c]` for a row-major `rows x cols` input.
 pub fn column_sums(
     ctx: &GpuContext,
     rows: usize,
     cols: usize,
+    scale: f32,
     input: Slice<'_>,
     sums: Slice<'_>,
 ) -> Result<Dispatch> {
@@ -33,7 +35,8 @@ pub fn column_sums(
         &ReduceParams {
             rows: rows as u32,
             cols: cols as u32,
-            _pad: [0; 2],
+            scale,
+            _pad: 0,
         },
     );
     ctx.dispatch(

@@ -207,6 +207,7 @@ impl GpuMlp {
                 ctx,
                 ws.rows,
                 s.fan_out,
+                1.0,
                 Slice::whole(g),
                 Slice::new(grads, s.bias, s.fan_out),
             )?);

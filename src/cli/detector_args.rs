@@ -1,0 +1,186 @@
+//! Task and detector flags shared by `train-detector` and `eval-detector`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+
+use crate::data::backdoor::{Backdoor, Corner, Trigger};
+use crate::detectors::mahalanobis::MahalanobisConfig;
+use crate::tasks::backdoor::{AnomalousSplit, BackdoorTaskConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TaskKind {
+    Backdoor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TriggerKind {
+    Corner,
+    Noise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    Test,
+    Train,
+}
+
+#[derive(clap::Args)]
+pub struct TaskArgs {
+    /// The task: `backdoor` (are inputs carrying a trigger?).
+    #[arg(long, value_enum)]
+    task: TaskKind,
+    /// The classifier run directory (from train-classifier).
+    #[arg(long, value_name = "DIR")]
+    task_run_path: PathBuf,
+    /// The anomalies' trigger: corner or noise.
+    #[arg(long, value_enum, value_name = "TRIGGER")]
+    task_backdoor: TriggerKind,
+    #[arg(long, default_value = "top-left", value_name = "CORNER")]
+    task_backdoor_corner: Corner,
+    #[arg(long, default_value_t = 0, value_name = "CLASS")]
+    task_backdoor_target_class: u32,
+    #[arg(long, default_value_t = 0.3, value_name = "STD")]
+    task_backdoor_std: f32,
+    /// Clip noisy images to [0, 1] (the original 0.0.1 did not).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    task_backdoor_clip: bool,
+    /// Fraction of anomalous samples that actually get the trigger.
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    task_backdoor_p_backdoor: f32,
+    /// Fit on the first N trusted (training) samples only.
+    #[arg(long, value_name = "N")]
+    task_max_train_size: Option<usize>,
+    /// Total size of the test mix.
+    #[arg(long, value_name = "N")]
+    task_max_test_size: Option<usize>,
+    /// Fraction of normal samples in the test mix.
+    #[arg(long, default_value_t = 0.5, value_name = "W")]
+    task_normal_weight: f64,
+    /// Split the anomalies come from: test (default) or train (the original's choice,
+    /// which overlaps the fitting data).
+    #[arg(long, value_enum, default_value = "test", value_name = "SPLIT")]
+    task_anomalous_split: SplitArg,
+}
+
+impl TaskArgs {
+    /// (registry name, JSON config).
+    pub fn resolve(&self) -> Result<(&'static str, serde_json::Value)> {
+        let TaskKind::Backdoor = self.task;
+        let trigger = match self.task_backdoor {
+            TriggerKind::Corner => Trigger::Corner {
+                corner: self.task_backdoor_corner,
+            },
+            TriggerKind::Noise => Trigger::Noise {
+                std: self.task_backdoor_std,
+                clip: self.task_backdoor_clip,
+            },
+        };
+        let config = BackdoorTaskConfig {
+            run_path: self.task_run_path.clone(),
+            backdoor: Backdoor {
+                trigger,
+                p_backdoor: self.task_backdoor_p_backdoor,
+                target_class: self.task_backdoor_target_class,
+            },
+            max_train_size: self.task_max_train_size,
+            max_test_size: self.task_max_test_size,
+            normal_weight: self.task_normal_weight,
+            anomalous_split: match self.task_anomalous_split {
+                SplitArg::Test => AnomalousSplit::Test,
+                SplitArg::Train => AnomalousSplit::Train,
+            },
+        };
+        Ok(("backdoor", serde_json::to_value(config)?))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DetectorKind {
+    Mahalanobis,
+    /// A detector trained earlier (--detector.path).
+    #[value(name = "from_run", alias = "from-run")]
+    FromRun,
+}
+
+#[derive(clap::Args)]
+pub struct DetectorArgs {
+    #[arg(long, value_enum)]
+    pub detector: DetectorKind,
+    /// Detector run directory (with --detector from_run).
+    #[arg(long, value_name = "DIR")]
+    pub detector_path: Option<PathBuf>,
+    /// Hidden layers to use (0 = first) [default: all].
+    #[arg(long, num_args = 1.., value_name = "L")]
+    detector_layers: Vec<usize>,
+    /// Pseudo-inverse cutoff relative to the largest eigenvalue.
+    #[arg(long, default_value_t = 1e-5, value_name = "R")]
+    detector_train_rcond: f64,
+    /// The original's simplified relative Mahalanobis distance.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    detector_train_relative: bool,
+    /// Shrink the covariance towards tr(Σ)/d·I by this fraction.
+    #[arg(long, default_value_t = 0.0, value_name = "S")]
+    detector_train_shrinkage: f64,
+    /// Add ε·I to the covariance (weights zero-variance directions such as a trigger pixel).
+    #[arg(long, default_value_t = 0.0, value_name = "EPS")]
+    detector_train_ridge: f64,
+    /// Samples per GPU batch while fitting.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    detector_train_batch_size: usize,
+    /// Fit on at most this many batches (0 = all).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    detector_train_max_batches: usize,
+    /// Accepted for compatibility (progress bars follow --quiet).
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    detector_train_pbar: Option<bool>,
+    /// Divide each layer's distance by its width; `false` reproduces cupbearer 0.0.1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    detector_normalize: bool,
+    /// Samples per GPU batch while scoring.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    detector_max_batch_size: usize,
+}
+
+impl DetectorArgs {
+    /// (registry name, JSON config) of a new detector.
+    pub fn resolve(&self) -> Result<(&'static str, serde_json::Value)> {
+        match self.detector {
+            DetectorKind::Mahalanobis => {
+                let config = MahalanobisConfig {
+                    layers: self.detector_layers.clone(),
+                    rcond: self.detector_train_rcond,
+                    relative: self.detector_train_relative,
+                    shrinkage: self.detector_train_shrinkage,
+                    ridge: self.detector_train_ridge,
+                    normalize: self.detector_normalize,
+                    batch_size: self.detector_train_batch_size,
+                    max_batches: self.detector_train_max_batches,
+                };
+                Ok(("mahalanobis", serde_json::to_value(config)?))
+            }
+            DetectorKind::FromRun => {
+                bail!("--detector from_run loads a trained detector; train-detector needs a detector type such as mahalanobis")
+            }
+        }
+    }
+
+    /// The trained detector's directory for eval-detector.
+    pub fn stored(&self) -> Result<&PathBuf> {
+        match self.detector {
+            DetectorKind::FromRun => self
+                .detector_path
+                .as_ref()
+                .context("--detector from_run needs --detector.path DIR"),
+            _ => bail!(
+                "eval-detector evaluates a trained detector: use --detector from_run \
+                 --detector.path DIR (train one with train-detector)"
+            ),
+        }
+    }
+
+    pub fn eval_batch_size(&self) -> usize {
+        self.detector_max_batch_size
+    }
+}

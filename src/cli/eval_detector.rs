@@ -1,0 +1,63 @@
+//! `cupbearer eval-detector`.
+
+use anyhow::{Context, Result};
+
+use super::detector_args::{DetectorArgs, TaskArgs};
+use crate::data::resolve_data_dir;
+use crate::detectors::pipeline::eval_detector;
+use crate::run::resolve_run_dir;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    task: TaskArgs,
+    #[command(flatten)]
+    detector: DetectorArgs,
+    #[command(flatten)]
+    common: super::CommonArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (task_kind, task_config) = args.task.resolve()?;
+    let detector_dir = args.detector.stored()?;
+    let c = &args.common;
+    // Unlike the other commands, nothing is written without an output directory.
+    let base = c.dir_base.as_deref();
+    let out = match (c.dir_full.as_deref(), base) {
+        (None, None) => None,
+        (full, base) => Some(resolve_run_dir(
+            full,
+            base.unwrap_or(std::path::Path::new(".")),
+            c.dir_run.as_deref(),
+        )),
+    }
+    .context("eval-detector needs --dir.full DIR (or --dir.base) for its outputs")?;
+    let data_dir = resolve_data_dir(c.data_dir.as_deref());
+    let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
+    let r = eval_detector(
+        task.as_ref(),
+        detector_dir,
+        args.detector.eval_batch_size(),
+        c.seed,
+        &out,
+        c.overwrite,
+        !c.quiet,
+    )?;
+    let layers: Vec<String> = r
+        .layers
+        .iter()
+        .map(|l| format!("{} {:.4}", l.layer, l.auc_roc))
+        .collect();
+    println!(
+        "AUC_ROC {:.4}  AP {:.4}  FPR@95TPR {:.4}  ({} normal, {} anomalous; layers: {}) in {:.2} s -> {}",
+        r.auc_roc,
+        r.ap,
+        r.fpr_at_95_tpr,
+        r.num_normal,
+        r.num_anomalous,
+        layers.join(", "),
+        r.wall_seconds,
+        out.display()
+    );
+    Ok(())
+}

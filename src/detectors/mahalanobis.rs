@@ -1,0 +1,485 @@
+//! Mahalanobis detector: per layer, a Gaussian (mean, covariance) of the trusted
+//! activations; the score of a sample is its squared Mahalanobis distance, divided by
+//! the layer's width unless `normalize` is false (cupbearer 0.0.1 did not divide, so
+//! wide layers dominated the mean over layers).
+//!
+//! Fitting streams batches on the GPU: per batch a column mean, a centred Gram matrix
+//! through the matmul kernel, and Chan's merge into running statistics. The host then
+//! forms Σ = C/(n−1) in f64, regularises it and pseudo-inverts it by eigendecomposition.
+//! Scoring is one GEMM (δ·P) and one row-dot (δ) per layer on the GPU.
+//!
+//! `detector.safetensors`: for each fitted layer `l` (index into the hidden layers),
+//! `layer{l}.mean` f32 [d], `layer{l}.covariance` f32 [d, d] (Bessel-corrected,
+//! before regularisation), `layer{l}.precision` f32 [d, d] (the matrix scores use) and
+//! `layer{l}.count` i64 [1]; metadata `cupbearer.detector` holds the config as JSON.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use nalgebra::DMatrix;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::linalg::{covariance, pinv_symmetric, regularize, Regularization};
+use super::{for_each_activation_batch, Detector, LayerScores, SampleSet};
+use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
+use crate::gpu::reduce::column_sums;
+use crate::gpu::stats::{center, merge_gram, merge_mean, row_dot, StatsParams};
+use crate::gpu::{GpuContext, Slice};
+use crate::model::GpuMlp;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MahalanobisConfig {
+    /// Hidden layers to use (0 = first); empty = all.
+    pub layers: Vec<usize>,
+    /// Eigenvalues at or below rcond · λ_max are dropped by the pseudo-inverse.
+    pub rcond: f64,
+    /// The original's "simplified relative Mahalanobis": subtract Σ_i δ_i² / Σ_ii.
+    pub relative: bool,
+    pub shrinkage: f64,
+    pub ridge: f64,
+    /// Divide each layer's distance by its width.
+    pub normalize: bool,
+    /// Samples per GPU batch while fitting and scoring.
+    pub batch_size: usize,
+    /// Fit on at most this many batches (0 = all).
+    pub max_batches: usize,
+}
+
+impl Default for MahalanobisConfig {
+    fn default() -> Self {
+        MahalanobisConfig {
+            layers: Vec::new(),
+            rcond: 1e-5,
+            relative: false,
+            shrinkage: 0.0,
+            ridge: 0.0,
+            normalize: true,
+            batch_size: 4096,
+            max_batches: 0,
+        }
+    }
+}
+
+/// Fitted statistics of one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerStats {
+    pub layer: usize,
+    pub count: u64,
+    pub mean: Vec<f32>,
+    pub covariance: Vec<f32>,
+    pub precision: Vec<f32>,
+}
+
+pub struct Mahalanobis {
+    pub config: MahalanobisConfig,
+    pub stats: Vec<LayerStats>,
+}
+
+const METADATA_KEY: &str = "cupbearer.detector";
+
+impl Mahalanobis {
+    pub fn new(config: MahalanobisConfig) -> Result<Self> {
+        if !(config.rcond >= 0.0 && config.rcond < 1.0) {
+            bail!("rcond must be in [0, 1), got {}", config.rcond);
+        }
+        if config.batch_size < 2 || config.batch_size > 65535 {
+            bail!("batch_size must be in 2..=65535, got {}", config.batch_size);
+        }
+        regularize(
+            DMatrix::zeros(1, 1),
+            Regularization {
+                shrinkage: config.shrinkage,
+                ridge: config.ridge,
+            },
+        )?;
+        Ok(Mahalanobis {
+            config,
+            stats: Vec::new(),
+        })
+    }
+
+    pub fn build(config: &serde_json::Value) -> Result<Box<dyn Detector>> {
+        let config = serde_json::from_value(config.clone()).context("mahalanobis config")?;
+        Ok(Box::new(Mahalanobis::new(config)?))
+    }
+
+    pub fn load(config: &serde_json::Value, path: &Path) -> Result<Box<dyn Detector>> {
+        let mut det = Mahalanobis::new(serde_json::from_value(config.clone())?)?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
+        let mut layers: Vec<usize> = st
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_prefix("layer")?.strip_suffix(".mean")?.parse().ok())
+            .collect();
+        layers.sort_unstable();
+        if layers.is_empty() {
+            bail!("{}: no fitted layers", path.display());
+        }
+        let f32s = |name: &str, len: usize| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            let got: usize = t.shape().iter().product();
+            if t.dtype() != Dtype::F32 || got != len {
+                bail!(
+                    "{}: tensor {name} has the wrong shape or type",
+                    path.display()
+                );
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        for layer in layers {
+            let p = |s: &str| format!("layer{layer}.{s}");
+            let d = st.tensor(&p("mean"))?.shape().iter().product();
+            let count = st
+                .tensor(&p("count"))
+                .ok()
+                .filter(|t| t.dtype() == Dtype::I64 && t.data().len() == 8)
+                .map(|t| i64::from_le_bytes(t.data().try_into().unwrap_or([0; 8])))
+                .with_context(|| format!("{}: missing {}", path.display(), p("count")))?;
+            det.stats.push(LayerStats {
+                layer,
+                count: count as u64,
+                mean: f32s(&p("mean"), d)?,
+                covariance: f32s(&p("covariance"), d * d)?,
+                precision: f32s(&p("precision"), d * d)?,
+            });
+        }
+        Ok(Box::new(det))
+    }
+
+    fn layers(&self, model: &GpuMlp) -> Result<Vec<usize>> {
+        let hidden = model.config.hidden_dims.len();
+        if self.config.layers.is_empty() {
+            return Ok((0..hidden).collect());
+        }
+        if let Some(&bad) = self.config.layers.iter().find(|&&l| l >= hidden) {
+            bail!("layer {bad} does not exist: the model has {hidden} hidden layers");
+        }
+        Ok(self.config.layers.clone())
+    }
+
+    /// The matrix scores use: pinv(Σ), minus diag(1/Σ_ii) for the relative variant.
+    fn precision(&self, sigma_raw: DMatrix<f64>) -> Result<DMatrix<f64>> {
+        let diag: Vec<f64> = sigma_raw.diagonal().iter().copied().collect();
+        let sigma = regularize(
+            sigma_raw,
+            Regularization {
+                shrinkage: self.config.shrinkage,
+                ridge: self.config.ridge,
+            },
+        )?;
+        let mut p = pinv_symmetric(&sigma, self.config.rcond)?;
+        if self.config.relative {
+            for (i, v) in diag.iter().enumerate() {
+                if *v > self.config.rcond {
+                    p[(i, i)] -= 1.0 / v;
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl Detector for Mahalanobis {
+    fn kind(&self) -> &'static str {
+        "mahalanobis"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("plain struct serialises")
+    }
+
+    fn fit(&mut self, ctx: &GpuContext, model: &GpuMlp, trusted: &SampleSet<'_>) -> Result<()> {
+        let layers = self.layers(model)?;
+        let batch = self.config.batch_size;
+        let mut n = trusted.indices.len();
+        if self.config.max_batches > 0 {
+            n = n.min(self.config.max_batches * batch);
+        }
+        if n < 2 {
+            bail!("fitting needs at least 2 trusted samples, got {n}");
+        }
+        let samples = SampleSet {
+            indices: &trusted.indices[..n],
+            ..*trusted
+        };
+        // Per layer: running mean | batch mean | running Gram | batch Gram | centred batch.
+        struct Bufs {
+            d: usize,
+            mean: wgpu::Buffer,
+            bmean: wgpu::Buffer,
+            gram: wgpu::Buffer,
+            bgram: wgpu::Buffer,
+            centred: wgpu::Buffer,
+            params: wgpu::Buffer,
+        }
+        let bufs = layers
+            .iter()
+            .map(|&l| {
+                let d = model.config.hidden_dims[l];
+                Ok(Bufs {
+                    d,
+                    mean: ctx.zeros("mean", d)?,
+                    bmean: ctx.zeros("batch_mean", d)?,
+                    gram: ctx.zeros("gram", d * d)?,
+                    bgram: ctx.zeros("batch_gram", d * d)?,
+                    centred: ctx.zeros("centred", batch.min(n) * d)?,
+                    params: ctx.uniform("chan", &StatsParams::default()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for_each_activation_batch(
+            ctx,
+            model,
+            &samples,
+            batch,
+            |ws, rows| {
+                let mut ops = Vec::new();
+                for (b, &l) in bufs.iter().zip(&layers) {
+                    let d = b.d;
+                    let act = Slice::whole(&ws.hidden[l]);
+                    let centred = Slice::new(&b.centred, 0, rows * d);
+                    ops.push(column_sums(
+                        ctx,
+                        rows,
+                        d,
+                        1.0 / rows as f32,
+                        act,
+                        Slice::whole(&b.bmean),
+                    )?);
+                    ops.push(center(ctx, rows, d, act, Slice::whole(&b.bmean), centred)?);
+                    // (X−x̄)ᵀ(X−x̄): the row-major centred batch is Aᵀ stored K-major.
+                    ops.push(matmul(
+                        ctx,
+                        MatmulFlags {
+                            a_kmajor: true,
+                            ..Default::default()
+                        },
+                        model.schedule,
+                        &MatmulArgs {
+                            m: d,
+                            n: d,
+                            k: rows,
+                            a: centred,
+                            b: centred,
+                            c: Slice::whole(&b.bgram),
+                            bias: None,
+                            mask: None,
+                        },
+                    )?);
+                    ops.push(merge_gram(
+                        ctx,
+                        d,
+                        Slice::whole(&b.bgram),
+                        Slice::whole(&b.bmean),
+                        Slice::whole(&b.mean),
+                        Slice::whole(&b.gram),
+                        &b.params,
+                    )?);
+                    ops.push(merge_mean(
+                        ctx,
+                        d,
+                        Slice::whole(&b.bmean),
+                        Slice::whole(&b.mean),
+                        &b.params,
+                    )?);
+                }
+                Ok(ops)
+            },
+            |offset, rows| {
+                for b in &bufs {
+                    let p = StatsParams::chan(b.d, offset as u64, rows as u64);
+                    ctx.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+                }
+                Ok(())
+            },
+        )?;
+        self.stats = bufs
+            .iter()
+            .zip(&layers)
+            .map(|(b, &layer)| {
+                let mean: Vec<f32> = ctx.read(Slice::new(&b.mean, 0, b.d))?;
+                let gram: Vec<f32> = ctx.read(Slice::new(&b.gram, 0, b.d * b.d))?;
+                let gram: Vec<f64> = gram.iter().map(|&v| v as f64).collect();
+                let sigma = covariance(&gram, b.d, n as u64)?;
+                let precision = self.precision(sigma.clone())?;
+                let to_f32 = |m: &DMatrix<f64>| -> Vec<f32> {
+                    // Row-major (nalgebra is column-major; both are symmetric anyway).
+                    m.transpose().iter().map(|&v| v as f32).collect()
+                };
+                Ok(LayerStats {
+                    layer,
+                    count: n as u64,
+                    mean,
+                    covariance: to_f32(&sigma),
+                    precision: to_f32(&precision),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    fn layer_scores(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+    ) -> Result<LayerScores> {
+        if self.stats.is_empty() {
+            bail!("the Mahalanobis detector is not fitted");
+        }
+        let hidden = &model.config.hidden_dims;
+        for s in &self.stats {
+            match hidden.get(s.layer) {
+                Some(&d) if d == s.mean.len() => {}
+                other => bail!(
+                    "the detector was fitted on a layer {} of width {}, but this model's layer \
+                     {} has width {:?}: detector and model do not match",
+                    s.layer,
+                    s.mean.len(),
+                    s.layer,
+                    other
+                ),
+            }
+        }
+        let n = samples.indices.len();
+        let batch = batch_size.min(n.max(1));
+        struct Bufs {
+            d: usize,
+            mean: wgpu::Buffer,
+            precision: wgpu::Buffer,
+            delta: wgpu::Buffer,
+            t: wgpu::Buffer,
+            scores: wgpu::Buffer,
+            params: wgpu::Buffer,
+        }
+        let bufs = self
+            .stats
+            .iter()
+            .map(|s| {
+                let d = s.mean.len();
+                Ok(Bufs {
+                    d,
+                    mean: ctx.buffer_from("mean", &s.mean)?,
+                    precision: ctx.buffer_from("precision", &s.precision)?,
+                    delta: ctx.zeros("delta", batch * d)?,
+                    t: ctx.zeros("delta_p", batch * d)?,
+                    scores: ctx.zeros("scores", n)?,
+                    params: ctx.uniform("row_dot", &StatsParams::default()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let normalize = self.config.normalize;
+        for_each_activation_batch(
+            ctx,
+            model,
+            samples,
+            batch,
+            |ws, rows| {
+                let mut ops = Vec::new();
+                for (b, s) in bufs.iter().zip(&self.stats) {
+                    let d = b.d;
+                    let delta = Slice::new(&b.delta, 0, rows * d);
+                    let t = Slice::new(&b.t, 0, rows * d);
+                    ops.push(center(
+                        ctx,
+                        rows,
+                        d,
+                        Slice::whole(&ws.hidden[s.layer]),
+                        Slice::whole(&b.mean),
+                        delta,
+                    )?);
+                    ops.push(matmul(
+                        ctx,
+                        MatmulFlags::default(),
+                        model.schedule,
+                        &MatmulArgs {
+                            m: rows,
+                            n: d,
+                            k: d,
+                            a: delta,
+                            b: Slice::whole(&b.precision),
+                            c: t,
+                            bias: None,
+                            mask: None,
+                        },
+                    )?);
+                    ops.push(row_dot(
+                        ctx,
+                        rows,
+                        t,
+                        delta,
+                        Slice::whole(&b.scores),
+                        &b.params,
+                    )?);
+                }
+                Ok(ops)
+            },
+            |offset, rows| {
+                for b in &bufs {
+                    let p = StatsParams {
+                        rows: rows as u32,
+                        cols: b.d as u32,
+                        scale: if normalize { 1.0 / b.d as f32 } else { 1.0 },
+                        out_offset: offset as u32,
+                        ..Default::default()
+                    };
+                    ctx.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+                }
+                Ok(())
+            },
+        )?;
+        let scores = bufs
+            .iter()
+            .map(|b| {
+                let s: Vec<f32> = ctx.read(Slice::new(&b.scores, 0, n))?;
+                Ok(s.into_iter().map(f64::from).collect())
+            })
+            .collect::<Result<_>>()?;
+        Ok(LayerScores {
+            names: self
+                .stats
+                .iter()
+                .map(|s| format!("layer{}", s.layer))
+                .collect(),
+            scores,
+        })
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for s in &self.stats {
+            let d = s.mean.len();
+            let p = |n: &str| format!("layer{}.{n}", s.layer);
+            let bytes = |v: &[f32]| bytemuck::cast_slice(v).to_vec();
+            tensors.push((p("mean"), Dtype::F32, vec![d], bytes(&s.mean)));
+            tensors.push((
+                p("covariance"),
+                Dtype::F32,
+                vec![d, d],
+                bytes(&s.covariance),
+            ));
+            tensors.push((p("precision"), Dtype::F32, vec![d, d], bytes(&s.precision)));
+            let count = (s.count as i64).to_le_bytes().to_vec();
+            tensors.push((p("count"), Dtype::I64, vec![1], count));
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, dt, shape, data)| {
+                Ok((name.as_str(), TensorView::new(*dt, shape.clone(), data)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([(METADATA_KEY.to_string(), self.config().to_string())]);
+        crate::io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
+    }
+}

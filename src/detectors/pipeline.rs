@@ -1,0 +1,273 @@
+//! The `train-detector` and `eval-detector` workflows as library calls.
+//!
+//! A detector run dir holds `config.json` ([`DetectorRunConfig`]) and
+//! `detector.safetensors`. Evaluation writes `eval.json`, `scores.csv`,
+//! `histogram.svg` and `roc.svg` into its output dir.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{Detector, LayerScores, SampleSet};
+use crate::data::Split;
+use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
+use crate::eval::plots::{histogram_svg, roc_svg};
+use crate::gpu::batch::GpuDataset;
+use crate::gpu::GpuContext;
+use crate::io::{write_atomic, write_json};
+use crate::model::GpuMlp;
+use crate::run::refuse_overwrite;
+use crate::tasks::{SampleSpec, Task};
+
+pub const DETECTOR_CONFIG_FILE: &str = "config.json";
+pub const DETECTOR_FILE: &str = "detector.safetensors";
+pub const EVAL_FILE: &str = "eval.json";
+pub const SCORES_FILE: &str = "scores.csv";
+pub const HISTOGRAM_FILE: &str = "histogram.svg";
+pub const ROC_FILE: &str = "roc.svg";
+
+/// `config.json` of a detector run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DetectorRunConfig {
+    pub command: String,
+    pub cupbearer_version: String,
+    pub task_kind: String,
+    pub task: serde_json::Value,
+    pub detector_kind: String,
+    pub detector: serde_json::Value,
+    pub seed: u32,
+}
+
+impl DetectorRunConfig {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(DETECTOR_CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a detector run ({DETECTOR_CONFIG_FILE} missing; create one with \
+                 `cupbearer train-detector`)",
+                dir.display()
+            )
+        })?;
+        let config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a detector run config", path.display()))?;
+        if config.command != "train-detector" {
+            bail!(
+                "{} was written by `{}`, not train-detector",
+                path.display(),
+                config.command
+            );
+        }
+        Ok(config)
+    }
+}
+
+/// The GPU side of a task: context, model and both splits uploaded.
+struct Loaded {
+    ctx: GpuContext,
+    model: GpuMlp,
+    train: GpuDataset,
+    test: GpuDataset,
+}
+
+impl Loaded {
+    fn new(task: &dyn Task, progress: bool) -> Result<Self> {
+        let ctx = GpuContext::new()?;
+        crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
+        Ok(Loaded {
+            model: GpuMlp::upload(&ctx, &task.classifier().model)?,
+            train: GpuDataset::upload(&ctx, task.dataset(Split::Train))?,
+            test: GpuDataset::upload(&ctx, task.dataset(Split::Test))?,
+            ctx,
+        })
+    }
+
+    fn samples<'a>(&'a self, spec: &'a SampleSpec, seed: u32) -> SampleSet<'a> {
+        SampleSet {
+            data: match spec.split {
+                Split::Train => &self.train,
+                Split::Test => &self.test,
+            },
+            indices: &spec.indices,
+            backdoor: spec.backdoor,
+            seed,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FitReport {
+    pub trusted_samples: usize,
+    pub fit_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+/// Fits a detector on the task's trusted data and writes the detector run dir.
+pub fn train_detector(
+    task: &dyn Task,
+    mut detector: Box<dyn Detector>,
+    seed: u32,
+    out: &Path,
+    overwrite: bool,
+    progress: bool,
+) -> Result<FitReport> {
+    let wall = Instant::now();
+    refuse_overwrite(out, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], overwrite)?;
+    let gpu = Loaded::new(task, progress)?;
+    let trusted = task.trusted();
+    let fit = Instant::now();
+    detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed))?;
+    let fit_seconds = fit.elapsed().as_secs_f64();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    detector.save(&out.join(DETECTOR_FILE))?;
+    let config = DetectorRunConfig {
+        command: "train-detector".into(),
+        cupbearer_version: env!("CARGO_PKG_VERSION").into(),
+        task_kind: task.kind().into(),
+        task: task.config(),
+        detector_kind: detector.kind().into(),
+        detector: detector.config(),
+        seed,
+    };
+    write_json(&out.join(DETECTOR_CONFIG_FILE), &config)?;
+    Ok(FitReport {
+        trusted_samples: trusted.indices.len(),
+        fit_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    })
+}
+
+/// `eval.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    #[serde(rename = "AUC_ROC")]
+    pub auc_roc: f64,
+    #[serde(rename = "AP")]
+    pub ap: f64,
+    #[serde(rename = "FPR_at_95_TPR")]
+    pub fpr_at_95_tpr: f64,
+    pub num_normal: usize,
+    pub num_anomalous: usize,
+    pub layers: Vec<LayerMetrics>,
+    pub detector: PathBuf,
+    pub adapter: String,
+    pub score_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerMetrics {
+    pub layer: String,
+    #[serde(rename = "AUC_ROC")]
+    pub auc_roc: f64,
+    #[serde(rename = "AP")]
+    pub ap: f64,
+}
+
+/// Scores the task's test mix with a trained detector and writes the eval files.
+/// Adds files to `out` (which may be the detector's own dir); an existing `eval.json`
+/// is refused unless `overwrite`.
+pub fn eval_detector(
+    task: &dyn Task,
+    detector_dir: &Path,
+    batch_size: usize,
+    seed: u32,
+    out: &Path,
+    overwrite: bool,
+    progress: bool,
+) -> Result<EvalReport> {
+    let wall = Instant::now();
+    let outputs = [EVAL_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE];
+    refuse_overwrite(out, &outputs, overwrite)?;
+    let run = DetectorRunConfig::load(detector_dir)?;
+    let detector = super::load(
+        &run.detector_kind,
+        &run.detector,
+        &detector_dir.join(DETECTOR_FILE),
+    )?;
+    let mix = task.test_mix()?;
+    let gpu = Loaded::new(task, progress)?;
+    let start = Instant::now();
+    let score =
+        |spec| detector.layer_scores(&gpu.ctx, &gpu.model, &gpu.samples(spec, seed), batch_size);
+    let normal = score(&mix.normal)?;
+    let anomalous = score(&mix.anomalous)?;
+    let score_seconds = start.elapsed().as_secs_f64();
+
+    let labels: Vec<bool> = std::iter::repeat_n(false, mix.normal.indices.len())
+        .chain(std::iter::repeat_n(true, mix.anomalous.indices.len()))
+        .collect();
+    let joined = |f: &dyn Fn(&LayerScores) -> Vec<f64>| {
+        let mut v = f(&normal);
+        v.extend(f(&anomalous));
+        v
+    };
+    let total = joined(&|s| s.aggregate());
+    let DetectionMetrics {
+        auc_roc,
+        ap,
+        fpr_at_95_tpr,
+        num_normal,
+        num_anomalous,
+    } = detection_metrics(&total, &labels)?;
+    let mut layers = Vec::new();
+    let mut curves = vec![(
+        format!("all (AUROC {auc_roc:.4})"),
+        roc_curve(&total, &labels)?,
+    )];
+    let per_layer: Vec<Vec<f64>> = (0..normal.names.len())
+        .map(|l| joined(&|s| s.scores[l].clone()))
+        .collect();
+    for (name, scores) in normal.names.iter().zip(&per_layer) {
+        let m = detection_metrics(scores, &labels)?;
+        curves.push((
+            format!("{name} (AUROC {:.4})", m.auc_roc),
+            roc_curve(scores, &labels)?,
+        ));
+        layers.push(LayerMetrics {
+            layer: name.clone(),
+            auc_roc: m.auc_roc,
+            ap: m.ap,
+        });
+    }
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut csv = format!("split,sample,anomalous,{},score\n", normal.names.join(","));
+    let specs = [&mix.normal, &mix.anomalous];
+    let mut row = 0;
+    for spec in specs {
+        for &i in &spec.indices {
+            let split = match spec.split {
+                Split::Train => "train",
+                Split::Test => "test",
+            };
+            let _ = write!(csv, "{split},{i},{}", labels[row] as u8);
+            for layer in &per_layer {
+                let _ = write!(csv, ",{}", layer[row]);
+            }
+            let _ = writeln!(csv, ",{}", total[row]);
+            row += 1;
+        }
+    }
+    write_atomic(&out.join(SCORES_FILE), csv.as_bytes())?;
+    let (n, a) = total.split_at(num_normal);
+    let title = format!("{} detector, {} task", run.detector_kind, task.kind());
+    histogram_svg(&out.join(HISTOGRAM_FILE), &title, n, a, 100, false)?;
+    roc_svg(&out.join(ROC_FILE), &title, &curves)?;
+    let report = EvalReport {
+        auc_roc,
+        ap,
+        fpr_at_95_tpr,
+        num_normal,
+        num_anomalous,
+        layers,
+        detector: detector_dir.to_path_buf(),
+        adapter: gpu.ctx.adapter_name(),
+        score_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    };
+    write_json(&out.join(EVAL_FILE), &report)?;
+    Ok(report)
+}

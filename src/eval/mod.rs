@@ -1,0 +1,4 @@
+//! Evaluation of anomaly detectors: threshold-free detection metrics and SVG plots of scores.
+
+pub mod metrics;
+pub mod plots;

@@ -1,0 +1,93 @@
+//! Tasks: what a detector is trained and tested on. A task provides the classifier,
+//! trusted (clean) samples to fit on, and a test mix of normal and anomalous samples.
+//!
+//! To add one: write `src/tasks/<name>.rs` implementing [`Task`] with a JSON-configurable
+//! constructor, and add one line to [`REGISTRY`].
+
+pub mod backdoor;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::data::backdoor::Backdoor;
+use crate::data::{Dataset, Split};
+use crate::run::ClassifierRun;
+
+/// Samples of one split of the task's data set, optionally triggered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleSpec {
+    pub split: Split,
+    pub indices: Vec<u32>,
+    pub backdoor: Option<Backdoor>,
+}
+
+/// The evaluation mix: normal samples are labelled 0, anomalous ones 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TestMix {
+    pub normal: SampleSpec,
+    pub anomalous: SampleSpec,
+}
+
+pub trait Task {
+    fn kind(&self) -> &'static str;
+    fn config(&self) -> serde_json::Value;
+    /// The classifier under test.
+    fn classifier(&self) -> &ClassifierRun;
+    fn dataset(&self, split: Split) -> &Dataset;
+    /// Trusted data to fit detectors on (clean).
+    fn trusted(&self) -> SampleSpec;
+    fn test_mix(&self) -> Result<TestMix>;
+}
+
+/// Builds a task from its JSON config, reading data from the data dir.
+pub type BuildFn = fn(&serde_json::Value, &Path) -> Result<Box<dyn Task>>;
+
+/// name → constructor. One line per task.
+pub const REGISTRY: &[(&str, BuildFn)] = &[("backdoor", backdoor::BackdoorTask::build)];
+
+pub fn build(kind: &str, config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
+    match REGISTRY.iter().find(|(name, _)| *name == kind) {
+        Some((_, build)) => build(config, data_dir),
+        None => {
+            let names: Vec<_> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            bail!("unknown task {kind:?}; available: {}", names.join(", "))
+        }
+    }
+}
+
+/// Sizes of the normal and anomalous parts of a test mix, as the original computes
+/// them: with `max_size`, `floor(max·w)` normal and the rest anomalous; otherwise the
+/// largest mix with normal fraction `w` that the available samples allow.
+pub fn mix_sizes(
+    normal_available: usize,
+    anomalous_available: usize,
+    normal_weight: f64,
+    max_size: Option<usize>,
+) -> Result<(usize, usize)> {
+    if !(normal_weight > 0.0 && normal_weight < 1.0) {
+        bail!("normal_weight must be in (0, 1), got {normal_weight}");
+    }
+    let (normal, anomalous) = match max_size {
+        Some(m) => {
+            let normal = (m as f64 * normal_weight) as usize;
+            (normal, m - normal)
+        }
+        None => {
+            let len = ((normal_available as f64 / normal_weight) as usize)
+                .min((anomalous_available as f64 / (1.0 - normal_weight)) as usize);
+            let normal = (len as f64 * normal_weight) as usize;
+            (normal, len - normal)
+        }
+    };
+    if normal > normal_available || anomalous > anomalous_available {
+        bail!(
+            "a test mix of {normal} normal and {anomalous} anomalous samples needs more data \
+             than available ({normal_available} normal, {anomalous_available} anomalous)"
+        );
+    }
+    if normal == 0 || anomalous == 0 {
+        bail!("the test mix would be empty on one side ({normal} normal, {anomalous} anomalous)");
+    }
+    Ok((normal, anomalous))
+}

@@ -1,0 +1,294 @@
+//! `train-detector` and `eval-detector` end to end on generated data: the original
+//! README's four commands in sequence, and clear errors on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use cupbearer::data::{idx, Dataset};
+
+fn cupbearer(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .current_dir(cwd)
+        .args(args)
+        .env("CUPBEARER_DATA_DIR", cwd.join("data"))
+        .output()
+        .expect("running cupbearer")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A work dir with generated MNIST-like data in `data/mnist/`.
+fn workdir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data/mnist");
+    std::fs::create_dir_all(&d).unwrap();
+    for (prefix, set) in [
+        ("train", Dataset::synthetic(1000, 12, 10, 1)),
+        ("t10k", Dataset::synthetic(400, 12, 10, 2)),
+    ] {
+        let f = |kind: &str| d.join(format!("{prefix}-{kind}.gz"));
+        idx::write_images(
+            &f("images-idx3-ubyte"),
+            set.height,
+            set.width,
+            &set.images,
+            true,
+        )
+        .unwrap();
+        idx::write_labels(&f("labels-idx1-ubyte"), &set.labels, true).unwrap();
+    }
+    tmp
+}
+
+fn run_ok(cwd: &Path, args: &[&str]) -> String {
+    let out = cupbearer(cwd, args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn eval_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const SMALL: [&str; 8] = [
+    "--num_epochs",
+    "4",
+    "--model.hidden_dims",
+    "48",
+    "32",
+    "--train_data.backdoor.p_backdoor",
+    "0.2",
+    "--quiet",
+];
+
+#[test]
+fn the_original_readme_commands_run_in_sequence() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let mut train = vec![
+        "train_classifier",
+        "--train_data",
+        "backdoor",
+        "--train_data.original",
+        "mnist",
+        "--train_data.backdoor",
+        "corner",
+        "--model",
+        "mlp",
+        "--dir.full",
+        "logs/classifier",
+    ];
+    train.extend(SMALL);
+    run_ok(cwd, &train);
+    run_ok(
+        cwd,
+        &[
+            "train_detector",
+            "--detector",
+            "mahalanobis",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "logs/classifier",
+            "--dir.full",
+            "logs/detector",
+        ],
+    );
+    run_ok(
+        cwd,
+        &[
+            "eval_detector",
+            "--detector",
+            "from_run",
+            "--detector.path",
+            "logs/detector",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "logs/classifier",
+            "--dir.full",
+            "logs/detector",
+        ],
+    );
+    run_ok(
+        cwd,
+        &[
+            "eval_detector",
+            "--detector",
+            "from_run",
+            "--detector.path",
+            "logs/detector",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "noise",
+            "--task.backdoor.std",
+            "0.2",
+            "--task.run_path",
+            "logs/classifier",
+            "--dir.full",
+            "logs/detector_ablation",
+        ],
+    );
+    let det = cwd.join("logs/detector");
+    for f in [
+        "config.json",
+        "detector.safetensors",
+        "eval.json",
+        "scores.csv",
+        "histogram.svg",
+        "roc.svg",
+    ] {
+        assert!(det.join(f).is_file(), "{f} missing");
+    }
+    let corner = eval_json(&det.join("eval.json"));
+    let auc = corner["AUC_ROC"].as_f64().unwrap();
+    assert!(auc >= 0.99, "corner AUROC {auc}");
+    assert!(corner["AP"].as_f64().unwrap() >= 0.99);
+    assert_eq!(corner["num_normal"], 400);
+    assert_eq!(corner["num_anomalous"], 400);
+    assert_eq!(corner["layers"].as_array().unwrap().len(), 2);
+    let csv = std::fs::read_to_string(det.join("scores.csv")).unwrap();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "split,sample,anomalous,layer0,layer1,score"
+    );
+    assert_eq!(csv.lines().count(), 801);
+    assert!(cwd.join("logs/detector_ablation/eval.json").is_file());
+
+    // Evaluating into the same dir again is refused, naming the file.
+    let again = cupbearer(
+        cwd,
+        &[
+            "eval_detector",
+            "--detector",
+            "from_run",
+            "--detector.path",
+            "logs/detector",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "logs/classifier",
+            "--dir.full",
+            "logs/detector",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("eval.json"), "{}", stderr(&again));
+
+    // A detector from another model (other hidden widths) is a shape mismatch.
+    let mut other = vec![
+        "train_classifier",
+        "--train_data",
+        "backdoor",
+        "--train_data.original",
+        "mnist",
+        "--train_data.backdoor",
+        "corner",
+        "--dir.full",
+        "logs/other",
+        "--model.hidden_dims",
+        "16",
+        "16",
+        "--num_epochs",
+        "1",
+        "--quiet",
+    ];
+    run_ok(cwd, &other);
+    let mismatch = cupbearer(
+        cwd,
+        &[
+            "eval_detector",
+            "--detector",
+            "from_run",
+            "--detector.path",
+            "logs/detector",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "logs/other",
+            "--dir.full",
+            "logs/mismatch",
+        ],
+    );
+    assert!(!mismatch.status.success());
+    assert!(
+        stderr(&mismatch).contains("do not match"),
+        "{}",
+        stderr(&mismatch)
+    );
+    assert!(!cwd.join("logs/mismatch/eval.json").exists());
+
+    // A detector dir without its weights.
+    std::fs::create_dir_all(cwd.join("logs/broken")).unwrap();
+    std::fs::copy(det.join("config.json"), cwd.join("logs/broken/config.json")).unwrap();
+    let broken = cupbearer(
+        cwd,
+        &[
+            "eval_detector",
+            "--detector",
+            "from_run",
+            "--detector.path",
+            "logs/broken",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "logs/classifier",
+            "--dir.full",
+            "logs/broken_eval",
+        ],
+    );
+    assert!(!broken.status.success());
+    assert!(
+        stderr(&broken).contains("detector.safetensors"),
+        "{}",
+        stderr(&broken)
+    );
+}
+
+#[test]
+fn a_run_path_that_is_not_a_classifier_run_is_a_clear_error() {
+    let w = workdir();
+    let cwd = w.path();
+    std::fs::create_dir_all(cwd.join("not_a_run")).unwrap();
+    let out = cupbearer(
+        cwd,
+        &[
+            "train-detector",
+            "--detector",
+            "mahalanobis",
+            "--task",
+            "backdoor",
+            "--task.backdoor",
+            "corner",
+            "--task.run_path",
+            "not_a_run",
+            "--dir.full",
+            "logs/detector",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a classifier run"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!cwd.join("logs/detector").exists());
+}

@@ -1,0 +1,367 @@
+//! Streaming statistics against f64 references, the pseudo-inverse, Mahalanobis scores
+//! against a CPU reference, and detection of a planted trigger end to end.
+
+mod common;
+
+use common::{gpu, random};
+use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+use cupbearer::data::Dataset;
+use cupbearer::detectors::linalg::{covariance, pinv_symmetric, regularize, Regularization};
+use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
+use cupbearer::detectors::{Detector, SampleSet};
+use cupbearer::gpu::batch::{gather_batch_reference, GpuDataset};
+use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
+use cupbearer::gpu::reduce::column_sums;
+use cupbearer::gpu::stats::{center, mean_and_gram_reference, merge_gram, merge_mean, StatsParams};
+use cupbearer::gpu::{GpuContext, Slice};
+use cupbearer::model::train::{train, TrainOptions};
+use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
+use nalgebra::DMatrix;
+
+/// Streams `x` (rows x d) through the GPU statistics kernels in batches of the given
+/// sizes; returns (mean, centred Gram).
+fn gpu_stats(ctx: &GpuContext, x: &[f32], d: usize, batches: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let max = *batches.iter().max().unwrap();
+    let (mean, bmean) = (ctx.zeros("m", d).unwrap(), ctx.zeros("bm", d).unwrap());
+    let (gram, bgram) = (
+        ctx.zeros("g", d * d).unwrap(),
+        ctx.zeros("bg", d * d).unwrap(),
+    );
+    let (input, centred) = (
+        ctx.zeros("x", max * d).unwrap(),
+        ctx.zeros("c", max * d).unwrap(),
+    );
+    let params = ctx.uniform("p", &StatsParams::default());
+    let mut offset = 0;
+    for &rows in batches {
+        let batch = &x[offset * d..(offset + rows) * d];
+        ctx.queue
+            .write_buffer(&input, 0, bytemuck::cast_slice(batch));
+        let p = StatsParams::chan(d, offset as u64, rows as u64);
+        ctx.queue.write_buffer(&params, 0, bytemuck::bytes_of(&p));
+        let xs = Slice::new(&input, 0, rows * d);
+        let cs = Slice::new(&centred, 0, rows * d);
+        let ops = [
+            column_sums(ctx, rows, d, 1.0 / rows as f32, xs, Slice::whole(&bmean)).unwrap(),
+            center(ctx, rows, d, xs, Slice::whole(&bmean), cs).unwrap(),
+            matmul(
+                ctx,
+                MatmulFlags {
+                    a_kmajor: true,
+                    ..Default::default()
+                },
+                Schedule::for_context(ctx),
+                &MatmulArgs {
+                    m: d,
+                    n: d,
+                    k: rows,
+                    a: cs,
+                    b: cs,
+                    c: Slice::whole(&bgram),
+                    bias: None,
+                    mask: None,
+                },
+            )
+            .unwrap(),
+            merge_gram(
+                ctx,
+                d,
+                Slice::whole(&bgram),
+                Slice::whole(&bmean),
+                Slice::whole(&mean),
+                Slice::whole(&gram),
+                &params,
+            )
+            .unwrap(),
+            merge_mean(ctx, d, Slice::whole(&bmean), Slice::whole(&mean), &params).unwrap(),
+        ];
+        ctx.submit(&ops);
+        offset += rows;
+    }
+    (
+        ctx.read(Slice::new(&mean, 0, d)).unwrap(),
+        ctx.read(Slice::new(&gram, 0, d * d)).unwrap(),
+    )
+}
+
+#[test]
+fn chan_merges_match_two_pass_statistics() {
+    let Some(ctx) = gpu() else { return };
+    let d = 13;
+    for batches in [vec![1; 23], vec![7, 5, 13, 1, 2], vec![40]] {
+        let rows: usize = batches.iter().sum();
+        let x: Vec<f32> = random(rows * d, 5)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + (i % d) as f32)
+            .collect();
+        let (mean, gram) = gpu_stats(&ctx, &x, d, &batches);
+        let (want_mean, want_gram) = mean_and_gram_reference(rows, d, &x);
+        common::assert_close(&mean, &want_mean, 1e-5, 1e-5, &format!("mean {batches:?}"));
+        common::assert_close(&gram, &want_gram, 1e-4, 1e-4, &format!("gram {batches:?}"));
+    }
+}
+
+#[test]
+fn sixty_thousand_samples_lose_no_precision() {
+    let Some(ctx) = gpu() else { return };
+    // A large offset relative to the spread is where E[x²] − E[x]² would fail.
+    let (d, rows) = (8, 60_000);
+    let x: Vec<f32> = random(rows * d, 9)
+        .iter()
+        .map(|v| 100.0 + 0.5 * v)
+        .collect();
+    let mut batches = vec![4096; rows / 4096];
+    batches.push(rows % 4096);
+    let (mean, gram) = gpu_stats(&ctx, &x, d, &batches);
+    let (want_mean, want_gram) = mean_and_gram_reference(rows, d, &x);
+    common::assert_close(&mean, &want_mean, 0.0, 1e-6, "mean");
+    for a in 0..d {
+        for b in 0..d {
+            let (g, w) = (gram[a * d + b] as f64, want_gram[a * d + b]);
+            // Relative to the diagonal scale: off-diagonals are near zero.
+            let scale = (want_gram[a * d + a] * want_gram[b * d + b]).sqrt();
+            assert!((g - w).abs() <= 1e-4 * scale, "gram[{a}][{b}] {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn pinv_drops_zero_eigenvalues() {
+    // diag(4, 1, 0) rotated: the pseudo-inverse is the rotated diag(1/4, 1, 0).
+    let (c, s) = (0.6f64, 0.8f64);
+    let q = DMatrix::from_row_slice(3, 3, &[c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0]);
+    let sigma = &q
+        * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(vec![4.0, 1.0, 0.0]))
+        * q.transpose();
+    let p = pinv_symmetric(&sigma, 1e-5).unwrap();
+    let want = &q
+        * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(vec![0.25, 1.0, 0.0]))
+        * q.transpose();
+    assert!((&p - &want).abs().max() < 1e-12, "{p} vs {want}");
+    // A ridge makes the zero direction count (with weight 1/ε).
+    let r = regularize(
+        sigma.clone(),
+        Regularization {
+            shrinkage: 0.0,
+            ridge: 0.5,
+        },
+    )
+    .unwrap();
+    let pr = pinv_symmetric(&r, 1e-5).unwrap();
+    assert!((pr[(2, 2)] - 2.0).abs() < 1e-12);
+    // Shrinkage towards tr(Σ)/d · I keeps the trace.
+    let sh = regularize(
+        sigma.clone(),
+        Regularization {
+            shrinkage: 0.3,
+            ridge: 0.0,
+        },
+    )
+    .unwrap();
+    assert!((sh.trace() - sigma.trace()).abs() < 1e-12);
+    assert!(
+        covariance(&[1.0; 4], 2, 1).is_err(),
+        "one sample has no covariance"
+    );
+}
+
+fn trained_model(ctx: &GpuContext, train_set: &Dataset, backdoor: Option<Backdoor>) -> GpuMlp {
+    let config = MlpConfig {
+        input_shape: [train_set.height, train_set.width, 1],
+        hidden_dims: vec![40, 24],
+        output_dim: 10,
+    };
+    let model = GpuMlp::upload(ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
+    let data = GpuDataset::upload(ctx, train_set).unwrap();
+    let opts = TrainOptions {
+        epochs: 4,
+        batch_size: 50,
+        learning_rate: 3e-3,
+        seed: 0,
+        max_steps: None,
+        backdoor,
+        progress: false,
+    };
+    train(ctx, &model, &data, &opts).unwrap();
+    model
+}
+
+#[test]
+fn mahalanobis_matches_a_cpu_reference() {
+    let Some(ctx) = gpu() else { return };
+    let train_set = Dataset::synthetic(500, 10, 9, 1);
+    let model = trained_model(&ctx, &train_set, None);
+    let mlp = model.download(&ctx).unwrap();
+    let data = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let fit_idx: Vec<u32> = (0..300).collect();
+    let mut det = Mahalanobis::new(MahalanobisConfig {
+        batch_size: 64,
+        ..Default::default()
+    })
+    .unwrap();
+    det.fit(
+        &ctx,
+        &model,
+        &SampleSet {
+            data: &data,
+            indices: &fit_idx,
+            backdoor: None,
+            seed: 0,
+        },
+    )
+    .unwrap();
+
+    let (x, _) = gather_batch_reference(&train_set, &fit_idx, None, 0, 0);
+    let (hidden, _) = mlp.forward_reference(&x, 300);
+    for (s, h) in det.stats.iter().zip(&hidden) {
+        let d = s.mean.len();
+        let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        let (mean, gram) = mean_and_gram_reference(300, d, &h32);
+        common::assert_close(&s.mean, &mean, 1e-4, 1e-4, "fitted mean");
+        let cov: Vec<f64> = gram.iter().map(|g| g / 299.0).collect();
+        common::assert_close(&s.covariance, &cov, 1e-4, 1e-3, "fitted covariance");
+    }
+
+    let score_idx: Vec<u32> = (300..500).collect();
+    let scores = det
+        .layer_scores(
+            &ctx,
+            &model,
+            &SampleSet {
+                data: &data,
+                indices: &score_idx,
+                backdoor: None,
+                seed: 0,
+            },
+            64,
+        )
+        .unwrap();
+    let (x, _) = gather_batch_reference(&train_set, &score_idx, None, 0, 0);
+    let (hidden, _) = mlp.forward_reference(&x, 200);
+    for ((s, h), got) in det.stats.iter().zip(&hidden).zip(&scores.scores) {
+        let d = s.mean.len();
+        let want: Vec<f64> = (0..200)
+            .map(|r| {
+                let delta: Vec<f64> = (0..d).map(|c| h[r * d + c] - s.mean[c] as f64).collect();
+                let mut q = 0.0;
+                for a in 0..d {
+                    for b in 0..d {
+                        q += delta[a] * s.precision[a * d + b] as f64 * delta[b];
+                    }
+                }
+                q / d as f64
+            })
+            .collect();
+        let got32: Vec<f32> = got.iter().map(|&v| v as f32).collect();
+        common::assert_close(&got32, &want, 1e-3, 1e-3, "scores");
+    }
+}
+
+#[test]
+fn planted_trigger_is_detected() {
+    let Some(ctx) = gpu() else { return };
+    let train_set = Dataset::synthetic(1200, 12, 10, 1);
+    let test_set = Dataset::synthetic(400, 12, 10, 2);
+    let backdoor = Backdoor {
+        trigger: Trigger::Corner {
+            corner: Corner::TopLeft,
+        },
+        p_backdoor: 0.1,
+        target_class: 0,
+    };
+    let model = trained_model(&ctx, &train_set, Some(backdoor));
+    let gtrain = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let gtest = GpuDataset::upload(&ctx, &test_set).unwrap();
+    let all_train: Vec<u32> = (0..1200).collect();
+    let all_test: Vec<u32> = (0..400).collect();
+    let mut det = Mahalanobis::new(MahalanobisConfig {
+        batch_size: 256,
+        ..Default::default()
+    })
+    .unwrap();
+    det.fit(
+        &ctx,
+        &model,
+        &SampleSet {
+            data: &gtrain,
+            indices: &all_train,
+            backdoor: None,
+            seed: 0,
+        },
+    )
+    .unwrap();
+    let always = Backdoor {
+        p_backdoor: 1.0,
+        ..backdoor
+    };
+    let normal = det
+        .layer_scores(
+            &ctx,
+            &model,
+            &SampleSet {
+                data: &gtest,
+                indices: &all_test,
+                backdoor: None,
+                seed: 0,
+            },
+            64,
+        )
+        .unwrap();
+    let anomalous = det
+        .layer_scores(
+            &ctx,
+            &model,
+            &SampleSet {
+                data: &gtest,
+                indices: &all_test,
+                backdoor: Some(always),
+                seed: 0,
+            },
+            64,
+        )
+        .unwrap();
+    let mut scores = normal.aggregate();
+    scores.extend(anomalous.aggregate());
+    let labels: Vec<bool> = (0..800).map(|i| i >= 400).collect();
+    let auc = cupbearer::eval::metrics::auroc(&scores, &labels).unwrap();
+    assert!(auc >= 0.99, "AUROC {auc}");
+
+    // Saved and loaded, the detector scores the same.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("detector.safetensors");
+    det.save(&path).unwrap();
+    let loaded = cupbearer::detectors::load("mahalanobis", &det.config(), &path).unwrap();
+    let again = loaded
+        .layer_scores(
+            &ctx,
+            &model,
+            &SampleSet {
+                data: &gtest,
+                indices: &all_test,
+                backdoor: None,
+                seed: 0,
+            },
+            64,
+        )
+        .unwrap();
+    assert_eq!(again, normal);
+}
+
+#[test]
+fn test_mix_sizes_follow_the_original_arithmetic() {
+    use cupbearer::tasks::mix_sizes;
+    // The original's tests: 7 + 7 at w 0.5; 9 normal, 7 anomalous at w 0.3 -> 3 + 7;
+    // max_size 10 at w 0.5 -> 5 + 5.
+    assert_eq!(mix_sizes(7, 7, 0.5, None).unwrap(), (7, 7));
+    assert_eq!(mix_sizes(9, 7, 0.3, None).unwrap(), (3, 7));
+    assert_eq!(mix_sizes(100, 100, 0.5, Some(10)).unwrap(), (5, 5));
+    assert!(
+        mix_sizes(3, 3, 0.5, Some(10)).is_err(),
+        "not enough samples"
+    );
+    assert!(
+        mix_sizes(3, 3, 1.0, None).is_err(),
+        "weight 1 leaves no anomalies"
+    );
+}
