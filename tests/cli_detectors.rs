@@ -190,7 +190,7 @@ fn the_original_readme_commands_run_in_sequence() {
     assert!(stderr(&again).contains("eval.json"), "{}", stderr(&again));
 
     // A detector from another model (other hidden widths) is a shape mismatch.
-    let mut other = vec![
+    let other = vec![
         "train_classifier",
         "--train_data",
         "backdoor",

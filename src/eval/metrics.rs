@@ -5,7 +5,8 @@
 //! one threshold, exactly as `sklearn.metrics.roc_curve` / `precision_recall_curve` do, so the
 //! numbers here can be compared with the original Python cupbearer.
 //!
-//! All metrics share one sort ([`Sweep`]); [`detection_metrics`] sorts once for all three.
+//! All metrics come from one sort of the scores (`Sweep`); [`detection_metrics`] sorts once
+//! for all three.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
