@@ -20,18 +20,17 @@ pub struct GpuDataset {
 
 impl GpuDataset {
     pub fn upload(ctx: &GpuContext, data: &Dataset) -> Result<Self> {
-        let words: Vec<u32> = data
-            .images
-            .chunks(4)
-            .map(|c| {
-                let mut b = [0u8; 4];
-                b[..c.len()].copy_from_slice(c);
-                u32::from_le_bytes(b)
-            })
-            .collect();
+        // The shader reads bytes as little-endian u32 words: upload the bytes as they are.
+        let images = if data.images.len() % 4 == 0 {
+            ctx.buffer_from(&format!("{} images", data.name), &data.images)?
+        } else {
+            let mut padded = data.images.clone();
+            padded.resize(data.images.len().next_multiple_of(4), 0);
+            ctx.buffer_from(&format!("{} images", data.name), &padded)?
+        };
         let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
         Ok(GpuDataset {
-            images: ctx.buffer_from(&format!("{} images", data.name), &words)?,
+            images,
             labels: ctx.buffer_from(&format!("{} labels", data.name), &labels)?,
             len: data.len(),
             height: data.height,

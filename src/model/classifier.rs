@@ -87,6 +87,7 @@ pub fn train_classifier(
     let t = &config.training;
     let model = GpuMlp::upload(&ctx, &Mlp::init(mlp_config, t.seed)?)?;
     let train_gpu = GpuDataset::upload(&ctx, &train_set)?;
+    drop(train_set);
     let report = train(
         &ctx,
         &model,
