@@ -21,7 +21,7 @@ pub struct GpuDataset {
 impl GpuDataset {
     pub fn upload(ctx: &GpuContext, data: &Dataset) -> Result<Self> {
         // The shader reads bytes as little-endian u32 words: upload the bytes as they are.
-        let images = if data.images.len() % 4 == 0 {
+        let images = if data.images.len().is_multiple_of(4) {
             ctx.buffer_from(&format!("{} images", data.name), &data.images)?
         } else {
             let mut padded = data.images.clone();
