@@ -29,7 +29,7 @@ struct Args {
     epochs: usize,
     #[arg(long, default_value_t = 0)]
     seed: u32,
-    /// A small smoke run: 1 epoch on the first 6000 training images.
+    /// A small smoke run: 2 epochs on the first 20 000 training images.
     #[arg(long)]
     quick: bool,
     /// Where the run directories go.
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
     let config = ClassifierRunConfig::new(
         TrainDataConfig {
             dataset: DatasetName::Mnist,
-            max_size: args.quick.then_some(6000),
+            max_size: args.quick.then_some(20_000),
             backdoor: Some(backdoor),
         },
         MlpConfig {
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
             output_dim: 10,
         },
         TrainingConfig {
-            num_epochs: if args.quick { 1 } else { args.epochs },
+            num_epochs: if args.quick { 2 } else { args.epochs },
             seed: args.seed,
             ..TrainingConfig::default()
         },
@@ -95,7 +95,7 @@ fn main() -> Result<()> {
                 p_backdoor: 1.0,
                 ..backdoor
             },
-            max_train_size: args.quick.then_some(6000),
+            max_train_size: args.quick.then_some(20_000),
             max_test_size: None,
             normal_weight: 0.5,
             anomalous_split: AnomalousSplit::Test,
