@@ -1,94 +1,257 @@
-//! Kernel throughput on the current adapter: `cargo bench --bench kernels [-- FILTER]`.
-//! Prints GFLOP/s per matmul variant and shape (median of repeated single-pass submits).
+//! Engine benchmarks on the current adapter: `cargo bench --bench kernels [-- FILTER]`.
+//! Prints tables and writes `target/bench.json` so runs can be compared:
+//! matmul GFLOP/s per variant and shape, the per-kernel breakdown of one training
+//! step, training samples/s, covariance accumulation GB/s and detector fit/scoring
+//! samples/s. Inputs are random (never-written buffers map the zero page and flatter).
 
 use std::time::Instant;
 
+use cupbearer::data::Dataset;
+use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
+use cupbearer::detectors::{Detector, SampleSet};
+use cupbearer::gpu::adam::{adam, set_adam_step};
+use cupbearer::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
+use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
-use cupbearer::gpu::{GpuContext, Slice};
+use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use cupbearer::model::train::{train, TrainOptions};
+use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
+use serde_json::json;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn main() -> anyhow::Result<()> {
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let ctx = GpuContext::new()?;
-    println!("adapter: {}", ctx.adapter_name());
+/// Median seconds of `reps` runs of `ops` (one submit each, waited for).
+fn time_ops(ctx: &GpuContext, ops: &[&Dispatch], reps: usize) -> anyhow::Result<f64> {
+    ctx.submit(ops.iter().copied());
+    ctx.wait(None)?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        ctx.submit(ops.iter().copied());
+        ctx.wait(None)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn random(len: usize, seed: u32) -> Vec<f32> {
+    (0..len as u32)
+        .map(|i| cupbearer::rng::rand_unit(cupbearer::rng::rand_u32(seed, 0, i, 0, 0)))
+        .collect()
+}
+
+fn mnist_mlp() -> MlpConfig {
+    MlpConfig {
+        input_shape: [28, 28, 1],
+        hidden_dims: vec![256, 256],
+        output_dim: 10,
+    }
+}
+
+fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     // (name, m, n, k, a_kmajor, b_nmajor): the MLP's forward, dW and dX shapes.
     let cases = [
-        ("fwd 128x784.784x256", 128, 256, 784, true, false),
-        ("fwd 128x256.256x256", 128, 256, 256, true, false),
-        ("fwdrow 128x784.784x256", 128, 256, 784, false, false),
-        ("fwdrow 128x256.256x256", 128, 256, 256, false, false),
+        ("fwd 128x784.784x256", 128, 256, 784, false, false),
+        ("fwd 128x256.256x256", 128, 256, 256, false, false),
         ("dW 784x128.128x256", 784, 256, 128, true, false),
         ("dW 256x128.128x256", 256, 256, 128, true, false),
         ("dX 128x256.(256x256)T", 128, 256, 256, false, true),
         ("512^3", 512, 512, 512, true, false),
         ("1024^3", 1024, 1024, 1024, true, false),
     ];
-    let schedules = [Schedule::RegisterBlocked { bm: 32, bn4: 4 }];
+    let mut schedules = vec![Schedule::for_context(ctx)];
+    if !ctx.is_cpu() {
+        schedules.push(Schedule::RegisterBlocked { bm: 32, bn4: 4 });
+    }
+    let mut rows = Vec::new();
     println!(
-        "{:<24} {:<36} {:>10} {:>9}",
-        "shape", "schedule", "ms", "GFLOP/s"
+        "\n{:<24} {:<36} {:>9} {:>9}",
+        "matmul", "schedule", "ms", "GFLOP/s"
     );
     for (name, m, n, k, a_kmajor, b_nmajor) in cases {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+        if !name.contains(filter) {
             continue;
         }
-        // Random contents: never-written buffers may all map the zero page, which flatters.
-        let random = |len: usize, seed: u32| -> Vec<f32> {
-            (0..len as u32)
-                .map(|i| cupbearer::rng::rand_unit(cupbearer::rng::rand_u32(seed, 0, i, 0, 0)))
-                .collect()
-        };
         let a = ctx.buffer_from("a", &random(m * k, 1))?;
         let b = ctx.buffer_from("b", &random(k * n, 2))?;
         let c = ctx.zeros("c", m * n)?;
-        for (schedule, ep) in schedules.iter().flat_map(|s| (0..3).map(move |e| (s, e))) {
+        for &schedule in &schedules {
             let flags = MatmulFlags {
                 a_kmajor,
                 b_nmajor,
-                bias: ep >= 1,
-                relu: ep >= 2,
                 ..Default::default()
             };
-            let bias = ctx.buffer_from("bias", &random(n, 3))?;
-            let op = matmul(
-                &ctx,
-                flags,
-                *schedule,
-                &MatmulArgs {
-                    m,
-                    n,
-                    k,
-                    a: Slice::whole(&a),
-                    b: Slice::whole(&b),
-                    c: Slice::whole(&c),
-                    bias: flags.bias.then(|| Slice::whole(&bias)),
-                    mask: None,
-                },
-            )?;
-            ctx.submit([&op]);
-            ctx.wait(None)?;
-            let reps = if m * n * k > 100_000_000 { 3 } else { 20 };
-            let times: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    ctx.submit([&op]);
-                    ctx.wait(None).unwrap();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            let t = median(times);
+            let args = MatmulArgs {
+                m,
+                n,
+                k,
+                a: Slice::whole(&a),
+                b: Slice::whole(&b),
+                c: Slice::whole(&c),
+                bias: None,
+                mask: None,
+            };
+            let op = matmul(ctx, flags, schedule, &args)?;
+            let reps = if m * n * k > 100_000_000 { 5 } else { 30 };
+            let t = time_ops(ctx, &[&op], reps)?;
             let gflops = 2.0 * (m * n * k) as f64 / t / 1e9;
-            println!(
-                "{name:<24} {:<36} {:>10.3} {:>9.2}",
-                format!("{ep} {schedule:?}"),
-                t * 1e3,
-                gflops
-            );
+            let s = format!("{schedule:?}");
+            println!("{name:<24} {s:<36} {:>9.3} {gflops:>9.2}", t * 1e3);
+            rows.push(json!({"shape": name, "schedule": s, "ms": t * 1e3, "gflops": gflops}));
         }
     }
+    Ok(rows)
+}
+
+/// Per-kernel milliseconds of one training step of the MNIST MLP (batch 128).
+fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
+    let data = Dataset::synthetic(1024, 28, 28, 1);
+    let gdata = GpuDataset::upload(ctx, &data)?;
+    let model = GpuMlp::upload(ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
+    let rows = 128;
+    let ws = model.workspace(ctx, rows)?;
+    let idx: Vec<u32> = (0..1024).collect();
+    let indices = ctx.buffer_from("indices", &idx)?;
+    let mut params = StepParams::default();
+    set_adam_step(&mut params, 1e-3, 1);
+    let step = ctx.uniform("step", &params);
+    let n = model.layout.total;
+    let (grads, m, v) = (ctx.zeros("g", n)?, ctx.zeros("m", n)?, ctx.zeros("v", n)?);
+    let metrics = ctx.zeros("metrics", 1024)?;
+    let mut ops = vec![gather_batch(
+        ctx,
+        &gdata,
+        rows,
+        Slice::whole(&indices),
+        &BatchOutputs {
+            x: Slice::whole(&ws.x),
+            xt: Some(Slice::whole(&ws.xt)),
+            labels: Slice::whole(&ws.labels),
+        },
+        None,
+        0,
+        &step,
+    )?];
+    ops.extend(model.forward(ctx, &ws)?);
+    ops.push(softmax_cross_entropy(
+        ctx,
+        rows,
+        10,
+        Slice::whole(&ws.logits),
+        Slice::whole(&ws.labels),
+        &LossOutputs {
+            grad: Slice::whole(&ws.dlogits),
+            sample_loss: Slice::whole(&metrics),
+            sample_correct: Slice::whole(&metrics),
+        },
+        &step,
+    )?);
+    ops.extend(model.backward(ctx, &ws, &grads)?);
+    ops.push(adam(
+        ctx,
+        n,
+        Slice::whole(&model.params),
+        Slice::whole(&grads),
+        Slice::whole(&m),
+        Slice::whole(&v),
+        &step,
+    )?);
+    println!(
+        "\n{:<70} {:>9}",
+        "training step (batch 128), per kernel", "ms"
+    );
+    let mut kernels = Vec::new();
+    for op in &ops {
+        let t = time_ops(ctx, &[op], 20)?;
+        let name: String = op.kernel_name().chars().take(70).collect();
+        println!("{name:<70} {:>9.3}", t * 1e3);
+        kernels.push(json!({"kernel": op.kernel_name(), "ms": t * 1e3}));
+    }
+    let all: Vec<&Dispatch> = ops.iter().collect();
+    let whole = time_ops(ctx, &all, 20)?;
+    println!("{:<70} {:>9.3}", "whole step, one submit", whole * 1e3);
+    Ok(json!({"kernels": kernels, "step_ms": whole * 1e3}))
+}
+
+fn main() -> anyhow::Result<()> {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let ctx = GpuContext::new()?;
+    let adapter = ctx.adapter_name();
+    println!("adapter: {adapter}");
+    let matmuls = bench_matmul(&ctx, &filter)?;
+    let step = bench_step(&ctx)?;
+
+    // End to end: training, detector fit and scoring on MNIST-shaped synthetic data.
+    let n = 20_000;
+    let data = Dataset::synthetic(n, 28, 28, 7);
+    let gdata = GpuDataset::upload(&ctx, &data)?;
+    let model = GpuMlp::upload(&ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
+    let opts = TrainOptions {
+        epochs: 1,
+        batch_size: 128,
+        learning_rate: 1e-3,
+        seed: 0,
+        max_steps: None,
+        backdoor: None,
+        progress: false,
+    };
+    let report = train(&ctx, &model, &gdata, &opts)?;
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let set = SampleSet {
+        data: &gdata,
+        indices: &idx,
+        backdoor: None,
+        seed: 0,
+    };
+    let mut det = Mahalanobis::new(MahalanobisConfig::default())?;
+    let t = Instant::now();
+    det.fit(&ctx, &model, &set)?;
+    let fit = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    det.layer_scores(&ctx, &model, &set, 4096)?;
+    let score = t.elapsed().as_secs_f64();
+    // Covariance accumulation reads each activation twice (mean, centring) and the
+    // centred copy twice (Gram): bytes per fitted sample = 2 layers x 256 x 4 x 4.
+    let cov_gb = (n * 2 * 256 * 4 * 4) as f64 / 1e9;
+    println!("\n{:<40} {:>12}", "end to end (20 000 samples)", "value");
+    println!(
+        "{:<40} {:>12.0}",
+        "training samples/s", report.samples_per_second
+    );
+    println!(
+        "{:<40} {:>12.0}",
+        "detector fit samples/s (incl. forward)",
+        n as f64 / fit
+    );
+    println!(
+        "{:<40} {:>12.2}",
+        "covariance accumulation GB/s (lower bound)",
+        cov_gb / fit
+    );
+    println!(
+        "{:<40} {:>12.0}",
+        "detector scoring samples/s",
+        n as f64 / score
+    );
+
+    let out = json!({
+        "adapter": adapter,
+        "matmul": matmuls,
+        "training_step": step,
+        "training_samples_per_second": report.samples_per_second,
+        "detector_fit_samples_per_second": n as f64 / fit,
+        "covariance_gb_per_second": cov_gb / fit,
+        "detector_score_samples_per_second": n as f64 / score,
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&out)?)?;
+    println!("\nwrote {}", dir.join("bench.json").display());
     Ok(())
 }

@@ -23,10 +23,14 @@ struct BatchParams {
 @group(0) @binding(0) var<storage, read> data: array<u32>;     // u8 pixels, 4 per word
 @group(0) @binding(1) var<storage, read> labels_all: array<u32>;
 @group(0) @binding(2) var<storage, read> indices: array<u32>;
-@group(0) @binding(3) var<storage, read_write> x: array<f32>; // [rows][sample_dim]
+@group(0) @binding(3) var<storage, read_write> x: array<f32>;  // [rows][sample_dim]
 @group(0) @binding(4) var<storage, read_write> y: array<u32>;
 @group(0) @binding(5) var<uniform> params: BatchParams;
 @group(0) @binding(6) var<uniform> step: Step;
+@group(0) @binding(7) var<storage, read_write> xt: array<f32>; // [sample_dim][rows]
+
+// Also write the transpose: the layout the first matmul reads fastest (K-major).
+override WRITE_T: bool = false;
 
 const KIND_CORNER: u32 = 1u;
 const KIND_NOISE: u32 = 2u;
@@ -43,7 +47,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         y[r] = select(labels_all[sample], params.target_class, poisoned);
     }
     for (var p = lid.x; p < params.sample_dim; p += 64u) {
-        x[r * params.sample_dim + p] = pixel(sample, p, poisoned);
+        let v = pixel(sample, p, poisoned);
+        x[r * params.sample_dim + p] = v;
+        if (WRITE_T) {
+            xt[p * params.rows + r] = v;
+        }
     }
 }
 

@@ -50,6 +50,7 @@ fn gpu_batch(
         Slice::whole(&idx),
         &BatchOutputs {
             x: Slice::whole(&x),
+            xt: Some(Slice::whole(&xt)),
             labels: Slice::whole(&y),
         },
         backdoor,
@@ -58,10 +59,14 @@ fn gpu_batch(
     )
     .unwrap();
     ctx.submit([&op]);
-    (
-        ctx.read(Slice::new(&x, 0, rows * dim)).unwrap(),
-        ctx.read(Slice::new(&y, 0, rows)).unwrap(),
-    )
+    let x: Vec<f32> = ctx.read(Slice::new(&x, 0, rows * dim)).unwrap();
+    let xt: Vec<f32> = ctx.read(Slice::new(&xt, 0, rows * dim)).unwrap();
+    for r in 0..rows {
+        for p in 0..dim {
+            assert_eq!(xt[p * rows + r], x[r * dim + p], "transposed copy");
+        }
+    }
+    (x, ctx.read(Slice::new(&y, 0, rows)).unwrap())
 }
 
 #[test]
@@ -207,6 +212,7 @@ fn mlp_gradients_match_finite_differences() {
         Slice::whole(&idx),
         &BatchOutputs {
             x: Slice::whole(&ws.x),
+            xt: Some(Slice::whole(&ws.xt)),
             labels: Slice::whole(&ws.labels),
         },
         None,

@@ -138,6 +138,7 @@ pub fn for_each_activation_batch(
             Slice::whole(&indices),
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
+                xt: Some(Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
             samples.backdoor.as_ref(),

@@ -62,9 +62,11 @@ struct BatchParams {
     seed: u32,
 }
 
-/// Where a batch goes: `x` is rows x sample_dim (row-major).
+/// Where a batch goes: `x` is rows x sample_dim (row-major), `xt` (optional) its
+/// transpose.
 pub struct BatchOutputs<'a> {
     pub x: Slice<'a>,
+    pub xt: Option<Slice<'a>>,
     pub labels: Slice<'a>,
 }
 
@@ -100,8 +102,9 @@ pub fn gather_batch(
             Binding::ReadWrite,
             Binding::Uniform,
             Binding::Uniform,
+            Binding::ReadWrite,
         ],
-        &[],
+        &[("WRITE_T", out.xt.is_some() as u8 as f64)],
     )?;
     let mut p = BatchParams {
         rows: rows as u32,
@@ -142,6 +145,7 @@ pub fn gather_batch(
             Some(out.labels),
             Some(Slice::whole(&params)),
             Some(Slice::whole(step)),
+            out.xt,
         ],
         [rows as u32, 1, 1],
     )

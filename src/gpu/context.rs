@@ -467,12 +467,11 @@ fn storage_usage() -> wgpu::BufferUsages {
 }
 
 impl GpuContext {
-    /// Grid for a 1-D kernel over `n` items whose invocations loop with stride
-    /// `num_workgroups.x * workgroup`. CPU adapters pay per workgroup, so they get a few
-    /// (enough for every core); GPUs get one invocation per item up to the grid limit.
+    /// Grid for a 1-D kernel over `n` items: one invocation per item up to the grid
+    /// limit, beyond which invocations loop with stride `num_workgroups.x * workgroup`.
+    /// (Fewer, looping workgroups were slower on lavapipe too: Adam 3.0 vs 1.7 ms.)
     pub fn grid_1d(&self, n: usize, workgroup: u32) -> [u32; 3] {
         let groups = (n as u64).div_ceil(workgroup as u64).max(1);
-        let cap = if self.is_cpu() { 64 } else { 65535 };
-        [groups.min(cap) as u32, 1, 1]
+        [groups.min(65535) as u32, 1, 1]
     }
 }

@@ -86,6 +86,8 @@ pub struct GpuMlp {
 pub struct Workspace {
     pub rows: usize,
     pub x: wgpu::Buffer,
+    /// `[input_dim][rows]`: the first matmul reads its A operand K-major, as vec4s.
+    pub xt: wgpu::Buffer,
     pub labels: wgpu::Buffer,
     /// Post-ReLU hidden activations, one per hidden layer.
     pub hidden: Vec<wgpu::Buffer>,
@@ -125,6 +127,7 @@ impl GpuMlp {
         Ok(Workspace {
             rows,
             x: ctx.zeros("x", rows * dim)?,
+            xt: ctx.zeros("xt", rows * dim)?,
             labels: ctx.zeros("labels", rows)?,
             hidden: per_layer("hidden")?,
             logits: ctx.zeros("logits", rows * classes)?,
@@ -138,7 +141,7 @@ impl GpuMlp {
         Slice::new(&self.params, s.kernel, s.fan_in * s.fan_out)
     }
 
-    /// Dispatches from `ws.x` to `ws.logits`, keeping every hidden activation.
+    /// Dispatches from `ws.xt` to `ws.logits`, keeping every hidden activation.
     pub fn forward(&self, ctx: &GpuContext, ws: &Workspace) -> Result<Vec<Dispatch>> {
         let last = self.layout.layers.len() - 1;
         self.layout
@@ -146,9 +149,10 @@ impl GpuMlp {
             .iter()
             .enumerate()
             .map(|(l, s)| {
-                let input = if l == 0 { &ws.x } else { &ws.hidden[l - 1] };
+                let input = if l == 0 { &ws.xt } else { &ws.hidden[l - 1] };
                 let hidden = l < last;
                 let flags = MatmulFlags {
+                    a_kmajor: l == 0,
                     bias: true,
                     relu: hidden,
                     ..Default::default()

@@ -115,6 +115,7 @@ impl Plan {
             Slice::whole(&s.indices),
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
+                xt: Some(Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
             s.backdoor.as_ref(),
