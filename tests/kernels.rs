@@ -19,7 +19,7 @@ const SHAPES: [(usize, usize, usize); 6] = [
     (132, 44, 7),
 ];
 const SCHEDULES: [Schedule; 3] = [
-    Schedule::RegisterBlocked { bm: 32, bn4: 4 },
+    Schedule::RegisterBlocked { bm: 16, bn4: 4 },
     Schedule::RegisterBlocked { bm: 4, bn4: 1 },
     Schedule::Tiled,
 ];
@@ -30,7 +30,20 @@ fn check_matmul(
     schedule: Schedule,
     (m, n, k): (usize, usize, usize),
 ) {
-    let a = random(m * k, 1);
+    let mut a = random(m * k, 1);
+    if flags.skip_zero_a {
+        // Whole zero k-columns (skipped by every row block) and scattered zeros.
+        for (i, v) in a.iter_mut().enumerate() {
+            let (row, kk) = if flags.a_kmajor {
+                (i % m, i / m)
+            } else {
+                (i / k, i % k)
+            };
+            if kk % 3 != 0 || (row * 7 + kk) % 5 == 0 {
+                *v = 0.0;
+            }
+        }
+    }
     let b = random(k * n, 2);
     let bias = random(n, 3);
     let mask = random(m * n, 4);
@@ -109,6 +122,17 @@ fn matmul_epilogues_match_reference() {
         MatmulFlags {
             relu_mask: true,
             b_nmajor: true,
+            ..Default::default()
+        },
+        MatmulFlags {
+            skip_zero_a: true,
+            a_kmajor: true,
+            ..Default::default()
+        },
+        MatmulFlags {
+            skip_zero_a: true,
+            bias: true,
+            relu: true,
             ..Default::default()
         },
         MatmulFlags {

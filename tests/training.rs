@@ -36,6 +36,7 @@ fn gpu_batch(
         ctx.zeros("x", rows * dim).unwrap(),
         ctx.zeros("y", rows).unwrap(),
     );
+    let xt = ctx.zeros("xt", rows * dim).unwrap();
     let step = ctx.uniform(
         "step",
         &StepParams {
@@ -200,7 +201,7 @@ fn mlp_gradients_match_finite_differences() {
     let indices: Vec<u32> = (0..rows as u32).map(|i| (i * 5) % 19).collect();
     let model = GpuMlp::upload(&ctx, &mlp).unwrap();
     let gdata = GpuDataset::upload(&ctx, &data).unwrap();
-    let ws = model.workspace(&ctx, rows).unwrap();
+    let ws = model.workspace(&ctx, rows, true).unwrap();
     let idx = ctx.buffer_from("idx", &indices).unwrap();
     let step = ctx.uniform("step", &StepParams::default());
     let grads = ctx.zeros("grads", model.layout.total).unwrap();

@@ -16,6 +16,8 @@ pub struct GpuDataset {
     pub width: usize,
     pub channels: usize,
     pub num_classes: usize,
+    /// Fraction of non-zero pixels.
+    pub density: f64,
 }
 
 impl GpuDataset {
@@ -37,11 +39,19 @@ impl GpuDataset {
             width: data.width,
             channels: data.channels,
             num_classes: data.num_classes,
+            density: data.images.iter().filter(|&&p| p != 0).count() as f64
+                / data.images.len().max(1) as f64,
         })
     }
 
     pub fn sample_dim(&self) -> usize {
         self.height * self.width * self.channels
+    }
+
+    /// Whether skipping all-zero input blocks pays (measured on lavapipe: MNIST at
+    /// 19 % non-zero gains ~15 % per training step; dense data loses up to 60 %).
+    pub fn is_sparse(&self) -> bool {
+        self.density < 0.3
     }
 }
 

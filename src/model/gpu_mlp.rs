@@ -85,6 +85,10 @@ pub struct GpuMlp {
 /// `[rows][width]` unless marked transposed.
 pub struct Workspace {
     pub rows: usize,
+    /// Inputs are mostly zeros (MNIST: 19 % non-zero): the first layer's forward and
+    /// weight-gradient matmuls skip all-zero input blocks. On dense data the check
+    /// costs more than it saves, so callers set this from the data set's density.
+    pub sparse_input: bool,
     pub x: wgpu::Buffer,
     /// `[input_dim][rows]`: the first matmul reads its A operand K-major, as vec4s.
     pub xt: wgpu::Buffer,
@@ -113,7 +117,12 @@ impl GpuMlp {
         Ok(self.layout.unflatten(&self.config, &flat))
     }
 
-    pub fn workspace(&self, ctx: &GpuContext, rows: usize) -> Result<Workspace> {
+    pub fn workspace(
+        &self,
+        ctx: &GpuContext,
+        rows: usize,
+        sparse_input: bool,
+    ) -> Result<Workspace> {
         let widths = &self.config.hidden_dims;
         let dim = self.config.input_dim();
         let classes = self.config.output_dim;
@@ -126,6 +135,7 @@ impl GpuMlp {
         };
         Ok(Workspace {
             rows,
+            sparse_input,
             x: ctx.zeros("x", rows * dim)?,
             xt: ctx.zeros("xt", rows * dim)?,
             labels: ctx.zeros("labels", rows)?,
@@ -153,6 +163,7 @@ impl GpuMlp {
                 let hidden = l < last;
                 let flags = MatmulFlags {
                     a_kmajor: l == 0,
+                    skip_zero_a: l == 0 && ws.sparse_input,
                     bias: true,
                     relu: hidden,
                     ..Default::default()
@@ -193,6 +204,7 @@ impl GpuMlp {
                 ctx,
                 MatmulFlags {
                     a_kmajor: true,
+                    skip_zero_a: l == 0 && ws.sparse_input,
                     ..Default::default()
                 },
                 self.schedule,
