@@ -121,7 +121,7 @@ fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
     let gdata = GpuDataset::upload(ctx, &data)?;
     let model = GpuMlp::upload(ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
     let rows = 128;
-    let ws = model.workspace(ctx, rows, gdata.is_sparse())?;
+    let ws = model.workspace(ctx, rows, gdata.is_sparse(), true)?;
     let idx: Vec<u32> = (0..1024).collect();
     let indices = ctx.buffer_from("indices", &idx)?;
     let mut params = StepParams::default();

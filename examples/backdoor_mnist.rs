@@ -123,7 +123,7 @@ fn main() -> Result<()> {
         let r = eval_detector(
             task,
             &det_dir,
-            4096,
+            2048,
             args.seed,
             &args.out.join(out),
             true,

@@ -201,7 +201,7 @@ fn mlp_gradients_match_finite_differences() {
     let indices: Vec<u32> = (0..rows as u32).map(|i| (i * 5) % 19).collect();
     let model = GpuMlp::upload(&ctx, &mlp).unwrap();
     let gdata = GpuDataset::upload(&ctx, &data).unwrap();
-    let ws = model.workspace(&ctx, rows, true).unwrap();
+    let ws = model.workspace(&ctx, rows, true, true).unwrap();
     let idx = ctx.buffer_from("idx", &indices).unwrap();
     let step = ctx.uniform("step", &StepParams::default());
     let grads = ctx.zeros("grads", model.layout.total).unwrap();

@@ -57,7 +57,7 @@ impl Default for MahalanobisConfig {
             shrinkage: 0.0,
             ridge: 0.0,
             normalize: true,
-            batch_size: 4096,
+            batch_size: 2048,
             max_batches: 0,
         }
     }

@@ -130,7 +130,7 @@ pub fn for_each_activation_batch(
     let indices = ctx.buffer_from("sample_indices", samples.indices)?;
     let step = ctx.uniform("step", &StepParams::default());
     let plan = |rows: usize| -> Result<(Workspace, Vec<Dispatch>)> {
-        let ws = model.workspace(ctx, rows, data.is_sparse())?;
+        let ws = model.workspace(ctx, rows, data.is_sparse(), false)?;
         let mut ops = vec![gather_batch(
             ctx,
             data,

@@ -64,32 +64,44 @@ impl DetectorRunConfig {
     }
 }
 
-/// The GPU side of a task: context, model and both splits uploaded.
+/// The GPU side of a task: context, model and the splits `specs` use, uploaded.
 struct Loaded {
     ctx: GpuContext,
     model: GpuMlp,
-    train: GpuDataset,
-    test: GpuDataset,
+    /// Indexed by `split_index`.
+    splits: [Option<GpuDataset>; 2],
+}
+
+fn split_index(split: Split) -> usize {
+    match split {
+        Split::Train => 0,
+        Split::Test => 1,
+    }
 }
 
 impl Loaded {
-    fn new(task: &dyn Task, progress: bool) -> Result<Self> {
+    fn new(task: &dyn Task, specs: &[&SampleSpec], progress: bool) -> Result<Self> {
         let ctx = GpuContext::new()?;
         crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
+        let mut splits = [None, None];
+        for spec in specs {
+            let slot = &mut splits[split_index(spec.split)];
+            if slot.is_none() {
+                *slot = Some(GpuDataset::upload(&ctx, task.dataset(spec.split)?)?);
+            }
+        }
         Ok(Loaded {
             model: GpuMlp::upload(&ctx, &task.classifier().model)?,
-            train: GpuDataset::upload(&ctx, task.dataset(Split::Train))?,
-            test: GpuDataset::upload(&ctx, task.dataset(Split::Test))?,
+            splits,
             ctx,
         })
     }
 
     fn samples<'a>(&'a self, spec: &'a SampleSpec, seed: u32) -> SampleSet<'a> {
         SampleSet {
-            data: match spec.split {
-                Split::Train => &self.train,
-                Split::Test => &self.test,
-            },
+            data: self.splits[split_index(spec.split)]
+                .as_ref()
+                .expect("Loaded::new uploads every split its specs use"),
             indices: &spec.indices,
             backdoor: spec.backdoor,
             seed,
@@ -115,8 +127,8 @@ pub fn train_detector(
 ) -> Result<FitReport> {
     let wall = Instant::now();
     refuse_overwrite(out, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], overwrite)?;
-    let gpu = Loaded::new(task, progress)?;
-    let trusted = task.trusted();
+    let trusted = task.trusted()?;
+    let gpu = Loaded::new(task, &[&trusted], progress)?;
     let fit = Instant::now();
     detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed))?;
     let fit_seconds = fit.elapsed().as_secs_f64();
@@ -204,7 +216,7 @@ pub fn eval_detector(
         &detector_dir.join(DETECTOR_FILE),
     )?;
     let mix = task.test_mix()?;
-    let gpu = Loaded::new(task, progress)?;
+    let gpu = Loaded::new(task, &[&mix.normal, &mix.anomalous], progress)?;
     let start = Instant::now();
     let score =
         |spec| detector.layer_scores(&gpu.ctx, &gpu.model, &gpu.samples(spec, seed), batch_size);

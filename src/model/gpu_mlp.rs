@@ -122,6 +122,7 @@ impl GpuMlp {
         ctx: &GpuContext,
         rows: usize,
         sparse_input: bool,
+        gradients: bool,
     ) -> Result<Workspace> {
         let widths = &self.config.hidden_dims;
         let dim = self.config.input_dim();
@@ -142,7 +143,12 @@ impl GpuMlp {
             hidden: per_layer("hidden")?,
             logits: ctx.zeros("logits", rows * classes)?,
             dlogits: ctx.zeros("dlogits", rows * classes)?,
-            dz: per_layer("dz")?,
+            // Forward-only workspaces (evaluation, detectors) skip the gradient buffers.
+            dz: if gradients {
+                per_layer("dz")?
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -195,6 +201,9 @@ impl GpuMlp {
         ws: &Workspace,
         grads: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
+        if ws.dz.len() != self.config.hidden_dims.len() {
+            anyhow::bail!("backward needs a workspace created with gradients");
+        }
         let mut ops = Vec::new();
         let mut g = &ws.dlogits;
         for (l, s) in self.layout.layers.iter().enumerate().rev() {

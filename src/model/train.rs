@@ -107,7 +107,7 @@ impl Plan {
         rows: usize,
         opt: Option<&Optimizer>,
     ) -> Result<Self> {
-        let ws = model.workspace(ctx, rows, s.data.is_sparse())?;
+        let ws = model.workspace(ctx, rows, s.data.is_sparse(), opt.is_some())?;
         let mut ops = vec![gather_batch(
             ctx,
             s.data,

@@ -6,6 +6,7 @@
 //! fitting data (`anomalous_split: train` reproduces that).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -38,30 +39,24 @@ pub struct BackdoorTaskConfig {
 pub struct BackdoorTask {
     config: BackdoorTaskConfig,
     run: ClassifierRun,
-    train: Dataset,
-    test: Dataset,
+    data_dir: PathBuf,
+    train: OnceLock<Dataset>,
+    test: OnceLock<Dataset>,
 }
 
 impl BackdoorTask {
     pub fn new(config: BackdoorTaskConfig, data_dir: &Path) -> Result<Self> {
         let run = ClassifierRun::load(&config.run_path)?;
-        let dataset = run.config.train_data.dataset;
         config
             .backdoor
             .validate(run.model.config.output_dim)
             .context("task backdoor")?;
-        let train = Dataset::load(dataset, Split::Train, data_dir)?;
-        let test = Dataset::load(dataset, Split::Test, data_dir)?;
-        if let Some(m) = config.max_train_size {
-            if m == 0 || m > train.len() {
-                anyhow::bail!("max_train_size {m} out of range 1..={}", train.len());
-            }
-        }
         Ok(BackdoorTask {
             config,
             run,
-            train,
-            test,
+            data_dir: data_dir.to_path_buf(),
+            train: OnceLock::new(),
+            test: OnceLock::new(),
         })
     }
 
@@ -84,20 +79,29 @@ impl Task for BackdoorTask {
         &self.run
     }
 
-    fn dataset(&self, split: Split) -> &Dataset {
-        match split {
+    fn dataset(&self, split: Split) -> Result<&Dataset> {
+        let cell = match split {
             Split::Train => &self.train,
             Split::Test => &self.test,
+        };
+        if cell.get().is_none() {
+            let name = self.run.config.train_data.dataset;
+            let _ = cell.set(Dataset::load(name, split, &self.data_dir)?);
         }
+        Ok(cell.get().expect("initialised above"))
     }
 
-    fn trusted(&self) -> SampleSpec {
-        let n = self.config.max_train_size.unwrap_or(self.train.len());
-        SampleSpec {
+    fn trusted(&self) -> Result<SampleSpec> {
+        let available = self.dataset(Split::Train)?.len();
+        let n = self.config.max_train_size.unwrap_or(available);
+        if n == 0 || n > available {
+            anyhow::bail!("max_train_size {n} out of range 1..={available}");
+        }
+        Ok(SampleSpec {
             split: Split::Train,
             indices: (0..n as u32).collect(),
             backdoor: None,
-        }
+        })
     }
 
     fn test_mix(&self) -> Result<TestMix> {
@@ -106,8 +110,8 @@ impl Task for BackdoorTask {
             AnomalousSplit::Train => Split::Train,
         };
         let (normal, anomalous) = mix_sizes(
-            self.test.len(),
-            self.dataset(anomalous_split).len(),
+            self.dataset(Split::Test)?.len(),
+            self.dataset(anomalous_split)?.len(),
             self.config.normal_weight,
             self.config.max_test_size,
         )?;

@@ -34,9 +34,10 @@ pub trait Task {
     fn config(&self) -> serde_json::Value;
     /// The classifier under test.
     fn classifier(&self) -> &ClassifierRun;
-    fn dataset(&self, split: Split) -> &Dataset;
+    /// A split of the task's data set, loaded on first use (commands need only some).
+    fn dataset(&self, split: Split) -> Result<&Dataset>;
     /// Trusted data to fit detectors on (clean).
-    fn trusted(&self) -> SampleSpec;
+    fn trusted(&self) -> Result<SampleSpec>;
     fn test_mix(&self) -> Result<TestMix>;
 }
 
