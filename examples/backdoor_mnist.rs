@@ -76,7 +76,8 @@ fn main() -> Result<()> {
     let m = train_classifier(
         config,
         &RunOptions {
-            dir: dir.clone(),
+            dir: Some(dir.clone()),
+            test_limit: None,
             data_dir: data_dir.clone(),
             overwrite: true,
             eval_batch_size: 2048,
@@ -113,7 +114,7 @@ fn main() -> Result<()> {
         corner_task.as_ref(),
         detector,
         args.seed,
-        &det_dir,
+        Some(&det_dir),
         true,
         true,
     )?;
@@ -125,7 +126,7 @@ fn main() -> Result<()> {
             &det_dir,
             2048,
             args.seed,
-            &args.out.join(out),
+            Some(&args.out.join(out)),
             true,
             true,
         )?;

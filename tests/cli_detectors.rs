@@ -292,3 +292,66 @@ fn a_run_path_that_is_not_a_classifier_run_is_a_clear_error() {
     );
     assert!(!cwd.join("logs/detector").exists());
 }
+
+#[test]
+fn debug_runs_every_command_tiny_and_writes_only_with_dir_full() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let classifier = [
+        "train_classifier",
+        "--debug",
+        "--train_data",
+        "backdoor",
+        "--train_data.original",
+        "mnist",
+        "--train_data.backdoor",
+        "corner",
+        "--quiet",
+    ];
+    let out = run_ok(cwd, &classifier);
+    assert!(out.contains("nothing written"), "{out}");
+    assert!(
+        !cwd.join("logs").exists(),
+        "--debug without --dir.full writes nothing"
+    );
+    let mut with_dir = classifier.to_vec();
+    with_dir.extend(["--dir.full", "logs/c"]);
+    run_ok(cwd, &with_dir);
+    let run = cupbearer::run::ClassifierRun::load(&cwd.join("logs/c")).unwrap();
+    assert_eq!(run.model.config.hidden_dims, vec![2, 2]);
+    let metrics = eval_json(&cwd.join("logs/c/metrics.json"));
+    assert_eq!(metrics["steps"], 1);
+
+    let task = [
+        "--task",
+        "backdoor",
+        "--task.backdoor",
+        "corner",
+        "--task.run_path",
+        "logs/c",
+        "--quiet",
+    ];
+    let mut detector = vec!["train_detector", "--debug", "--detector", "mahalanobis"];
+    detector.extend(task);
+    run_ok(cwd, &detector);
+    assert!(!cwd.join("logs/train_detector").exists());
+    detector.extend(["--dir.full", "logs/d"]);
+    run_ok(cwd, &detector);
+    assert!(cwd.join("logs/d/detector.safetensors").is_file());
+
+    let mut eval = vec![
+        "eval_detector",
+        "--debug",
+        "--detector",
+        "from_run",
+        "--detector.path",
+        "logs/d",
+    ];
+    eval.extend(task);
+    let out = run_ok(cwd, &eval);
+    assert!(out.contains("1 normal, 1 anomalous"), "{out}");
+    assert!(!cwd.join("logs/d/eval.json").exists());
+}

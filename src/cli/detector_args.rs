@@ -65,6 +65,11 @@ pub struct TaskArgs {
 }
 
 impl TaskArgs {
+    /// `--debug`: 2 trusted samples, a test mix of 2.
+    pub fn debug(&mut self) {
+        (self.task_max_train_size, self.task_max_test_size) = (Some(2), Some(2));
+    }
+
     /// (registry name, JSON config).
     pub fn resolve(&self) -> Result<(&'static str, serde_json::Value)> {
         let TaskKind::Backdoor = self.task;
@@ -145,6 +150,15 @@ pub struct DetectorArgs {
 }
 
 impl DetectorArgs {
+    /// `--debug`: batches of 2, one fitting batch.
+    pub fn debug(&mut self) {
+        (
+            self.detector_train_batch_size,
+            self.detector_train_max_batches,
+        ) = (2, 1);
+        self.detector_max_batch_size = 2;
+    }
+
     /// (registry name, JSON config) of a new detector.
     pub fn resolve(&self) -> Result<(&'static str, serde_json::Value)> {
         match self.detector {

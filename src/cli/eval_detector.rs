@@ -1,11 +1,10 @@
 //! `cupbearer eval-detector`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 
 use super::detector_args::{DetectorArgs, TaskArgs};
 use crate::data::resolve_data_dir;
 use crate::detectors::pipeline::eval_detector;
-use crate::run::resolve_run_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,21 +16,19 @@ pub struct Args {
     common: super::CommonArgs,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    if args.common.debug {
+        args.task.debug();
+        args.detector.debug();
+    }
     let (task_kind, task_config) = args.task.resolve()?;
     let detector_dir = args.detector.stored()?;
     let c = &args.common;
-    // Unlike the other commands, nothing is written without an output directory.
-    let base = c.dir_base.as_deref();
-    let out = match (c.dir_full.as_deref(), base) {
-        (None, None) => None,
-        (full, base) => Some(resolve_run_dir(
-            full,
-            base.unwrap_or(std::path::Path::new(".")),
-            c.dir_run.as_deref(),
-        )),
+    // Like the original, eval writes nothing by default: only with --dir.full/--dir.base.
+    let out = c.output_dir(None);
+    if out.is_none() && !c.debug {
+        bail!("eval-detector needs --dir.full DIR (or --dir.base) for its outputs");
     }
-    .context("eval-detector needs --dir.full DIR (or --dir.base) for its outputs")?;
     let data_dir = resolve_data_dir(c.data_dir.as_deref());
     let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
     let r = eval_detector(
@@ -39,7 +36,7 @@ pub fn run(args: Args) -> Result<()> {
         detector_dir,
         args.detector.eval_batch_size(),
         c.seed,
-        &out,
+        out.as_deref(),
         c.overwrite,
         !c.quiet,
     )?;
@@ -57,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         r.num_anomalous,
         layers.join(", "),
         r.wall_seconds,
-        out.display()
+        out.map_or("(debug: nothing written)".into(), |d| d.display().to_string())
     );
     Ok(())
 }

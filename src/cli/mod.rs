@@ -69,6 +69,29 @@ struct CommonArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    /// Smoke test: 2 trusted samples, a test mix of 2, batches of 2; nothing is written
+    /// unless --dir.full is given (as in the original).
+    #[arg(long)]
+    debug: bool,
+}
+
+impl CommonArgs {
+    /// The output dir: --dir.full, else --dir.base/--dir.run with `default_base`; in
+    /// --debug mode only an explicit --dir.full.
+    fn output_dir(&self, default_base: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+        if self.debug && self.dir_full.is_none() {
+            return None;
+        }
+        let base = self.dir_base.as_deref().or(default_base);
+        match (self.dir_full.as_deref(), base) {
+            (None, None) => None,
+            (full, base) => Some(crate::run::resolve_run_dir(
+                full,
+                base.unwrap_or(std::path::Path::new(".")),
+                self.dir_run.as_deref(),
+            )),
+        }
+    }
 }
 
 /// `--a.b_c=v` -> `--a-b-c=v`; values and positional arguments are left alone.

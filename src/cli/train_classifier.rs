@@ -106,6 +106,10 @@ pub struct Args {
     /// No progress bars or per-epoch lines.
     #[arg(long, short)]
     quiet: bool,
+    /// Smoke test: 2 samples, hidden dims 2 2, one step of batch 2, evaluation on 2 test
+    /// images; nothing is written unless --dir.full is given (as in the original).
+    #[arg(long)]
+    debug: bool,
 }
 
 impl Args {
@@ -177,23 +181,36 @@ impl Args {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    if args.debug {
+        args.train_data_max_size = Some(2);
+        args.model_hidden_dims = vec![2, 2];
+        (args.num_epochs, args.max_steps) = (1, Some(1));
+        (args.batch_size, args.max_batch_size) = (2, 2);
+    }
     let config = args.resolve()?;
-    let dir = resolve_run_dir(
-        args.dir_full.as_deref(),
-        &args.dir_base,
-        args.dir_run.as_deref(),
-    );
+    let dir = match (args.debug, &args.dir_full) {
+        (true, None) => None,
+        _ => Some(resolve_run_dir(
+            args.dir_full.as_deref(),
+            &args.dir_base,
+            args.dir_run.as_deref(),
+        )),
+    };
     let metrics = train_classifier(
         config,
         &RunOptions {
             dir: dir.clone(),
+            test_limit: args.debug.then_some(2),
             data_dir: resolve_data_dir(args.data_dir.as_deref()),
             overwrite: args.overwrite,
             eval_batch_size: args.max_batch_size,
             progress: !args.quiet,
         },
     )?;
-    println!("{} -> {}", metrics.summary(), dir.display());
+    let target = dir.map_or("(debug: nothing written)".into(), |d| {
+        d.display().to_string()
+    });
+    println!("{} -> {target}", metrics.summary());
     Ok(())
 }

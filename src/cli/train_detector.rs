@@ -1,13 +1,12 @@
 //! `cupbearer train-detector`.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::Result;
 
 use super::detector_args::{DetectorArgs, TaskArgs};
 use crate::data::resolve_data_dir;
 use crate::detectors::pipeline::train_detector;
-use crate::run::resolve_run_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,27 +18,32 @@ pub struct Args {
     common: super::CommonArgs,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    if args.common.debug {
+        args.task.debug();
+        args.detector.debug();
+    }
     let (task_kind, task_config) = args.task.resolve()?;
     let (kind, config) = args.detector.resolve()?;
     let detector = crate::detectors::build(kind, &config)?;
     let c = &args.common;
-    let out = resolve_run_dir(
-        c.dir_full.as_deref(),
-        c.dir_base
-            .as_deref()
-            .unwrap_or(&PathBuf::from("logs/train_detector")),
-        c.dir_run.as_deref(),
-    );
+    let out = c.output_dir(Some(Path::new("logs/train_detector")));
     let data_dir = resolve_data_dir(c.data_dir.as_deref());
     let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
-    let report = train_detector(task.as_ref(), detector, c.seed, &out, c.overwrite, !c.quiet)?;
+    let report = train_detector(
+        task.as_ref(),
+        detector,
+        c.seed,
+        out.as_deref(),
+        c.overwrite,
+        !c.quiet,
+    )?;
+    let target = out.map_or("(debug: nothing written)".into(), |d| {
+        d.display().to_string()
+    });
     println!(
-        "{kind} detector fitted on {} trusted samples in {:.2} s ({:.2} s wall) -> {}",
-        report.trusted_samples,
-        report.fit_seconds,
-        report.wall_seconds,
-        out.display()
+        "{kind} detector fitted on {} trusted samples in {:.2} s ({:.2} s wall) -> {target}",
+        report.trusted_samples, report.fit_seconds, report.wall_seconds,
     );
     Ok(())
 }

@@ -121,29 +121,33 @@ pub fn train_detector(
     task: &dyn Task,
     mut detector: Box<dyn Detector>,
     seed: u32,
-    out: &Path,
+    out: Option<&Path>,
     overwrite: bool,
     progress: bool,
 ) -> Result<FitReport> {
     let wall = Instant::now();
-    refuse_overwrite(out, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], overwrite)?;
+    if let Some(out) = out {
+        refuse_overwrite(out, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], overwrite)?;
+    }
     let trusted = task.trusted()?;
     let gpu = Loaded::new(task, &[&trusted], progress)?;
     let fit = Instant::now();
     detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed))?;
     let fit_seconds = fit.elapsed().as_secs_f64();
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    detector.save(&out.join(DETECTOR_FILE))?;
-    let config = DetectorRunConfig {
-        command: "train-detector".into(),
-        cupbearer_version: env!("CARGO_PKG_VERSION").into(),
-        task_kind: task.kind().into(),
-        task: task.config(),
-        detector_kind: detector.kind().into(),
-        detector: detector.config(),
-        seed,
-    };
-    write_json(&out.join(DETECTOR_CONFIG_FILE), &config)?;
+    if let Some(out) = out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        detector.save(&out.join(DETECTOR_FILE))?;
+        let config = DetectorRunConfig {
+            command: "train-detector".into(),
+            cupbearer_version: env!("CARGO_PKG_VERSION").into(),
+            task_kind: task.kind().into(),
+            task: task.config(),
+            detector_kind: detector.kind().into(),
+            detector: detector.config(),
+            seed,
+        };
+        write_json(&out.join(DETECTOR_CONFIG_FILE), &config)?;
+    }
     Ok(FitReport {
         trusted_samples: trusted.indices.len(),
         fit_seconds,
@@ -194,21 +198,23 @@ pub struct LayerMetrics {
     pub ap: f64,
 }
 
-/// Scores the task's test mix with a trained detector and writes the eval files.
-/// Adds files to `out` (which may be the detector's own dir); an existing `eval.json`
-/// is refused unless `overwrite`.
+/// Scores the task's test mix with a trained detector and writes the eval files, if
+/// `out` is given. Adds files to `out` (which may be the detector's own dir); an
+/// existing `eval.json` is refused unless `overwrite`.
 pub fn eval_detector(
     task: &dyn Task,
     detector_dir: &Path,
     batch_size: usize,
     seed: u32,
-    out: &Path,
+    out: Option<&Path>,
     overwrite: bool,
     progress: bool,
 ) -> Result<EvalReport> {
     let wall = Instant::now();
     let outputs = [EVAL_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE];
-    refuse_overwrite(out, &outputs, overwrite)?;
+    if let Some(out) = out {
+        refuse_overwrite(out, &outputs, overwrite)?;
+    }
     let run = DetectorRunConfig::load(detector_dir)?;
     let detector = super::load(
         &run.detector_kind,
@@ -261,16 +267,30 @@ pub fn eval_detector(
         });
     }
 
+    let report = EvalReport {
+        auc_roc,
+        ap,
+        fpr_at_95_tpr,
+        num_normal,
+        num_anomalous,
+        layers,
+        detector: detector_dir.to_path_buf(),
+        adapter: gpu.ctx.adapter_name(),
+        score_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    };
+    let Some(out) = out else {
+        return Ok(report);
+    };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut csv = format!("split,sample,anomalous,{},score\n", normal.names.join(","));
-    let specs = [&mix.normal, &mix.anomalous];
     let mut row = 0;
-    for spec in specs {
+    for spec in [&mix.normal, &mix.anomalous] {
+        let split = match spec.split {
+            Split::Train => "train",
+            Split::Test => "test",
+        };
         for &i in &spec.indices {
-            let split = match spec.split {
-                Split::Train => "train",
-                Split::Test => "test",
-            };
             let _ = write!(csv, "{split},{i},{}", labels[row] as u8);
             for layer in &per_layer {
                 let _ = write!(csv, ",{}", layer[row]);
@@ -284,18 +304,6 @@ pub fn eval_detector(
     let title = format!("{} detector, {} task", run.detector_kind, task.kind());
     histogram_svg(&out.join(HISTOGRAM_FILE), &title, n, a, 100, false)?;
     roc_svg(&out.join(ROC_FILE), &title, &curves)?;
-    let report = EvalReport {
-        auc_roc,
-        ap,
-        fpr_at_95_tpr,
-        num_normal,
-        num_anomalous,
-        layers,
-        detector: detector_dir.to_path_buf(),
-        adapter: gpu.ctx.adapter_name(),
-        score_seconds,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-    };
     write_json(&out.join(EVAL_FILE), &report)?;
     Ok(report)
 }

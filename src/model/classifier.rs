@@ -18,8 +18,10 @@ use crate::run::{
 };
 
 pub struct RunOptions {
-    /// The run directory to create (or add to).
-    pub dir: PathBuf,
+    /// The run directory to create (or add to); None writes nothing (`--debug`).
+    pub dir: Option<PathBuf>,
+    /// Evaluate on the first N test samples only (`--debug`).
+    pub test_limit: Option<usize>,
     pub data_dir: PathBuf,
     pub overwrite: bool,
     pub eval_batch_size: usize,
@@ -62,7 +64,9 @@ pub fn train_classifier(
 ) -> Result<ClassifierMetrics> {
     let wall = Instant::now();
     let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE];
-    refuse_overwrite(&opts.dir, &files, opts.overwrite)?;
+    if let Some(dir) = &opts.dir {
+        refuse_overwrite(dir, &files, opts.overwrite)?;
+    }
     if opts.eval_batch_size == 0 {
         bail!("the evaluation batch size must be >= 1");
     }
@@ -78,7 +82,10 @@ pub fn train_classifier(
         }
         train_set.truncate(n);
     }
-    let test_set = Dataset::load(dataset, Split::Test, &opts.data_dir)?;
+    let mut test_set = Dataset::load(dataset, Split::Test, &opts.data_dir)?;
+    if let Some(n) = opts.test_limit {
+        test_set.truncate(n);
+    }
     let ModelConfig::Mlp(mlp_config) = &mut config.model;
     mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
 
@@ -134,10 +141,6 @@ pub fn train_classifier(
     };
     let trained = model.download(&ctx)?;
 
-    let dir = &opts.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_json(&dir.join(CONFIG_FILE), &config)?;
-    trained.save(&dir.join(MODEL_FILE))?;
     let metrics = ClassifierMetrics {
         clean_test_accuracy: clean.accuracy,
         clean_test_loss: clean.loss,
@@ -150,6 +153,11 @@ pub fn train_classifier(
         wall_seconds: wall.elapsed().as_secs_f64(),
         adapter: ctx.adapter_name(),
     };
-    write_json(&dir.join(METRICS_FILE), &metrics)?;
+    if let Some(dir) = &opts.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_json(&dir.join(CONFIG_FILE), &config)?;
+        trained.save(&dir.join(MODEL_FILE))?;
+        write_json(&dir.join(METRICS_FILE), &metrics)?;
+    }
     Ok(metrics)
 }
