@@ -242,7 +242,8 @@ impl Detector for Mahalanobis {
             model,
             &samples,
             batch,
-            |ws, rows| {
+            &|ws| {
+                let rows = ws.rows;
                 let mut ops = Vec::new();
                 for (b, &l) in bufs.iter().zip(&layers) {
                     let d = b.d;
@@ -385,7 +386,8 @@ impl Detector for Mahalanobis {
             model,
             samples,
             batch,
-            |ws, rows| {
+            &|ws| {
+                let rows = ws.rows;
                 let mut ops = Vec::new();
                 for (b, s) in bufs.iter().zip(&self.stats) {
                     let d = b.d;

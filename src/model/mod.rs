@@ -1,6 +1,7 @@
 //! Models: the host-side MLP (init, storage, CPU reference), its GPU-resident form and
 //! the training loop.
 
+pub mod batches;
 pub mod classifier;
 pub mod gpu_mlp;
 pub mod mlp;

@@ -8,19 +8,15 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::batches::{run_batches, BatchInputs, BatchPlan, BatchPlans, SampleSet, MAX_IN_FLIGHT};
 use super::gpu_mlp::{GpuMlp, Workspace};
 use crate::data::backdoor::Backdoor;
 use crate::gpu::adam::{adam, set_adam_step};
-use crate::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
+use crate::gpu::batch::GpuDataset;
 use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::progress;
 use crate::rng;
-
-/// The `epoch` key of the RNG for evaluation batches: never a training epoch.
-pub const EVAL_EPOCH: u32 = u32::MAX;
-/// Submits allowed in flight before the host waits (bounds queued work and memory).
-const MAX_IN_FLIGHT: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -76,22 +72,6 @@ impl SampleMetrics {
     }
 }
 
-/// Buffers shared by every batch plan of one run.
-struct Shared<'a> {
-    data: &'a GpuDataset,
-    indices: wgpu::Buffer,
-    step: wgpu::Buffer,
-    metrics: SampleMetrics,
-    backdoor: Option<Backdoor>,
-    seed: u32,
-}
-
-/// The recorded dispatches of one batch size.
-struct Plan {
-    ws: Workspace,
-    ops: Vec<Dispatch>,
-}
-
 /// Optimiser state: gradients and Adam moments, laid out like the parameters.
 struct Optimizer {
     grads: wgpu::Buffer,
@@ -99,107 +79,27 @@ struct Optimizer {
     v: wgpu::Buffer,
 }
 
-impl Plan {
-    fn new(
-        ctx: &GpuContext,
-        model: &GpuMlp,
-        s: &Shared<'_>,
-        rows: usize,
-        opt: Option<&Optimizer>,
-    ) -> Result<Self> {
-        let ws = model.workspace(ctx, rows, s.data.is_sparse(), opt.is_some())?;
-        let mut ops = vec![gather_batch(
-            ctx,
-            s.data,
-            rows,
-            Slice::whole(&s.indices),
-            &BatchOutputs {
-                x: Slice::whole(&ws.x),
-                xt: Some(Slice::whole(&ws.xt)),
-                labels: Slice::whole(&ws.labels),
-            },
-            s.backdoor.as_ref(),
-            s.seed,
-            &s.step,
-        )?];
-        ops.extend(model.forward(ctx, &ws)?);
-        ops.push(softmax_cross_entropy(
-            ctx,
-            rows,
-            model.config.output_dim,
-            Slice::whole(&ws.logits),
-            Slice::whole(&ws.labels),
-            &LossOutputs {
-                grad: Slice::whole(&ws.dlogits),
-                sample_loss: Slice::whole(&s.metrics.loss),
-                sample_correct: Slice::whole(&s.metrics.correct),
-            },
-            &s.step,
-        )?);
-        if let Some(opt) = opt {
-            ops.extend(model.backward(ctx, &ws, &opt.grads)?);
-            let n = model.layout.total;
-            ops.push(adam(
-                ctx,
-                n,
-                Slice::whole(&model.params),
-                Slice::whole(&opt.grads),
-                Slice::whole(&opt.m),
-                Slice::whole(&opt.v),
-                &s.step,
-            )?);
-        }
-        Ok(Plan { ws, ops })
-    }
-}
-
-/// The plan for a batch with `remaining` samples left in the epoch.
-fn pick<'p>(full: &'p Plan, tail: Option<&'p Plan>, remaining: usize) -> &'p Plan {
-    match tail {
-        Some(t) if remaining < full.ws.rows => t,
-        _ => full,
-    }
-}
-
-/// A plan for full batches and one for the last, partial batch (if any).
-fn plans(
+/// The loss kernel of a plan: per-sample metrics at the batch's position, dL/dlogits.
+fn loss_op(
     ctx: &GpuContext,
     model: &GpuMlp,
-    s: &Shared<'_>,
-    n: usize,
-    batch: usize,
-    opt: Option<&Optimizer>,
-) -> Result<(Plan, Option<Plan>)> {
-    let full = Plan::new(ctx, model, s, batch.min(n), opt)?;
-    let tail = match n % batch {
-        r if r != 0 && n > batch => Some(Plan::new(ctx, model, s, r, opt)?),
-        _ => None,
-    };
-    Ok((full, tail))
-}
-
-fn check_compatible(model: &GpuMlp, data: &GpuDataset, batch_size: usize) -> Result<()> {
-    let shape = [data.height, data.width, data.channels];
-    if model.config.input_shape != shape {
-        bail!(
-            "model expects inputs of shape {:?} but the data set has {shape:?}",
-            model.config.input_shape
-        );
-    }
-    if data.num_classes > model.config.output_dim {
-        bail!(
-            "the data set has {} classes but the model only {} outputs",
-            data.num_classes,
-            model.config.output_dim
-        );
-    }
-    if batch_size == 0 || batch_size > 65535 {
-        bail!("batch size must be in 1..=65535, got {batch_size}");
-    }
-    if data.len == 0 {
-        bail!("the data set is empty");
-    }
-    Ok(())
+    ws: &Workspace,
+    metrics: &SampleMetrics,
+    step: &wgpu::Buffer,
+) -> Result<Dispatch> {
+    softmax_cross_entropy(
+        ctx,
+        ws.rows,
+        model.config.output_dim,
+        Slice::whole(&ws.logits),
+        Slice::whole(&ws.labels),
+        &LossOutputs {
+            grad: Slice::whole(&ws.dlogits),
+            sample_loss: Slice::whole(&metrics.loss),
+            sample_correct: Slice::whole(&metrics.correct),
+        },
+        step,
+    )
 }
 
 /// Trains `model` in place; returns per-epoch metrics.
@@ -209,26 +109,44 @@ pub fn train(
     data: &GpuDataset,
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
-    check_compatible(model, data, opts.batch_size)?;
     if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
         bail!("learning rate must be positive, got {}", opts.learning_rate);
     }
     let n = data.len;
-    let shared = Shared {
+    let indices = ctx.zeros("epoch_indices", n)?;
+    let step = ctx.uniform("step", &StepParams::default());
+    let metrics = SampleMetrics::new(ctx, n)?;
+    let total = model.layout.total;
+    let opt = Optimizer {
+        grads: ctx.zeros("grads", total)?,
+        m: ctx.zeros("adam_m", total)?,
+        v: ctx.zeros("adam_v", total)?,
+    };
+    let inputs = BatchInputs {
         data,
-        indices: ctx.zeros("epoch_indices", n)?,
-        step: ctx.uniform("step", &StepParams::default()),
-        metrics: SampleMetrics::new(ctx, n)?,
+        indices: &indices,
+        step: &step,
         backdoor: opts.backdoor,
         seed: opts.seed,
     };
-    let opt = Optimizer {
-        grads: ctx.zeros("grads", model.layout.total)?,
-        m: ctx.zeros("adam_m", model.layout.total)?,
-        v: ctx.zeros("adam_v", model.layout.total)?,
+    let train_ops = |ws: &Workspace| -> Result<Vec<Dispatch>> {
+        let mut ops = vec![loss_op(ctx, model, ws, &metrics, &step)?];
+        ops.extend(model.backward(ctx, ws, &opt.grads)?);
+        let whole = Slice::whole;
+        let params = whole(&model.params);
+        ops.push(adam(
+            ctx,
+            total,
+            params,
+            whole(&opt.grads),
+            whole(&opt.m),
+            whole(&opt.v),
+            &step,
+        )?);
+        Ok(ops)
     };
-    let (full, tail) = plans(ctx, model, &shared, n, opts.batch_size, Some(&opt))?;
-    let batch = full.ws.rows;
+    let plans = BatchPlans::new(ctx, model, &inputs, n, opts.batch_size, true, &train_ops)?;
+    let batch = plans.batch_size();
     let steps_per_epoch = n.div_ceil(batch);
     let start = Instant::now();
     let mut report = TrainReport {
@@ -245,7 +163,7 @@ pub fn train(
         let epoch_start = Instant::now();
         let order = rng::shuffled_indices(n, opts.seed, epoch as u32);
         ctx.queue
-            .write_buffer(&shared.indices, 0, bytemuck::cast_slice(&order));
+            .write_buffer(&indices, 0, bytemuck::cast_slice(&order));
         let bar = progress::bar(
             opts.progress,
             steps_per_epoch as u64,
@@ -258,16 +176,16 @@ pub fn train(
                 break;
             }
             let offset = s * batch;
-            let plan = pick(&full, tail.as_ref(), n - offset);
+            let plan = plans.pick(n - offset);
             report.steps += 1;
-            let mut step = StepParams {
+            let mut params = StepParams {
                 epoch: epoch as u32,
                 batch_offset: offset as u32,
                 ..Default::default()
             };
-            set_adam_step(&mut step, opts.learning_rate, report.steps as u32);
+            set_adam_step(&mut params, opts.learning_rate, report.steps as u32);
             ctx.queue
-                .write_buffer(&shared.step, 0, bytemuck::bytes_of(&step));
+                .write_buffer(&step, 0, bytemuck::bytes_of(&params));
             in_flight.push_back(ctx.submit(&plan.ops));
             if in_flight.len() > MAX_IN_FLIGHT {
                 ctx.wait(in_flight.pop_front())?;
@@ -279,7 +197,7 @@ pub fn train(
         ctx.wait(None)?;
         bar.finish_and_clear();
         // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
-        let (loss, acc) = shared.metrics.read_means(ctx, seen)?;
+        let (loss, acc) = metrics.read_means(ctx, seen)?;
         if !loss.is_finite() {
             bail!(
                 "training diverged: the mean loss of epoch {} is {loss}; \
@@ -316,56 +234,42 @@ pub struct EvalMetrics {
     pub samples: usize,
 }
 
-/// Runs a forward-only plan over positions `0..n` of `shared.indices` in batches,
-/// calling `after` once each batch is submitted.
-fn for_each_eval_batch(
+/// Runs a forward-only pass with the loss kernel over `indices`; `after` sees each plan
+/// once its batch is submitted.
+fn eval_batches(
     ctx: &GpuContext,
     model: &GpuMlp,
-    shared: &Shared<'_>,
-    n: usize,
+    samples: &SampleSet<'_>,
     batch_size: usize,
-    mut after: impl FnMut(&Plan) -> Result<()>,
-) -> Result<()> {
-    let (full, tail) = plans(ctx, model, shared, n, batch_size, None)?;
-    for offset in (0..n).step_by(full.ws.rows) {
-        let plan = pick(&full, tail.as_ref(), n - offset);
-        let step = StepParams {
-            epoch: EVAL_EPOCH,
-            batch_offset: offset as u32,
-            ..Default::default()
-        };
-        ctx.queue
-            .write_buffer(&shared.step, 0, bytemuck::bytes_of(&step));
-        ctx.submit(&plan.ops);
-        after(plan)?;
-    }
-    Ok(())
-}
-
-fn eval_shared<'a>(
-    ctx: &GpuContext,
-    data: &'a GpuDataset,
-    indices: &[u32],
-    backdoor: Option<&Backdoor>,
-    seed: u32,
-) -> Result<Shared<'a>> {
-    if indices.is_empty() {
-        bail!("nothing to evaluate: no samples selected");
-    }
+    after: impl FnMut(&BatchPlan) -> Result<()>,
+) -> Result<SampleMetrics> {
+    let SampleSet {
+        data,
+        indices,
+        backdoor,
+        seed,
+    } = *samples;
+    let n = indices.len();
     if let Some(&bad) = indices.iter().find(|&&i| i as usize >= data.len) {
         bail!(
             "sample index {bad} out of range for a data set of {}",
             data.len
         );
     }
-    Ok(Shared {
+    let order = ctx.buffer_from("eval_indices", indices)?;
+    let step = ctx.uniform("step", &StepParams::default());
+    let metrics = SampleMetrics::new(ctx, n)?;
+    let inputs = BatchInputs {
         data,
-        indices: ctx.buffer_from("eval_indices", indices)?,
-        step: ctx.uniform("step", &StepParams::default()),
-        metrics: SampleMetrics::new(ctx, indices.len())?,
-        backdoor: backdoor.copied(),
+        indices: &order,
+        step: &step,
+        backdoor,
         seed,
-    })
+    };
+    let loss = |ws: &Workspace| Ok(vec![loss_op(ctx, model, ws, &metrics, &step)?]);
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, false, &loss)?;
+    run_batches(ctx, &plans, &step, n, |_, _| Ok(()), after)?;
+    Ok(metrics)
 }
 
 /// Loss and accuracy of `model` on the samples `indices`, optionally all poisoned by
@@ -379,15 +283,18 @@ pub fn evaluate(
     seed: u32,
     batch_size: usize,
 ) -> Result<EvalMetrics> {
-    check_compatible(model, data, batch_size)?;
-    let shared = eval_shared(ctx, data, indices, backdoor, seed)?;
-    let n = indices.len();
-    for_each_eval_batch(ctx, model, &shared, n, batch_size, |_| Ok(()))?;
-    let (loss, accuracy) = shared.metrics.read_means(ctx, n)?;
+    let samples = SampleSet {
+        data,
+        indices,
+        backdoor: backdoor.copied(),
+        seed,
+    };
+    let metrics = eval_batches(ctx, model, &samples, batch_size, |_| Ok(()))?;
+    let (loss, accuracy) = metrics.read_means(ctx, indices.len())?;
     Ok(EvalMetrics {
         loss,
         accuracy,
-        samples: n,
+        samples: indices.len(),
     })
 }
 
@@ -399,13 +306,17 @@ pub fn predict_logits(
     indices: &[u32],
     batch_size: usize,
 ) -> Result<Vec<f32>> {
-    check_compatible(model, data, batch_size)?;
-    let shared = eval_shared(ctx, data, indices, None, 0)?;
     let classes = model.config.output_dim;
     let mut logits = Vec::with_capacity(indices.len() * classes);
-    for_each_eval_batch(ctx, model, &shared, indices.len(), batch_size, |plan| {
-        let rows = plan.ws.rows * classes;
-        logits.extend(ctx.read::<f32>(Slice::new(&plan.ws.logits, 0, rows))?);
+    let samples = SampleSet {
+        data,
+        indices,
+        backdoor: None,
+        seed: 0,
+    };
+    eval_batches(ctx, model, &samples, batch_size, |plan| {
+        let len = plan.ws.rows * classes;
+        logits.extend(ctx.read::<f32>(Slice::new(&plan.ws.logits, 0, len))?);
         Ok(())
     })?;
     Ok(logits)

@@ -1,0 +1,204 @@
+//! Running the model over samples in batches. A [`BatchPlan`] is recorded once per
+//! batch size: gather (+ trigger) of the samples at `step.batch_offset`, the forward
+//! pass, and whatever the caller appends (loss, backward and Adam for training,
+//! statistics or scores for detectors). Each batch is then one submit.
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, Result};
+
+use super::gpu_mlp::{GpuMlp, Workspace};
+use crate::data::backdoor::Backdoor;
+use crate::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
+use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
+
+/// The `epoch` key of the RNG for evaluation batches: never a training epoch.
+pub const EVAL_EPOCH: u32 = u32::MAX;
+/// Submits allowed in flight before the host waits (bounds queued work and memory).
+pub const MAX_IN_FLIGHT: usize = 4;
+
+/// Samples to run through the model: which samples of a data set on the GPU, with an
+/// optional trigger (drawn with `seed`).
+pub struct SampleSet<'a> {
+    pub data: &'a GpuDataset,
+    pub indices: &'a [u32],
+    pub backdoor: Option<Backdoor>,
+    pub seed: u32,
+}
+
+/// What a plan's gather reads: the data set, the sample order and the per-step
+/// parameters (rewritten before each submit).
+pub struct BatchInputs<'a> {
+    pub data: &'a GpuDataset,
+    pub indices: &'a wgpu::Buffer,
+    pub step: &'a wgpu::Buffer,
+    pub backdoor: Option<Backdoor>,
+    pub seed: u32,
+}
+
+/// The recorded dispatches of one batch size.
+pub struct BatchPlan {
+    pub ws: Workspace,
+    pub ops: Vec<Dispatch>,
+}
+
+/// Dispatches a caller appends to a plan, given its workspace.
+pub type Extra<'f> = dyn Fn(&Workspace) -> Result<Vec<Dispatch>> + 'f;
+
+impl BatchPlan {
+    pub fn new(
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        inputs: &BatchInputs<'_>,
+        rows: usize,
+        gradients: bool,
+        extra: &Extra<'_>,
+    ) -> Result<Self> {
+        let data = inputs.data;
+        let ws = model.workspace(ctx, rows, data.is_sparse(), gradients)?;
+        let mut ops = vec![gather_batch(
+            ctx,
+            data,
+            rows,
+            Slice::whole(inputs.indices),
+            &BatchOutputs {
+                x: Slice::whole(&ws.x),
+                xt: Some(Slice::whole(&ws.xt)),
+                labels: Slice::whole(&ws.labels),
+            },
+            inputs.backdoor.as_ref(),
+            inputs.seed,
+            inputs.step,
+        )?];
+        ops.extend(model.forward(ctx, &ws)?);
+        ops.extend(extra(&ws)?);
+        Ok(BatchPlan { ws, ops })
+    }
+}
+
+/// A plan for full batches and one for the last, partial batch of `n` samples.
+pub struct BatchPlans {
+    full: BatchPlan,
+    tail: Option<BatchPlan>,
+}
+
+impl BatchPlans {
+    pub fn new(
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        inputs: &BatchInputs<'_>,
+        n: usize,
+        batch_size: usize,
+        gradients: bool,
+        extra: &Extra<'_>,
+    ) -> Result<Self> {
+        check_compatible(model, inputs.data, n, batch_size)?;
+        let batch = batch_size.min(n);
+        let plan = |rows| BatchPlan::new(ctx, model, inputs, rows, gradients, extra);
+        Ok(BatchPlans {
+            full: plan(batch)?,
+            tail: (!n.is_multiple_of(batch))
+                .then(|| plan(n % batch))
+                .transpose()?,
+        })
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.full.ws.rows
+    }
+
+    /// The plan for the batch with `remaining` samples left.
+    pub fn pick(&self, remaining: usize) -> &BatchPlan {
+        match &self.tail {
+            Some(t) if remaining < self.full.ws.rows => t,
+            _ => &self.full,
+        }
+    }
+}
+
+fn check_compatible(model: &GpuMlp, data: &GpuDataset, n: usize, batch: usize) -> Result<()> {
+    let shape = [data.height, data.width, data.channels];
+    if model.config.input_shape != shape {
+        bail!(
+            "the model expects inputs of shape {:?} but the data set has {shape:?}",
+            model.config.input_shape
+        );
+    }
+    if data.num_classes > model.config.output_dim {
+        bail!(
+            "the data set has {} classes but the model only {} outputs",
+            data.num_classes,
+            model.config.output_dim
+        );
+    }
+    if batch == 0 || batch > 65535 {
+        bail!("batch size must be in 1..=65535, got {batch}");
+    }
+    if n == 0 {
+        bail!("no samples to run");
+    }
+    Ok(())
+}
+
+/// Runs `plans` over positions `0..n` of the sample order in the evaluation epoch:
+/// per batch, `before(offset, rows)` (to rewrite per-batch uniforms), one submit, then
+/// `after(plan)`. Returns once the GPU has finished.
+pub fn run_batches(
+    ctx: &GpuContext,
+    plans: &BatchPlans,
+    step: &wgpu::Buffer,
+    n: usize,
+    mut before: impl FnMut(usize, usize) -> Result<()>,
+    mut after: impl FnMut(&BatchPlan) -> Result<()>,
+) -> Result<()> {
+    let mut in_flight = VecDeque::new();
+    for offset in (0..n).step_by(plans.batch_size()) {
+        let plan = plans.pick(n - offset);
+        let params = StepParams {
+            epoch: EVAL_EPOCH,
+            batch_offset: offset as u32,
+            ..Default::default()
+        };
+        ctx.queue.write_buffer(step, 0, bytemuck::bytes_of(&params));
+        before(offset, plan.ws.rows)?;
+        in_flight.push_back(ctx.submit(&plan.ops));
+        if in_flight.len() > MAX_IN_FLIGHT {
+            ctx.wait(in_flight.pop_front())?;
+        }
+        after(plan)?;
+    }
+    ctx.wait(None)
+}
+
+/// [`run_batches`] over a [`SampleSet`], with `extra(ws)` appended to each plan.
+pub fn for_each_activation_batch(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    samples: &SampleSet<'_>,
+    batch_size: usize,
+    extra: &Extra<'_>,
+    before: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    let n = samples.indices.len();
+    if let Some(&bad) = samples
+        .indices
+        .iter()
+        .find(|&&i| i as usize >= samples.data.len)
+    {
+        bail!(
+            "sample index {bad} out of range for a data set of {}",
+            samples.data.len
+        );
+    }
+    let indices = ctx.buffer_from("sample_indices", samples.indices)?;
+    let step = ctx.uniform("step", &StepParams::default());
+    let inputs = BatchInputs {
+        data: samples.data,
+        indices: &indices,
+        step: &step,
+        backdoor: samples.backdoor,
+        seed: samples.seed,
+    };
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, false, extra)?;
+    run_batches(ctx, &plans, &step, n, before, |_| Ok(()))
+}
