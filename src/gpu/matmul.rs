@@ -127,7 +127,7 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
          fn main_regblock(@builtin(global_invocation_id) gid: vec3<u32>) {{\n\
          let n0 = gid.x * {}u;\nlet m0 = gid.y * {bm}u;\n\
          if (n0 >= dims.n || m0 >= dims.m) {{ return; }}\n\
-         // Out-of-range rows and columns read clamped addresses; store() drops them.\n\
+         // Out-of-range rows and columns read clamped addresses; store_masked() drops them.\n\
          let last_m = dims.m - 1u;\nlet last_n = vec4<u32>(dims.n - 1u);\n\
          let last_m4 = dims.m / 4u - 1u;\nlet last_n4 = dims.n / 4u - 1u;",
         4 * bn4
