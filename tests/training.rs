@@ -383,3 +383,32 @@ fn max_steps_caps_training() {
     assert_eq!(report.samples, 130);
     assert_eq!(report.epochs.len(), 2);
 }
+
+#[test]
+fn divergence_and_oversized_buffers_are_errors() {
+    let Some(ctx) = gpu() else { return };
+    let data = Dataset::synthetic(200, 6, 6, 3);
+    let config = MlpConfig {
+        input_shape: [6, 6, 1],
+        hidden_dims: vec![8],
+        output_dim: 10,
+    };
+    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
+    let opts = TrainOptions {
+        learning_rate: 1e30,
+        ..small_options(0, None)
+    };
+    let err = train(&ctx, &model, &gdata, &opts).expect_err("lr 1e30 must diverge");
+    assert!(err.to_string().contains("diverged"), "{err}");
+
+    let huge = ctx.limits.max_buffer_size / 4 + 1;
+    let err = ctx
+        .zeros("huge", huge as usize)
+        .expect_err("beyond the adapter's limit");
+    assert!(
+        err.to_string()
+            .contains("exceeds this adapter's maximum buffer size"),
+        "{err}"
+    );
+}
