@@ -365,3 +365,50 @@ fn test_mix_sizes_follow_the_original_arithmetic() {
         "weight 1 leaves no anomalies"
     );
 }
+
+#[test]
+fn layer_subsets_and_unnormalised_scores() {
+    let Some(ctx) = gpu() else { return };
+    let train_set = Dataset::synthetic(300, 8, 8, 4);
+    let model = trained_model(&ctx, &train_set, None);
+    let data = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let idx: Vec<u32> = (0..300).collect();
+    let set = SampleSet {
+        data: &data,
+        indices: &idx,
+        backdoor: None,
+        seed: 0,
+    };
+    let fit = |config: MahalanobisConfig| {
+        let mut det = Mahalanobis::new(config).unwrap();
+        det.fit(&ctx, &model, &set).unwrap();
+        det.layer_scores(&ctx, &model, &set, 128).unwrap()
+    };
+    let normalised = fit(MahalanobisConfig {
+        layers: vec![1],
+        ..Default::default()
+    });
+    assert_eq!(normalised.names, vec!["layer1"]);
+    let raw = fit(MahalanobisConfig {
+        layers: vec![1],
+        normalize: false,
+        ..Default::default()
+    });
+    // Layer 1 has width 24: unnormalised distances are 24 times larger.
+    for (r, n) in raw.scores[0].iter().zip(&normalised.scores[0]) {
+        assert!(
+            (r - 24.0 * n).abs() <= 1e-3 * r.abs().max(1.0),
+            "{r} vs 24 x {n}"
+        );
+    }
+    assert!(
+        Mahalanobis::new(MahalanobisConfig {
+            layers: vec![5],
+            ..Default::default()
+        })
+        .unwrap()
+        .fit(&ctx, &model, &set)
+        .is_err(),
+        "a layer the model does not have"
+    );
+}
