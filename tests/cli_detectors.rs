@@ -17,6 +17,11 @@ fn cupbearer(cwd: &Path, args: &[&str]) -> Output {
         .expect("running cupbearer")
 }
 
+/// A command line split at whitespace (no quoting needed in these tests).
+fn words(command: &str) -> Vec<&str> {
+    command.split_whitespace().collect()
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -72,75 +77,26 @@ fn the_original_readme_commands_run_in_sequence() {
     }
     let w = workdir();
     let cwd = w.path();
-    let mut train = vec![
-        "train_classifier",
-        "--train_data",
-        "backdoor",
-        "--train_data.original",
-        "mnist",
-        "--train_data.backdoor",
-        "corner",
-        "--model",
-        "mlp",
-        "--dir.full",
-        "logs/classifier",
+    // The original README's four commands, verbatim but for the program name (the
+    // classifier gets small sizes on top).
+    let readme = [
+        "train_classifier --train_data backdoor --train_data.original mnist \
+         --train_data.backdoor corner --model mlp --dir.full logs/classifier",
+        "train_detector --detector mahalanobis --task backdoor --task.backdoor corner \
+         --task.run_path logs/classifier --dir.full logs/detector",
+        "eval_detector --detector from_run --detector.path logs/detector --task backdoor \
+         --task.backdoor corner --task.run_path logs/classifier --dir.full logs/detector",
+        "eval_detector --detector from_run --detector.path logs/detector --task backdoor \
+         --task.backdoor noise --task.backdoor.std 0.2 --task.run_path logs/classifier \
+         --dir.full logs/detector_ablation",
     ];
-    train.extend(SMALL);
-    run_ok(cwd, &train);
-    run_ok(
-        cwd,
-        &[
-            "train_detector",
-            "--detector",
-            "mahalanobis",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "corner",
-            "--task.run_path",
-            "logs/classifier",
-            "--dir.full",
-            "logs/detector",
-        ],
-    );
-    run_ok(
-        cwd,
-        &[
-            "eval_detector",
-            "--detector",
-            "from_run",
-            "--detector.path",
-            "logs/detector",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "corner",
-            "--task.run_path",
-            "logs/classifier",
-            "--dir.full",
-            "logs/detector",
-        ],
-    );
-    run_ok(
-        cwd,
-        &[
-            "eval_detector",
-            "--detector",
-            "from_run",
-            "--detector.path",
-            "logs/detector",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "noise",
-            "--task.backdoor.std",
-            "0.2",
-            "--task.run_path",
-            "logs/classifier",
-            "--dir.full",
-            "logs/detector_ablation",
-        ],
-    );
+    for (i, command) in readme.iter().enumerate() {
+        let mut args = words(command);
+        if i == 0 {
+            args.extend(SMALL);
+        }
+        run_ok(cwd, &args);
+    }
     let det = cwd.join("logs/detector");
     for f in [
         "config.json",
@@ -168,99 +124,39 @@ fn the_original_readme_commands_run_in_sequence() {
     assert!(cwd.join("logs/detector_ablation/eval.json").is_file());
 
     // Evaluating into the same dir again is refused, naming the file.
-    let again = cupbearer(
-        cwd,
-        &[
-            "eval_detector",
-            "--detector",
-            "from_run",
-            "--detector.path",
-            "logs/detector",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "corner",
-            "--task.run_path",
-            "logs/classifier",
-            "--dir.full",
-            "logs/detector",
-        ],
-    );
+    let again = cupbearer(cwd, &words(readme[2]));
     assert!(!again.status.success());
     assert!(stderr(&again).contains("eval.json"), "{}", stderr(&again));
 
     // A detector from another model (other hidden widths) is a shape mismatch.
-    let other = vec![
-        "train_classifier",
-        "--train_data",
-        "backdoor",
-        "--train_data.original",
-        "mnist",
-        "--train_data.backdoor",
-        "corner",
-        "--dir.full",
-        "logs/other",
-        "--model.hidden_dims",
-        "16",
-        "16",
-        "--num_epochs",
-        "1",
-        "--quiet",
-    ];
-    run_ok(cwd, &other);
-    let mismatch = cupbearer(
+    run_ok(
         cwd,
-        &[
-            "eval_detector",
-            "--detector",
-            "from_run",
-            "--detector.path",
-            "logs/detector",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "corner",
-            "--task.run_path",
-            "logs/other",
-            "--dir.full",
-            "logs/mismatch",
-        ],
+        &words(
+            "train_classifier --train_data backdoor --train_data.original mnist \
+             --train_data.backdoor corner --dir.full logs/other --model.hidden_dims 16 16 \
+             --num_epochs 1 --quiet",
+        ),
     );
+    let eval = |det: &str, run: &str, out: &str| {
+        let command = format!(
+            "eval_detector --detector from_run --detector.path {det} --task backdoor \
+             --task.backdoor corner --task.run_path {run} --dir.full {out}"
+        );
+        cupbearer(cwd, &words(&command))
+    };
+    let mismatch = eval("logs/detector", "logs/other", "logs/mismatch");
     assert!(!mismatch.status.success());
-    assert!(
-        stderr(&mismatch).contains("do not match"),
-        "{}",
-        stderr(&mismatch)
-    );
+    let err = stderr(&mismatch);
+    assert!(err.contains("do not match"), "{err}");
     assert!(!cwd.join("logs/mismatch/eval.json").exists());
 
     // A detector dir without its weights.
     std::fs::create_dir_all(cwd.join("logs/broken")).unwrap();
     std::fs::copy(det.join("config.json"), cwd.join("logs/broken/config.json")).unwrap();
-    let broken = cupbearer(
-        cwd,
-        &[
-            "eval_detector",
-            "--detector",
-            "from_run",
-            "--detector.path",
-            "logs/broken",
-            "--task",
-            "backdoor",
-            "--task.backdoor",
-            "corner",
-            "--task.run_path",
-            "logs/classifier",
-            "--dir.full",
-            "logs/broken_eval",
-        ],
-    );
+    let broken = eval("logs/broken", "logs/classifier", "logs/broken_eval");
     assert!(!broken.status.success());
-    assert!(
-        stderr(&broken).contains("detector.safetensors"),
-        "{}",
-        stderr(&broken)
-    );
+    let err = stderr(&broken);
+    assert!(err.contains("detector.safetensors"), "{err}");
 }
 
 #[test]
