@@ -199,3 +199,24 @@ impl DetectorArgs {
         self.detector_max_batch_size
     }
 }
+
+/// The flags of `train-detector` and `eval-detector`.
+#[derive(clap::Args)]
+pub struct DetectorCommandArgs {
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[command(flatten)]
+    pub detector: DetectorArgs,
+    #[command(flatten)]
+    pub common: super::CommonArgs,
+}
+
+impl DetectorCommandArgs {
+    /// Applies `--debug`'s tiny sizes.
+    pub fn apply_debug(&mut self) {
+        if self.common.debug {
+            self.task.debug();
+            self.detector.debug();
+        }
+    }
+}

@@ -2,25 +2,14 @@
 
 use anyhow::{bail, Result};
 
-use super::detector_args::{DetectorArgs, TaskArgs};
+use super::detector_args::DetectorCommandArgs;
 use crate::data::resolve_data_dir;
 use crate::detectors::pipeline::eval_detector;
 
-#[derive(clap::Args)]
-pub struct Args {
-    #[command(flatten)]
-    task: TaskArgs,
-    #[command(flatten)]
-    detector: DetectorArgs,
-    #[command(flatten)]
-    common: super::CommonArgs,
-}
+pub type Args = DetectorCommandArgs;
 
 pub fn run(mut args: Args) -> Result<()> {
-    if args.common.debug {
-        args.task.debug();
-        args.detector.debug();
-    }
+    args.apply_debug();
     let (task_kind, task_config) = args.task.resolve()?;
     let detector_dir = args.detector.stored()?;
     let c = &args.common;

@@ -45,16 +45,18 @@ enum Command {
     Download(download::Args),
 }
 
-/// Output, data and reproducibility flags of the detector commands.
+/// Output, data and reproducibility flags every command shares.
 #[derive(clap::Args)]
 struct CommonArgs {
-    /// Seeds the triggers' random draws.
+    /// Seeds every random draw (initialisation, shuffling, coin flips, noise): the same
+    /// seed gives the same result.
     #[arg(long, default_value_t = 0)]
     seed: u32,
     /// Output directory.
     #[arg(long, value_name = "DIR")]
     dir_full: Option<std::path::PathBuf>,
-    /// Parent of the output dir when --dir.full is not given.
+    /// Parent of the output dir when --dir.full is not given
+    /// [default: logs/<command> where the command writes by default].
     #[arg(long, value_name = "DIR")]
     dir_base: Option<std::path::PathBuf>,
     /// Name of the output dir under --dir.base [default: the current time].
@@ -69,8 +71,8 @@ struct CommonArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
-    /// Smoke test: 2 trusted samples, a test mix of 2, batches of 2; nothing is written
-    /// unless --dir.full is given (as in the original).
+    /// Smoke test in seconds, as in the original: 2 samples, hidden dims 2 2, one step,
+    /// batches of 2; nothing is written unless --dir.full is given.
     #[arg(long)]
     debug: bool,
 }

@@ -1,6 +1,6 @@
 //! `cupbearer train-classifier`.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -9,7 +9,7 @@ use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::data::{resolve_data_dir, DatasetName};
 use crate::model::classifier::{train_classifier, RunOptions};
 use crate::model::MlpConfig;
-use crate::run::{resolve_run_dir, ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TriggerKind {
@@ -85,31 +85,8 @@ pub struct Args {
     optim: Optimizer,
     #[arg(long, default_value_t = 1e-3, value_name = "LR")]
     optim_learning_rate: f32,
-    /// Seeds initialisation, shuffling, coin flips and noise: same seed, same weights.
-    #[arg(long, default_value_t = 0)]
-    seed: u32,
-    /// Output directory (the run dir).
-    #[arg(long, value_name = "DIR")]
-    dir_full: Option<PathBuf>,
-    /// Parent of the run dir when --dir.full is not given.
-    #[arg(long, default_value = "logs/train_classifier", value_name = "DIR")]
-    dir_base: PathBuf,
-    /// Name of the run dir under --dir.base [default: the current time].
-    #[arg(long, value_name = "NAME")]
-    dir_run: Option<String>,
-    /// Data directory [default: $CUPBEARER_DATA_DIR, else ./data].
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// Replace an existing model in the run dir.
-    #[arg(long)]
-    overwrite: bool,
-    /// No progress bars or per-epoch lines.
-    #[arg(long, short)]
-    quiet: bool,
-    /// Smoke test: 2 samples, hidden dims 2 2, one step of batch 2, evaluation on 2 test
-    /// images; nothing is written unless --dir.full is given (as in the original).
-    #[arg(long)]
-    debug: bool,
+    #[command(flatten)]
+    common: super::CommonArgs,
 }
 
 impl Args {
@@ -175,37 +152,31 @@ impl Args {
                 num_epochs: self.num_epochs,
                 batch_size: self.batch_size,
                 max_steps: self.max_steps,
-                seed: self.seed,
+                seed: self.common.seed,
             },
         ))
     }
 }
 
 pub fn run(mut args: Args) -> Result<()> {
-    if args.debug {
+    if args.common.debug {
         args.train_data_max_size = Some(2);
         args.model_hidden_dims = vec![2, 2];
         (args.num_epochs, args.max_steps) = (1, Some(1));
         (args.batch_size, args.max_batch_size) = (2, 2);
     }
     let config = args.resolve()?;
-    let dir = match (args.debug, &args.dir_full) {
-        (true, None) => None,
-        _ => Some(resolve_run_dir(
-            args.dir_full.as_deref(),
-            &args.dir_base,
-            args.dir_run.as_deref(),
-        )),
-    };
+    let c = &args.common;
+    let dir = c.output_dir(Some(Path::new("logs/train_classifier")));
     let metrics = train_classifier(
         config,
         &RunOptions {
             dir: dir.clone(),
-            test_limit: args.debug.then_some(2),
-            data_dir: resolve_data_dir(args.data_dir.as_deref()),
-            overwrite: args.overwrite,
+            test_limit: c.debug.then_some(2),
+            data_dir: resolve_data_dir(c.data_dir.as_deref()),
+            overwrite: c.overwrite,
             eval_batch_size: args.max_batch_size,
-            progress: !args.quiet,
+            progress: !c.quiet,
         },
     )?;
     let target = dir.map_or("(debug: nothing written)".into(), |d| {
