@@ -1,13 +1,14 @@
-//! Tests of `cupbearer::data`: IDX I/O, data set loading, synthetic data and downloads
-//! (against a tiny local HTTP server, never the network).
+//! Tests of `cupbearer::data`: IDX and CIFAR-10 I/O, data set loading, synthetic data and
+//! downloads (against a tiny local HTTP server, never the network).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 
-use cupbearer::data::{download, idx, resolve_data_dir, Dataset, DatasetName, Split};
+use cupbearer::data::{cifar, download, idx, resolve_data_dir, Dataset, DatasetName, Split};
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use sha2::{Digest, Sha256};
 
 fn err_text<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
     format!("{:#}", r.expect_err("expected an error"))
@@ -279,6 +280,202 @@ fn load_missing_files_says_where_and_how() {
     }
 }
 
+// ---------------------------------------------------------------- CIFAR-10
+
+/// Label of generated CIFAR-10 record `i`.
+fn cifar_label(i: usize) -> u8 {
+    (i * 3 % 10) as u8
+}
+
+/// Pixel (channel `c`, row `y`, column `x`) of generated record `i`; it depends on all
+/// four, so that any mix-up of record, channel, row or column shows.
+fn cifar_pixel(i: usize, c: usize, y: usize, x: usize) -> u8 {
+    (i * 101 + c * 89 + y * 7 + x * 3) as u8
+}
+
+/// Batch files in the official CHW layout (written here, independently of the reader):
+/// `counts[k]` records in file k, numbered on from `first` across the files.
+fn cifar_batches(counts: &[usize], first: usize) -> Vec<Vec<u8>> {
+    let mut i = first;
+    counts
+        .iter()
+        .map(|&n| {
+            let mut file = Vec::new();
+            for _ in 0..n {
+                file.push(cifar_label(i));
+                for c in 0..3 {
+                    for y in 0..32 {
+                        file.extend((0..32).map(|x| cifar_pixel(i, c, y, x)));
+                    }
+                }
+                i += 1;
+            }
+            file
+        })
+        .collect()
+}
+
+/// Writes the files of `split` into `dir` (see [`cifar_batches`]).
+fn write_cifar(dir: &Path, split: Split, counts: &[usize], first: usize) {
+    let names = cifar::file_names(split);
+    assert_eq!(names.len(), counts.len());
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in names.iter().zip(cifar_batches(counts, first)) {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+/// Checks that `ds` holds generated records `first..first + n`, pixel by pixel in HWC order.
+fn assert_cifar(ds: &Dataset, first: usize, n: usize) {
+    assert_eq!(
+        (ds.len(), ds.height, ds.width, ds.channels, ds.num_classes),
+        (n, 32, 32, 3, 10)
+    );
+    assert_eq!(ds.images.len(), n * 3072);
+    for k in 0..n {
+        let i = first + k;
+        assert_eq!(ds.labels[k], cifar_label(i), "label of image {k}");
+        let img = ds.image(k);
+        for y in 0..32 {
+            for x in 0..32 {
+                for c in 0..3 {
+                    assert_eq!(
+                        img[(y * 32 + x) * 3 + c],
+                        cifar_pixel(i, c, y, x),
+                        "image {k}, y {y}, x {x}, channel {c}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cifar_load_round_trip_hwc() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("cifar10/cifar-10-batches-bin");
+    // Files may hold any number of records, none included; they are read in order 1..5.
+    write_cifar(&dir, Split::Train, &[2, 1, 0, 3, 1], 0);
+    write_cifar(&dir, Split::Test, &[3], 100);
+
+    let train = Dataset::load(DatasetName::Cifar10, Split::Train, data.path()).unwrap();
+    assert_eq!(train.name, "cifar10/train");
+    assert_cifar(&train, 0, 7);
+    let test = Dataset::load(DatasetName::Cifar10, Split::Test, data.path()).unwrap();
+    assert_eq!(test.name, "cifar10/test");
+    assert_cifar(&test, 100, 3);
+
+    // The reader itself, on one file: the last two train records.
+    let batch = cifar::read_batches(&[dir.join("data_batch_4.bin")]).unwrap();
+    assert_eq!(batch.labels, train.labels[3..6]);
+    assert_eq!(batch.images, train.images[3 * 3072..6 * 3072]);
+}
+
+#[test]
+fn cifar_load_search_order_and_no_mixing() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let load_test = || Dataset::load(DatasetName::Cifar10, Split::Test, d).unwrap();
+
+    write_cifar(&d.join("cifar10"), Split::Test, &[1], 200);
+    assert_cifar(&load_test(), 200, 1);
+    write_cifar(&d.join("cifar-10-batches-bin"), Split::Test, &[1], 300);
+    assert_cifar(&load_test(), 300, 1);
+    write_cifar(
+        &d.join("cifar10/cifar-10-batches-bin"),
+        Split::Test,
+        &[2],
+        400,
+    );
+    assert_cifar(&load_test(), 400, 2);
+
+    // Train files spread over two directories are not combined.
+    write_cifar(&d.join("cifar-10-batches-bin"), Split::Train, &[1; 5], 0);
+    std::fs::rename(
+        d.join("cifar-10-batches-bin/data_batch_5.bin"),
+        d.join("cifar10/data_batch_5.bin"),
+    )
+    .unwrap();
+    let msg = err_text(Dataset::load(DatasetName::Cifar10, Split::Train, d));
+    for part in [
+        "cifar10 train data not found".to_string(),
+        "data_batch_1.bin".to_string(),
+        "data_batch_5.bin".to_string(),
+        d.join("cifar10/cifar-10-batches-bin").display().to_string(),
+        d.join("cifar-10-batches-bin").display().to_string(),
+        format!("cupbearer download cifar10 --data-dir {}", d.display()),
+        "cifar-10-binary.tar.gz".to_string(),
+    ] {
+        assert!(msg.contains(&part), "missing '{part}' in: {msg}");
+    }
+    std::fs::rename(
+        d.join("cifar10/data_batch_5.bin"),
+        d.join("cifar-10-batches-bin/data_batch_5.bin"),
+    )
+    .unwrap();
+    let train = Dataset::load(DatasetName::Cifar10, Split::Train, d).unwrap();
+    assert_cifar(&train, 0, 5);
+}
+
+#[test]
+fn cifar_corrupt_files_name_file_and_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("cifar10");
+    let test_file = dir.join("test_batch.bin");
+    let load_test = || {
+        err_text(Dataset::load(
+            DatasetName::Cifar10,
+            Split::Test,
+            data.path(),
+        ))
+    };
+
+    write_cifar(&dir, Split::Test, &[2], 0);
+    let good = std::fs::read(&test_file).unwrap();
+    std::fs::write(&test_file, &good[..good.len() - 1]).unwrap();
+    let msg = load_test();
+    assert!(
+        msg.contains("test_batch.bin")
+            && msg.contains("size 6145 bytes is not a multiple of the 3073-byte"),
+        "{msg}"
+    );
+
+    let mut bad_label = good.clone();
+    bad_label[3073] = 10;
+    std::fs::write(&test_file, &bad_label).unwrap();
+    let msg = load_test();
+    assert!(
+        msg.contains("test_batch.bin") && msg.contains("label 10 of record 1 is out of range"),
+        "{msg}"
+    );
+
+    // The file in error is named even when it is not the first one.
+    write_cifar(&dir, Split::Train, &[1; 5], 0);
+    let third = dir.join("data_batch_3.bin");
+    let mut bytes = std::fs::read(&third).unwrap();
+    bytes[0] = 255;
+    std::fs::write(&third, bytes).unwrap();
+    let msg = err_text(Dataset::load(
+        DatasetName::Cifar10,
+        Split::Train,
+        data.path(),
+    ));
+    assert!(
+        msg.contains("data_batch_3.bin") && msg.contains("label 255 of record 0"),
+        "{msg}"
+    );
+
+    let missing = dir.join("data_batch_9.bin");
+    let msg = err_text(cifar::read_batches(&[
+        dir.join("data_batch_1.bin"),
+        missing,
+    ]));
+    assert!(
+        msg.contains("data_batch_9.bin") && msg.contains("cannot read"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn dataset_truncate() {
     let mut ds = Dataset::synthetic(20, 8, 8, 3);
@@ -303,9 +500,13 @@ fn dataset_name_parse_display_serde() {
         "fashion-mnist".parse::<DatasetName>().unwrap(),
         DatasetName::FashionMnist
     );
-    let msg = err_text(DatasetName::parse("cifar10"));
+    for s in ["cifar10", "CIFAR-10", "cifar_10", " Cifar10 "] {
+        assert_eq!(DatasetName::parse(s).unwrap(), DatasetName::Cifar10, "{s}");
+    }
+    assert_eq!(DatasetName::Cifar10.as_str(), "cifar10");
+    let msg = err_text(DatasetName::parse("cifar100"));
     assert!(
-        msg.contains("cifar10") && msg.contains("mnist, fashion_mnist"),
+        msg.contains("cifar100") && msg.contains("mnist, fashion_mnist, cifar10"),
         "{msg}"
     );
     for n in DatasetName::ALL {
@@ -600,7 +801,241 @@ fn default_mirrors_are_https_or_known() {
     assert_eq!(m[0], "https://ossci-datasets.s3.amazonaws.com/mnist/");
     let f = download::default_mirrors(DatasetName::FashionMnist);
     assert_eq!(f.len(), 2);
-    assert!(m.iter().chain(&f).all(|u| u.ends_with('/')));
+    let c = download::default_mirrors(DatasetName::Cifar10);
+    assert_eq!(c, ["https://www.cs.toronto.edu/~kriz/"]);
+    assert!(m.iter().chain(&f).chain(&c).all(|u| u.ends_with('/')));
+    // The real digests cover exactly the files the loader reads.
+    let mut files: Vec<&str> = [Split::Train, Split::Test]
+        .iter()
+        .flat_map(|&s| cifar::file_names(s).iter().copied())
+        .collect();
+    files.sort();
+    let mut hashed: Vec<&str> = download::CIFAR10_SHA256.iter().map(|(f, _)| *f).collect();
+    hashed.sort();
+    assert_eq!(files, hashed);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Archive members, `(path, bytes)`.
+type Members = Vec<(String, Vec<u8>)>;
+/// `(file name, hex SHA-256)`.
+type Digests = Vec<(String, String)>;
+
+/// A tar archive of `(path, bytes)` members. Headers are written by hand so that a path
+/// the `tar` crate's builder would refuse (`..`) can be tested too.
+fn tar_bytes(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in members {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, bytes.as_slice()).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// The members of a generated `cifar-10-binary.tar.gz` (7 train records over the five
+/// train files, 3 test records, plus a file that is not extracted) and their digests.
+fn cifar_members() -> (Members, Digests) {
+    let mut members = Vec::new();
+    for (split, counts, first) in [
+        (Split::Train, &[2, 1, 0, 3, 1][..], 0),
+        (Split::Test, &[3][..], 100),
+    ] {
+        for (name, bytes) in cifar::file_names(split)
+            .iter()
+            .zip(cifar_batches(counts, first))
+        {
+            members.push((format!("cifar-10-batches-bin/{name}"), bytes));
+        }
+    }
+    let hashes = members
+        .iter()
+        .map(|(p, b)| (p.rsplit('/').next().unwrap().to_string(), sha256_hex(b)))
+        .collect();
+    members.push((
+        "cifar-10-batches-bin/batches.meta.txt".to_string(),
+        b"airplane\nautomobile\n".to_vec(),
+    ));
+    (members, hashes)
+}
+
+fn as_refs(hashes: &[(String, String)]) -> Vec<(&str, &str)> {
+    hashes
+        .iter()
+        .map(|(f, h)| (f.as_str(), h.as_str()))
+        .collect()
+}
+
+/// Serves `cifar-10-binary.tar.gz` variants from subfolders: `good/` (the generated
+/// archive), `plain/` (the same, not gzipped: what a server's `Content-Encoding: gzip`
+/// leaves), `traversal/` (plus a `..` member), `incomplete/` (no `test_batch.bin`) and
+/// `garbage/`. Returns the server root, its base URL and the generated digests.
+fn cifar_server() -> (tempfile::TempDir, String, Digests) {
+    let (members, hashes) = cifar_members();
+    let mut traversal = members.clone();
+    traversal.push((
+        "cifar-10-batches-bin/../../evil.bin".to_string(),
+        b"x".to_vec(),
+    ));
+    let incomplete: Vec<_> = members
+        .iter()
+        .filter(|(p, _)| !p.ends_with("test_batch.bin"))
+        .cloned()
+        .collect();
+    let root = tempfile::tempdir().unwrap();
+    for (sub, bytes) in [
+        ("good", gz(&tar_bytes(&members))),
+        ("plain", tar_bytes(&members)),
+        ("traversal", gz(&tar_bytes(&traversal))),
+        ("incomplete", gz(&tar_bytes(&incomplete))),
+        ("garbage", gz(&[7u8; 2000])),
+    ] {
+        std::fs::create_dir(root.path().join(sub)).unwrap();
+        std::fs::write(root.path().join(sub).join("cifar-10-binary.tar.gz"), bytes).unwrap();
+    }
+    let base = serve(root.path().to_path_buf());
+    (root, base, hashes)
+}
+
+const CIFAR_FILES: [&str; 6] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+    "test_batch.bin",
+];
+
+#[test]
+fn download_cifar10_generated_archive() {
+    let (_root, base, hashes) = cifar_server();
+    let hashes = as_refs(&hashes);
+    for sub in ["good", "plain"] {
+        let data = tempfile::tempdir().unwrap();
+        let mirrors = vec![format!("{base}/missing/"), format!("{base}/{sub}")];
+        let dir = download::download_cifar10(data.path(), &mirrors, &hashes).unwrap();
+        assert_eq!(dir, data.path().join("cifar10/cifar-10-batches-bin"));
+        // Only the verified files, and no temporary directory, are left.
+        assert_eq!(dir_entries(&dir), CIFAR_FILES);
+        assert_eq!(
+            dir_entries(&data.path().join("cifar10")),
+            ["cifar-10-batches-bin"]
+        );
+        let train = Dataset::load(DatasetName::Cifar10, Split::Train, data.path()).unwrap();
+        assert_cifar(&train, 0, 7);
+        let test = Dataset::load(DatasetName::Cifar10, Split::Test, data.path()).unwrap();
+        assert_cifar(&test, 100, 3);
+    }
+
+    let data = tempfile::tempdir().unwrap();
+    let good = vec![format!("{base}/good/")];
+    let dir = download::download_cifar10(data.path(), &good, &hashes).unwrap();
+    // Everything verified is skipped: a mirror that cannot serve anything still works.
+    download::download_cifar10(data.path(), &[refused_url()], &hashes).unwrap();
+
+    // A corrupted file is replaced; the user's own files stay.
+    std::fs::write(dir.join("data_batch_2.bin"), b"not a batch").unwrap();
+    std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    let msg = err_text(download::download_cifar10(
+        data.path(),
+        &[refused_url()],
+        &hashes,
+    ));
+    assert!(msg.contains("cifar-10-binary.tar.gz"), "{msg}");
+    download::download_cifar10(data.path(), &good, &hashes).unwrap();
+    let mut expected = CIFAR_FILES.to_vec();
+    expected.push("notes.txt");
+    expected.sort();
+    assert_eq!(dir_entries(&dir), expected);
+    let train = Dataset::load(DatasetName::Cifar10, Split::Train, data.path()).unwrap();
+    assert_cifar(&train, 0, 7);
+    assert_eq!(
+        dir_entries(&data.path().join("cifar10")),
+        ["cifar-10-batches-bin"]
+    );
+}
+
+#[test]
+fn download_cifar10_bad_checksum_leaves_nothing_behind() {
+    let (_root, base, hashes) = cifar_server();
+    let url = format!("{base}/good/cifar-10-binary.tar.gz");
+    let mirrors = [format!("{base}/good/")];
+
+    // The real digests (via `download`) reject the generated archive at its first file.
+    let fresh = tempfile::tempdir().unwrap();
+    let msg = err_text(download::download(
+        DatasetName::Cifar10,
+        fresh.path(),
+        &mirrors,
+    ));
+    for part in [
+        url.as_str(),
+        "cifar-10-batches-bin/data_batch_1.bin: SHA-256 mismatch",
+        "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
+        &hashes[0].1,
+    ] {
+        assert!(msg.contains(part), "missing '{part}' in: {msg}");
+    }
+    assert_eq!(dir_entries(fresh.path()), Vec::<String>::new());
+
+    // A mismatch on the last file, after five were extracted, leaves nothing either; an
+    // existing directory keeps its other contents.
+    let mut wrong = hashes.clone();
+    wrong[5].1 = "0".repeat(64);
+    let existing = tempfile::tempdir().unwrap();
+    std::fs::create_dir(existing.path().join("cifar10")).unwrap();
+    std::fs::write(existing.path().join("cifar10/notes.txt"), "mine").unwrap();
+    for data in [fresh.path(), existing.path()] {
+        let msg = err_text(download::download_cifar10(data, &mirrors, &as_refs(&wrong)));
+        assert!(
+            msg.contains("test_batch.bin: SHA-256 mismatch") && msg.contains(&hashes[5].1),
+            "{msg}"
+        );
+    }
+    assert_eq!(dir_entries(fresh.path()), Vec::<String>::new());
+    assert_eq!(dir_entries(&existing.path().join("cifar10")), ["notes.txt"]);
+}
+
+#[test]
+fn download_cifar10_reports_every_mirror_failure() {
+    let (_root, base, hashes) = cifar_server();
+    let refused = refused_url();
+    let mirrors: Vec<String> = ["missing", "traversal", "incomplete", "garbage"]
+        .iter()
+        .map(|sub| format!("{base}/{sub}/"))
+        .chain([refused.clone()])
+        .collect();
+    let data = tempfile::tempdir().unwrap();
+    let msg = err_text(download::download_cifar10(
+        data.path(),
+        &mirrors,
+        &as_refs(&hashes),
+    ));
+    for part in [
+        format!("{base}/missing/cifar-10-binary.tar.gz: http status: 404"),
+        format!(
+            "{base}/traversal/cifar-10-binary.tar.gz: refusing archive member cifar-10-batches-bin/../../evil.bin"
+        ),
+        format!(
+            "{base}/incomplete/cifar-10-binary.tar.gz: archive lacks cifar-10-batches-bin/test_batch.bin"
+        ),
+        format!("{base}/garbage/cifar-10-binary.tar.gz"),
+        format!("{refused}cifar-10-binary.tar.gz"),
+        "CUPBEARER_MIRROR".to_string(),
+    ] {
+        assert!(msg.contains(&part), "missing '{part}' in: {msg}");
+    }
+    assert_eq!(dir_entries(data.path()), Vec::<String>::new());
 }
 
 /// All assertions that touch process-global env vars live here, since tests run in
@@ -635,5 +1070,11 @@ fn env_precedence() {
         &[format!("{base}/corrupt/")],
     ));
     assert!(msg.contains("/corrupt/") && !msg.contains("/bad/"), "{msg}");
+
+    // ... for CIFAR-10 too.
+    let (_cifar_root, cifar_base, hashes) = cifar_server();
+    std::env::set_var("CUPBEARER_MIRROR", format!("{cifar_base}/good"));
+    let dir = download::download_cifar10(data.path(), &[], &as_refs(&hashes)).unwrap();
+    assert_eq!(dir_entries(&dir), CIFAR_FILES);
     std::env::remove_var("CUPBEARER_MIRROR");
 }

@@ -8,7 +8,7 @@ use crate::data::{download, resolve_data_dir, DatasetName};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Data set to fetch: mnist or fashion_mnist.
+    /// Data set to fetch: mnist, fashion_mnist or cifar10.
     dataset: DatasetName,
     /// Data directory [default: $CUPBEARER_DATA_DIR, else ./data].
     #[arg(long)]

@@ -1,4 +1,4 @@
-//! Image classification data sets: MNIST, Fashion-MNIST and a synthetic stand-in.
+//! Image classification data sets: MNIST, Fashion-MNIST, CIFAR-10 and a synthetic stand-in.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -6,24 +6,31 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 
-use super::idx;
+use super::{cifar, idx};
 
-/// A data set that can be downloaded and loaded from IDX files.
+/// A data set that can be downloaded and loaded from its official files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetName {
     Mnist,
     FashionMnist,
+    Cifar10,
 }
 
 impl DatasetName {
-    pub const ALL: [DatasetName; 2] = [DatasetName::Mnist, DatasetName::FashionMnist];
+    pub const ALL: [DatasetName; 3] = [
+        DatasetName::Mnist,
+        DatasetName::FashionMnist,
+        DatasetName::Cifar10,
+    ];
 
-    /// Parses `"mnist"` or `"fashion_mnist"` (`"fashion-mnist"` too, the upstream spelling).
+    /// Parses `"mnist"`, `"fashion_mnist"` (`"fashion-mnist"` too, the upstream spelling) or
+    /// `"cifar10"` (`"cifar-10"`, `"cifar_10"`), ignoring case.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "mnist" => Ok(Self::Mnist),
             "fashion_mnist" | "fashion-mnist" => Ok(Self::FashionMnist),
+            "cifar10" | "cifar-10" | "cifar_10" => Ok(Self::Cifar10),
             _ => {
                 let valid: Vec<_> = Self::ALL.iter().map(|n| n.as_str()).collect();
                 bail!("unknown data set '{s}'; valid names: {}", valid.join(", "))
@@ -35,6 +42,7 @@ impl DatasetName {
         match self {
             Self::Mnist => "mnist",
             Self::FashionMnist => "fashion_mnist",
+            Self::Cifar10 => "cifar10",
         }
     }
 }
@@ -52,7 +60,8 @@ impl fmt::Display for DatasetName {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,
     Test,
@@ -129,27 +138,34 @@ impl Dataset {
         }
     }
 
-    /// Loads a split of `name` from the IDX files found under `data_dir`.
+    /// Loads a split of `name` from the files found under `data_dir`.
     ///
-    /// Files: `{train,t10k}-images-idx3-ubyte[.gz]` and `{train,t10k}-labels-idx1-ubyte[.gz]`,
-    /// the uncompressed file preferred when both exist (a user who unpacked the files may
-    /// have fixed or replaced them). Directories searched, in order: `<data_dir>/<name>/`,
-    /// `<data_dir>/fashion-mnist/` (upstream spelling, Fashion-MNIST only), `<data_dir>/`
-    /// (MNIST only: the classic flat layout), and for Fashion-MNIST the Debian package
-    /// folder `/usr/share/datasets/fashion-mnist/`. Both files of a split must be in the
-    /// same directory, so that images and labels of different copies are never mixed.
+    /// MNIST and Fashion-MNIST: `{train,t10k}-images-idx3-ubyte[.gz]` and
+    /// `{train,t10k}-labels-idx1-ubyte[.gz]`, the uncompressed file preferred when both exist
+    /// (a user who unpacked the files may have fixed or replaced them). Directories searched,
+    /// in order: `<data_dir>/<name>/`, `<data_dir>/fashion-mnist/` (upstream spelling,
+    /// Fashion-MNIST only), `<data_dir>/` (MNIST only: the classic flat layout), and for
+    /// Fashion-MNIST the Debian package folder `/usr/share/datasets/fashion-mnist/`.
+    ///
+    /// CIFAR-10 (binary version): `data_batch_{1..5}.bin` (train) or `test_batch.bin` (test)
+    /// in `<data_dir>/cifar10/cifar-10-batches-bin/` (where `cupbearer download` puts them),
+    /// `<data_dir>/cifar-10-batches-bin/` (the archive unpacked in place) or
+    /// `<data_dir>/cifar10/`.
+    ///
+    /// All files of a split must be in the same directory, so that files of different
+    /// copies are never mixed.
     pub fn load(name: DatasetName, split: Split, data_dir: &Path) -> Result<Dataset> {
         let dirs = search_dirs(name, data_dir);
+        if name == DatasetName::Cifar10 {
+            return load_cifar10(split, &dirs, data_dir);
+        }
         let [images_name, labels_name] = idx_file_names(split);
         let found = dirs
             .iter()
             .find_map(|dir| Some((find_file(dir, &images_name)?, find_file(dir, &labels_name)?)));
         let Some((images_path, labels_path)) = found else {
             let searched: Vec<String> = dirs.iter().map(|d| format!("  {}", d.display())).collect();
-            let mut how = format!(
-                "run `cupbearer download {name} --data-dir {}`",
-                data_dir.display()
-            );
+            let mut how = download_hint(name, data_dir);
             if name == DatasetName::FashionMnist {
                 how.push_str(" or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu)");
             }
@@ -235,17 +251,59 @@ impl Dataset {
     }
 }
 
+fn load_cifar10(split: Split, dirs: &[PathBuf], data_dir: &Path) -> Result<Dataset> {
+    let name = DatasetName::Cifar10;
+    let files = cifar::file_names(split);
+    let Some(dir) = dirs
+        .iter()
+        .find(|dir| files.iter().all(|f| dir.join(f).is_file()))
+    else {
+        let searched: Vec<String> = dirs.iter().map(|d| format!("  {}", d.display())).collect();
+        bail!(
+            "{name} {} data not found: no directory holds all of {} among:\n{}\nTo get the data, {}, or unpack the binary version (cifar-10-binary.tar.gz) into {}.",
+            split.as_str(),
+            files.join(", "),
+            searched.join("\n"),
+            download_hint(name, data_dir),
+            data_dir.display(),
+        );
+    };
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    let batch = cifar::read_batches(&paths)?;
+    Ok(Dataset {
+        name: format!("{name}/{}", split.as_str()),
+        height: cifar::HEIGHT,
+        width: cifar::WIDTH,
+        channels: cifar::CHANNELS,
+        num_classes: cifar::NUM_CLASSES,
+        images: batch.images,
+        labels: batch.labels,
+    })
+}
+
+fn download_hint(name: DatasetName, data_dir: &Path) -> String {
+    format!(
+        "run `cupbearer download {name} --data-dir {}`",
+        data_dir.display()
+    )
+}
+
 /// Directories `Dataset::load` looks in, in order.
 fn search_dirs(name: DatasetName, data_dir: &Path) -> Vec<PathBuf> {
-    let mut dirs = vec![data_dir.join(name.as_str())];
+    let own = data_dir.join(name.as_str());
     match name {
-        DatasetName::Mnist => dirs.push(data_dir.to_path_buf()),
-        DatasetName::FashionMnist => {
-            dirs.push(data_dir.join("fashion-mnist"));
-            dirs.push(PathBuf::from(DEBIAN_FASHION_MNIST_DIR));
-        }
+        DatasetName::Mnist => vec![own, data_dir.to_path_buf()],
+        DatasetName::FashionMnist => vec![
+            own,
+            data_dir.join("fashion-mnist"),
+            PathBuf::from(DEBIAN_FASHION_MNIST_DIR),
+        ],
+        DatasetName::Cifar10 => vec![
+            own.join(cifar::ARCHIVE_DIR),
+            data_dir.join(cifar::ARCHIVE_DIR),
+            own,
+        ],
     }
-    dirs
 }
 
 /// `dir/file` if it exists, else `dir/file.gz` if that exists.

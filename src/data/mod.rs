@@ -2,6 +2,7 @@
 
 /// Backdoor triggers (data poisoning) applied to these data sets.
 pub mod backdoor;
+pub mod cifar;
 pub mod datasets;
 pub mod download;
 pub mod idx;
