@@ -15,7 +15,7 @@ use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use cupbearer::model::train::{train, TrainOptions};
-use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
+use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 use serde_json::json;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,7 +121,7 @@ fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
     let gdata = GpuDataset::upload(ctx, &data)?;
     let model = GpuMlp::upload(ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
     let rows = 128;
-    let ws = model.workspace(ctx, rows, gdata.is_sparse(), true)?;
+    let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
     let idx: Vec<u32> = (0..1024).collect();
     let indices = ctx.buffer_from("indices", &idx)?;
     let mut params = StepParams::default();

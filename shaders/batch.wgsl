@@ -18,9 +18,16 @@ struct BatchParams {
     noise_std: f32,
     clip: u32,
     seed: u32,
+    // The pixels are split over data0..data3 (each within the storage binding limit).
+    samples_per_chunk: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
-@group(0) @binding(0) var<storage, read> data: array<u32>;     // u8 pixels, 4 per word
+// u8 pixels, 4 per word (or f32), of samples [k·samples_per_chunk, (k+1)·samples_per_chunk)
+// in data{k}.
+@group(0) @binding(0) var<storage, read> data0: array<u32>;
 @group(0) @binding(1) var<storage, read> labels_all: array<u32>;
 @group(0) @binding(2) var<storage, read> indices: array<u32>;
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;  // [rows][sample_dim]
@@ -28,9 +35,14 @@ struct BatchParams {
 @group(0) @binding(5) var<uniform> params: BatchParams;
 @group(0) @binding(6) var<uniform> step: Step;
 @group(0) @binding(7) var<storage, read_write> xt: array<f32>; // [sample_dim][rows]
+@group(0) @binding(8) var<storage, read> data1: array<u32>;
+@group(0) @binding(9) var<storage, read> data2: array<u32>;
+@group(0) @binding(10) var<storage, read> data3: array<u32>;
 
 // Also write the transpose: the layout the first matmul reads fastest (K-major).
 override WRITE_T: bool = false;
+// Pixels stored as f32 bit patterns (computed images) instead of packed u8.
+override F32_PIXELS: bool = false;
 
 const KIND_CORNER: u32 = 1u;
 const KIND_NOISE: u32 = 2u;
@@ -56,9 +68,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 }
 
 fn pixel(sample: u32, p: u32, poisoned: bool) -> f32 {
-    let byte_index = sample * params.sample_dim + p;
-    let word = data[byte_index / 4u];
-    var v = f32((word >> (8u * (byte_index % 4u))) & 255u) / 255.0;
+    let index = (sample % params.samples_per_chunk) * params.sample_dim + p;
+    let chunk = sample / params.samples_per_chunk;
+    var v: f32;
+    if (F32_PIXELS) {
+        v = bitcast<f32>(word(chunk, index));
+    } else {
+        v = f32((word(chunk, index / 4u) >> (8u * (index % 4u))) & 255u) / 255.0;
+    }
     if (poisoned) {
         if (params.kind == KIND_CORNER) {
             let pixel = p / params.channels;
@@ -75,4 +92,13 @@ fn pixel(sample: u32, p: u32, poisoned: bool) -> f32 {
         }
     }
     return v;
+}
+
+fn word(chunk: u32, i: u32) -> u32 {
+    switch chunk {
+        case 0u: { return data0[i]; }
+        case 1u: { return data1[i]; }
+        case 2u: { return data2[i]; }
+        default: { return data3[i]; }
+    }
 }

@@ -34,3 +34,5 @@ fn rand_normal(h1: u32, h2: u32) -> f32 {
 
 const STREAM_COIN: u32 = 1u;
 const STREAM_NOISE: u32 = 2u;
+// 3 and 4 are host-only (shuffle, init): see src/rng.rs.
+const STREAM_ATTACK_START: u32 = 5u;

@@ -25,3 +25,23 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }
+
+/// Tensor `name` of a safetensors file at `path`, checked for presence and dtype.
+pub fn checked_tensor<'a>(
+    st: &'a safetensors::SafeTensors<'a>,
+    path: &Path,
+    name: &str,
+    dtype: safetensors::Dtype,
+) -> Result<safetensors::tensor::TensorView<'a>> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+    if t.dtype() != dtype {
+        anyhow::bail!(
+            "{}: tensor {name} is {:?}, expected {dtype:?}",
+            path.display(),
+            t.dtype()
+        );
+    }
+    Ok(t)
+}

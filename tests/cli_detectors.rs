@@ -250,4 +250,112 @@ fn debug_runs_every_command_tiny_and_writes_only_with_dir_full() {
     let out = run_ok(cwd, &eval);
     assert!(out.contains("1 normal, 1 anomalous"), "{out}");
     assert!(!cwd.join("logs/d/eval.json").exists());
+
+    // make-adversarial-examples attacks 2 samples; the task in debug mode makes one.
+    let out = run_ok(
+        cwd,
+        &words("make_adversarial_examples --debug --dir.full logs/c --quiet"),
+    );
+    assert!(out.contains("2 examples"), "{out}");
+    std::fs::remove_file(cwd.join("logs/c/adv_examples.safetensors")).unwrap();
+    let adversarial = [
+        "--task",
+        "adversarial_examples",
+        "--task.run_path",
+        "logs/c",
+        "--quiet",
+    ];
+    let mut eval = eval[..6].to_vec();
+    eval.extend(adversarial);
+    let out = run_ok(cwd, &eval);
+    assert!(out.contains("1 normal, 1 anomalous"), "{out}");
+}
+
+/// The adversarial-examples task: examples made by the command and on demand, scored by
+/// Mahalanobis; a too-weak attack, an existing file and a corrupt file are clear errors.
+#[test]
+fn adversarial_examples_task_end_to_end() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let mut train = words("train_classifier --train_data mnist --model mlp --dir.full logs/c");
+    train.extend(&SMALL[..5]);
+    train.push("--quiet");
+    run_ok(cwd, &train);
+    let examples = cwd.join("logs/c/adv_examples.safetensors");
+
+    // The original's default (FGSM, eps 8/255) does not fool this model: nothing is kept.
+    let weak = cupbearer(cwd, &words("make_adversarial_examples --dir.full logs/c"));
+    assert!(!weak.status.success());
+    assert!(
+        stderr(&weak).contains("attack too weak"),
+        "{}",
+        stderr(&weak)
+    );
+    assert!(!examples.exists());
+
+    let make = "make_adversarial_examples --dir.full logs/c --eps 0.3 --quiet";
+    let out = run_ok(cwd, &words(make));
+    assert!(out.contains("200 examples"), "{out}");
+    let report = eval_json(&cwd.join("logs/c/adv_examples.json"));
+    assert!(report["new_accuracy"].as_f64().unwrap() <= 0.1, "{report}");
+    let loaded = cupbearer::data::adversarial::AdversarialExamples::load(&examples).unwrap();
+    assert_eq!(loaded.source_indices, (0..200).collect::<Vec<u32>>());
+    assert_eq!((loaded.shape, loaded.len()), ([12, 10, 1], 200));
+    assert!(cwd.join("logs/c/adv_examples.png").is_file());
+    let again = cupbearer(cwd, &words(make));
+    assert!(
+        stderr(&again).contains("refusing to overwrite"),
+        "{}",
+        stderr(&again)
+    );
+
+    let task = "--task adversarial_examples --task.run_path logs/c";
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --detector mahalanobis {task} --dir.full logs/d --quiet"
+        )),
+    );
+    let eval = format!(
+        "eval_detector --detector from_run --detector.path logs/d {task} --dir.full logs/e --quiet"
+    );
+    run_ok(cwd, &words(&eval));
+    let report = eval_json(&cwd.join("logs/e/eval.json"));
+    // 200 clean test images that were not attacked, 200 adversarial examples.
+    assert_eq!(
+        (
+            report["num_normal"].as_u64(),
+            report["num_anomalous"].as_u64()
+        ),
+        (Some(200), Some(200))
+    );
+    let auc = report["AUC_ROC"].as_f64().unwrap();
+    assert!(auc >= 0.9, "adversarial AUROC {auc}");
+    let csv = std::fs::read_to_string(cwd.join("logs/e/scores.csv")).unwrap();
+    assert_eq!(
+        csv.lines()
+            .filter(|l| l.starts_with("adversarial,"))
+            .count(),
+        200
+    );
+
+    // Made on demand by the task (PGD from the task's flags) when the file is missing.
+    std::fs::remove_file(&examples).unwrap();
+    let pgd = format!("{eval} --task.attack pgd --task.eps 0.2 --task.steps 5 --overwrite");
+    run_ok(cwd, &words(&pgd));
+    let made = cupbearer::data::adversarial::AdversarialExamples::load(&examples).unwrap();
+    assert_eq!(made.meta.attack["method"], "pgd");
+
+    // A corrupt file is an error naming it, not a silent re-attack.
+    std::fs::write(&examples, b"not safetensors").unwrap();
+    let corrupt = cupbearer(cwd, &words(&pgd));
+    assert!(!corrupt.status.success());
+    assert!(
+        stderr(&corrupt).contains("adv_examples.safetensors"),
+        "{}",
+        stderr(&corrupt)
+    );
 }

@@ -307,3 +307,79 @@ fn shader_errors_are_results_not_panics() {
     ctx.check()
         .expect("a captured compile error leaves the device usable");
 }
+
+#[test]
+fn attack_start_and_update_match_reference() {
+    use cupbearer::gpu::attack::{
+        attack_ops, attack_start_reference, attack_update_reference, AttackBuffers, AttackStep,
+    };
+    let Some(ctx) = gpu() else { return };
+    let (rows, dim) = (7, 13);
+    // Pixels in [0, 1], some at the bounds; gradients with exact zeros.
+    let x: Vec<f32> = random(rows * dim, 5)
+        .iter()
+        .map(|v| (v * 0.8 + 0.5).clamp(0.0, 1.0))
+        .collect();
+    let grad: Vec<f32> = random(rows * dim, 6)
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| if i % 5 == 0 { 0.0 } else { g })
+        .collect();
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for random_start in [false, true] {
+        let a = AttackStep {
+            eps: 0.1,
+            step_size: 0.07,
+            random_start,
+            seed: 9,
+        };
+        let gx = ctx.buffer_from("x", &x).unwrap();
+        let gxt = ctx.zeros("xt", rows * dim).unwrap();
+        let gx0 = ctx.zeros("x0", rows * dim).unwrap();
+        let gg = ctx.buffer_from("grad", &grad).unwrap();
+        let batch_offset = 40;
+        let step = ctx.uniform(
+            "step",
+            &StepParams {
+                batch_offset,
+                ..Default::default()
+            },
+        );
+        let ops = attack_ops(
+            &ctx,
+            rows,
+            dim,
+            &a,
+            &AttackBuffers {
+                x: Slice::whole(&gx),
+                xt: Slice::whole(&gxt),
+                x0: Slice::whole(&gx0),
+                grad: Slice::whole(&gg),
+            },
+            &step,
+        )
+        .unwrap();
+        // Two steps: the second must be projected back into the eps ball.
+        ctx.submit([&ops.start, &ops.update, &ops.update]);
+        let mut want = attack_start_reference(&x64, dim, batch_offset, &a);
+        for _ in 0..2 {
+            want = attack_update_reference(&want, &x64, &grad, &a);
+        }
+        let what = format!("random_start {random_start}");
+        let got: Vec<f32> = ctx.read(Slice::whole(&gx)).unwrap();
+        assert_close(&got, &want, 1e-6, 0.0, &what);
+        let got_t: Vec<f32> = ctx.read(Slice::whole(&gxt)).unwrap();
+        let want_t: Vec<f64> = (0..rows * dim)
+            .map(|i| want[(i % rows) * dim + i / rows])
+            .collect();
+        assert_close(&got_t, &want_t, 1e-6, 0.0, &format!("{what} transposed"));
+        let got0: Vec<f32> = ctx.read(Slice::whole(&gx0)).unwrap();
+        assert_close(&got0, &x64, 0.0, 0.0, &format!("{what} x0"));
+        for (i, (&g, &v0)) in got.iter().zip(&x).enumerate() {
+            assert!(
+                (g - v0).abs() <= a.eps + 1e-6,
+                "{what}: element {i} left the ball"
+            );
+        }
+    }
+}

@@ -6,11 +6,14 @@ mod common;
 use common::gpu;
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
-use cupbearer::gpu::batch::{gather_batch, gather_batch_reference, BatchOutputs, GpuDataset};
+use cupbearer::gpu::batch::{
+    gather_batch, gather_batch_reference, BatchOutputs, FloatImages, GpuDataset,
+};
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
-use cupbearer::gpu::{GpuContext, Slice, StepParams};
+use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use cupbearer::model::gpu_mlp::{ParamLayout, Workspace};
 use cupbearer::model::train::{evaluate, predict_logits, train, TrainOptions};
-use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
+use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 
 fn corner(corner: Corner, p: f32) -> Backdoor {
     Backdoor {
@@ -110,6 +113,42 @@ fn gather_matches_reference_with_and_without_triggers() {
 }
 
 #[test]
+fn data_sets_split_over_several_bindings_gather_the_same() {
+    let Some(ctx) = gpu() else { return };
+    // 63-byte samples: chunks must hold a multiple of 4 samples to start on a word.
+    let data = Dataset::synthetic(53, 9, 7, 5);
+    let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
+    let (want_x, want_y) = gather_batch_reference(&data, &indices, None, 0, 0);
+    // 4 chunks of 16 samples (1008 B) for 53 samples; one chunk; too many chunks.
+    for (limit, chunks) in [(1100, 4), (1 << 20, 1)] {
+        let gdata = GpuDataset::upload_chunked(&ctx, &data, limit).unwrap();
+        assert_eq!(gdata.chunks.len(), chunks);
+        let (x, y) = gpu_batch(&ctx, &gdata, &indices, None, 0, 0);
+        common::assert_close(&x, &want_x, 1e-6, 0.0, &format!("{chunks} chunks"));
+        assert_eq!(y, want_y);
+    }
+    let err = GpuDataset::upload_chunked(&ctx, &data, 700).err().unwrap();
+    assert!(format!("{err:#}").contains("storage bindings"), "{err:#}");
+    // Float pixels take the same path.
+    let pixels: Vec<f32> = data.images.iter().map(|&p| p as f32 / 255.0).collect();
+    let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+    let fdata = GpuDataset::upload_f32(
+        &ctx,
+        "floats",
+        &FloatImages {
+            pixels: &pixels,
+            labels: &labels,
+            shape: [9, 7, 1],
+            num_classes: 10,
+        },
+    )
+    .unwrap();
+    let (x, y) = gpu_batch(&ctx, &fdata, &indices, None, 0, 0);
+    common::assert_close(&x, &want_x, 1e-6, 0.0, "f32 pixels");
+    assert_eq!(y, want_y);
+}
+
+#[test]
 fn corner_names_mean_what_they_say() {
     let Some(ctx) = gpu() else { return };
     let (h, w) = (6, 5);
@@ -181,69 +220,100 @@ fn reference_loss(mlp: &Mlp, x: &[f64], labels: &[u32]) -> f64 {
         / rows as f64
 }
 
+/// A small MLP with non-zero biases (so every gradient path is exercised) on
+/// synthetic 5x3 images, and 13 of its samples.
+struct GradientCase {
+    data: Dataset,
+    mlp: Mlp,
+    indices: Vec<u32>,
+}
+
+impl GradientCase {
+    fn new() -> Self {
+        let config = MlpConfig {
+            input_shape: [5, 3, 1],
+            hidden_dims: vec![7, 6],
+            output_dim: 10,
+        };
+        let mut mlp = Mlp::init(&config, 3).unwrap();
+        for d in &mut mlp.layers {
+            for (i, b) in d.bias.iter_mut().enumerate() {
+                *b = 0.05 * ((i % 3) as f32 - 1.0);
+            }
+        }
+        GradientCase {
+            data: Dataset::synthetic(19, 5, 3, 4),
+            mlp,
+            indices: (0..13).map(|i| (i * 5) % 19).collect(),
+        }
+    }
+
+    /// Runs gather, forward, loss and `backward(model, ws)` on the GPU.
+    fn run(
+        &self,
+        ctx: &GpuContext,
+        gradients: Gradients,
+        backward: impl Fn(&GpuMlp, &Workspace) -> Vec<Dispatch>,
+    ) -> (GpuMlp, Workspace) {
+        let rows = self.indices.len();
+        let model = GpuMlp::upload(ctx, &self.mlp).unwrap();
+        let gdata = GpuDataset::upload(ctx, &self.data).unwrap();
+        let ws = model.workspace(ctx, rows, true, gradients).unwrap();
+        let idx = ctx.buffer_from("idx", &self.indices).unwrap();
+        let step = ctx.uniform("step", &StepParams::default());
+        let metrics = ctx.zeros("metrics", rows).unwrap();
+        let mut ops = vec![gather_batch(
+            ctx,
+            &gdata,
+            rows,
+            Slice::whole(&idx),
+            &BatchOutputs {
+                x: Slice::whole(&ws.x),
+                xt: Some(Slice::whole(&ws.xt)),
+                labels: Slice::whole(&ws.labels),
+            },
+            None,
+            0,
+            &step,
+        )
+        .unwrap()];
+        ops.extend(model.forward(ctx, &ws).unwrap());
+        ops.push(
+            softmax_cross_entropy(
+                ctx,
+                rows,
+                10,
+                Slice::whole(&ws.logits),
+                Slice::whole(&ws.labels),
+                &LossOutputs {
+                    grad: Slice::whole(&ws.dlogits),
+                    sample_loss: Slice::whole(&metrics),
+                    sample_correct: Slice::whole(&metrics),
+                },
+                &step,
+            )
+            .unwrap(),
+        );
+        ops.extend(backward(&model, &ws));
+        ctx.submit(&ops);
+        (model, ws)
+    }
+}
+
 #[test]
 fn mlp_gradients_match_finite_differences() {
     let Some(ctx) = gpu() else { return };
-    let data = Dataset::synthetic(19, 5, 3, 4);
-    let config = MlpConfig {
-        input_shape: [5, 3, 1],
-        hidden_dims: vec![7, 6],
-        output_dim: 10,
-    };
-    let mut mlp = Mlp::init(&config, 3).unwrap();
-    // Non-zero biases so that every parameter's gradient path is exercised.
-    for d in &mut mlp.layers {
-        for (i, b) in d.bias.iter_mut().enumerate() {
-            *b = 0.05 * ((i % 3) as f32 - 1.0);
-        }
-    }
-    let rows = 13;
-    let indices: Vec<u32> = (0..rows as u32).map(|i| (i * 5) % 19).collect();
-    let model = GpuMlp::upload(&ctx, &mlp).unwrap();
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
-    let ws = model.workspace(&ctx, rows, true, true).unwrap();
-    let idx = ctx.buffer_from("idx", &indices).unwrap();
-    let step = ctx.uniform("step", &StepParams::default());
-    let grads = ctx.zeros("grads", model.layout.total).unwrap();
-    let metrics = ctx.zeros("metrics", rows).unwrap();
-    let mut ops = vec![gather_batch(
-        &ctx,
-        &gdata,
-        rows,
-        Slice::whole(&idx),
-        &BatchOutputs {
-            x: Slice::whole(&ws.x),
-            xt: Some(Slice::whole(&ws.xt)),
-            labels: Slice::whole(&ws.labels),
-        },
-        None,
-        0,
-        &step,
-    )
-    .unwrap()];
-    ops.extend(model.forward(&ctx, &ws).unwrap());
-    ops.push(
-        softmax_cross_entropy(
-            &ctx,
-            rows,
-            10,
-            Slice::whole(&ws.logits),
-            Slice::whole(&ws.labels),
-            &LossOutputs {
-                grad: Slice::whole(&ws.dlogits),
-                sample_loss: Slice::whole(&metrics),
-                sample_correct: Slice::whole(&metrics),
-            },
-            &step,
-        )
-        .unwrap(),
-    );
-    ops.extend(model.backward(&ctx, &ws, &grads).unwrap());
-    ctx.submit(&ops);
+    let case = GradientCase::new();
+    let (mlp, config) = (&case.mlp, &case.mlp.config);
+    let grads = ctx.zeros("grads", ParamLayout::new(config).total).unwrap();
+    let (model, _ws) = case.run(&ctx, Gradients::Params, |model, ws| {
+        model.backward(&ctx, ws, &grads).unwrap()
+    });
     let flat: Vec<f32> = ctx.read(Slice::whole(&grads)).unwrap();
-    let got = model.layout.unflatten(&config, &flat);
+    let got = model.layout.unflatten(config, &flat);
 
-    let (x, labels) = gather_batch_reference(&data, &indices, None, 0, 0);
+    let (data, indices) = (&case.data, &case.indices);
+    let (x, labels) = gather_batch_reference(data, indices, None, 0, 0);
     let h = 1e-4;
     let mut checked = 0;
     for l in 0..mlp.layers.len() {
@@ -282,6 +352,36 @@ fn mlp_gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, mlp.num_params());
+}
+
+#[test]
+fn mlp_input_gradient_matches_finite_differences() {
+    let Some(ctx) = gpu() else { return };
+    let case = GradientCase::new();
+    let (_model, ws) = case.run(&ctx, Gradients::Input, |model, ws| {
+        model.input_gradient(&ctx, ws).unwrap()
+    });
+    let got: Vec<f32> = ctx.read(Slice::whole(ws.dx.as_ref().unwrap())).unwrap();
+    let (x, labels) = gather_batch_reference(&case.data, &case.indices, None, 0, 0);
+    assert_eq!(got.len(), x.len());
+    let h = 1e-5;
+    let mut nonzero = 0;
+    for i in 0..x.len() {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus[i] += h;
+        minus[i] -= h;
+        let fd = (reference_loss(&case.mlp, &plus, &labels)
+            - reference_loss(&case.mlp, &minus, &labels))
+            / (2.0 * h);
+        let g = got[i] as f64;
+        assert!(
+            (g - fd).abs() <= 1e-5 + 2e-3 * fd.abs(),
+            "input {i}: gpu {g}, finite difference {fd}"
+        );
+        nonzero += (fd.abs() > 1e-6) as usize;
+    }
+    // Most inputs must matter, or the comparison proves little.
+    assert!(nonzero > x.len() / 2, "{nonzero} of {} non-zero", x.len());
 }
 
 fn small_options(seed: u32, backdoor: Option<Backdoor>) -> TrainOptions {

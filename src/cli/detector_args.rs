@@ -7,11 +7,15 @@ use clap::ValueEnum;
 
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::detectors::mahalanobis::MahalanobisConfig;
+use crate::model::attack::{AttackConfig, AttackMethod, DEFAULT_EPS, DEFAULT_PGD_STEPS};
+use crate::tasks::adversarial::AdversarialTaskConfig;
 use crate::tasks::backdoor::{AnomalousSplit, BackdoorTaskConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TaskKind {
     Backdoor,
+    #[value(name = "adversarial_examples", alias = "adversarial-examples")]
+    AdversarialExamples,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -28,15 +32,16 @@ pub enum SplitArg {
 
 #[derive(clap::Args)]
 pub struct TaskArgs {
-    /// The task: `backdoor` (are inputs carrying a trigger?).
+    /// The task: `backdoor` (are inputs carrying a trigger?) or `adversarial_examples`
+    /// (are inputs adversarial examples of the classifier?).
     #[arg(long, value_enum)]
     task: TaskKind,
     /// The classifier run directory (from train-classifier).
     #[arg(long, value_name = "DIR")]
     task_run_path: PathBuf,
-    /// The anomalies' trigger: corner or noise.
+    /// Backdoor task: the anomalies' trigger, corner or noise.
     #[arg(long, value_enum, value_name = "TRIGGER")]
-    task_backdoor: TriggerKind,
+    task_backdoor: Option<TriggerKind>,
     #[arg(long, default_value = "top-left", value_name = "CORNER")]
     task_backdoor_corner: Corner,
     #[arg(long, default_value_t = 0, value_name = "CLASS")]
@@ -62,18 +67,67 @@ pub struct TaskArgs {
     /// which overlaps the fitting data).
     #[arg(long, value_enum, default_value = "test", value_name = "SPLIT")]
     task_anomalous_split: SplitArg,
+    /// Adversarial task, when RUN/adv_examples.safetensors must be made: the attack.
+    #[arg(long, value_enum, default_value = "fgsm", value_name = "METHOD")]
+    task_attack: AttackMethod,
+    /// Adversarial task: the attack's L∞ radius.
+    #[arg(long, default_value_t = DEFAULT_EPS, value_name = "EPS")]
+    task_eps: f32,
+    /// Adversarial task: PGD steps.
+    #[arg(long, default_value_t = DEFAULT_PGD_STEPS, value_name = "N")]
+    task_steps: usize,
+    /// Adversarial task: PGD step size [default: 2.5·eps/steps].
+    #[arg(long, value_name = "S")]
+    task_step_size: Option<f32>,
+    /// Adversarial task: samples per attack batch.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    task_attack_batch_size: usize,
+    /// Adversarial task: fail when the accuracy after the attack is above this.
+    #[arg(long, default_value_t = 0.1, value_name = "ACC")]
+    task_success_threshold: f64,
+    /// Adversarial task: keep only examples the classifier gets wrong.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    task_only_successful: bool,
 }
 
 impl TaskArgs {
-    /// `--debug`: 2 trusted samples, a test mix of 2.
+    /// `--debug`: 2 trusted samples, a test mix of 2, attacks of batch 1 that may fail.
     pub fn debug(&mut self) {
         (self.task_max_train_size, self.task_max_test_size) = (Some(2), Some(2));
+        (self.task_attack_batch_size, self.task_success_threshold) = (1, 1.0);
     }
 
     /// (registry name, JSON config).
-    pub fn resolve(&self) -> Result<(&'static str, serde_json::Value)> {
-        let TaskKind::Backdoor = self.task;
-        let trigger = match self.task_backdoor {
+    pub fn resolve(&self, seed: u32) -> Result<(&'static str, serde_json::Value)> {
+        match self.task {
+            TaskKind::Backdoor => self.backdoor(),
+            TaskKind::AdversarialExamples => {
+                let mut attack = AttackConfig::new(
+                    self.task_attack,
+                    self.task_eps,
+                    self.task_steps,
+                    self.task_step_size,
+                );
+                (attack.batch_size, attack.seed) = (self.task_attack_batch_size, seed);
+                let config = AdversarialTaskConfig {
+                    run_path: self.task_run_path.clone(),
+                    attack,
+                    success_threshold: self.task_success_threshold,
+                    only_successful: self.task_only_successful,
+                    max_train_size: self.task_max_train_size,
+                    max_test_size: self.task_max_test_size,
+                    normal_weight: self.task_normal_weight,
+                };
+                Ok(("adversarial_examples", serde_json::to_value(config)?))
+            }
+        }
+    }
+
+    fn backdoor(&self) -> Result<(&'static str, serde_json::Value)> {
+        let Some(kind) = self.task_backdoor else {
+            bail!("--task backdoor needs --task.backdoor corner|noise (the anomalies' trigger)");
+        };
+        let trigger = match kind {
             TriggerKind::Corner => Trigger::Corner {
                 corner: self.task_backdoor_corner,
             },

@@ -10,7 +10,7 @@ pub type Args = DetectorCommandArgs;
 
 pub fn run(mut args: Args) -> Result<()> {
     args.apply_debug();
-    let (task_kind, task_config) = args.task.resolve()?;
+    let (task_kind, task_config) = args.task.resolve(args.common.seed)?;
     let detector_dir = args.detector.stored()?;
     let c = &args.common;
     // Like the original, eval writes nothing by default: only with --dir.full/--dir.base.

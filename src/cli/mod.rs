@@ -5,6 +5,7 @@
 mod detector_args;
 mod download;
 mod eval_detector;
+mod make_adversarial_examples;
 mod train_classifier;
 mod train_detector;
 
@@ -41,6 +42,10 @@ enum Command {
     /// Score a task's test mix with a trained detector: AUROC, AP, scores and plots.
     #[command(alias = "eval_detector", after_help = AFTER_HELP, args_override_self = true)]
     EvalDetector(eval_detector::Args),
+    /// Attack a classifier run's model (FGSM or PGD) and store the adversarial examples
+    /// in the run directory.
+    #[command(alias = "make_adversarial_examples", after_help = AFTER_HELP, args_override_self = true)]
+    MakeAdversarialExamples(make_adversarial_examples::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),
 }
@@ -120,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::TrainClassifier(args) => train_classifier::run(args),
         Command::TrainDetector(args) => train_detector::run(args),
         Command::EvalDetector(args) => eval_detector::run(args),
+        Command::MakeAdversarialExamples(args) => make_adversarial_examples::run(args),
         Command::Download(args) => download::run(args),
     };
     match result {

@@ -12,7 +12,7 @@ pub type Args = DetectorCommandArgs;
 
 pub fn run(mut args: Args) -> Result<()> {
     args.apply_debug();
-    let (task_kind, task_config) = args.task.resolve()?;
+    let (task_kind, task_config) = args.task.resolve(args.common.seed)?;
     let (kind, config) = args.detector.resolve()?;
     let detector = crate::detectors::build(kind, &config)?;
     let c = &args.common;

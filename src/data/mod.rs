@@ -1,5 +1,8 @@
-//! Data sets: IDX file I/O, MNIST / Fashion-MNIST loading and downloading, synthetic data.
+//! Data sets: IDX and CIFAR-10 file I/O, MNIST / Fashion-MNIST / CIFAR-10 loading and
+//! downloading, synthetic data, stored adversarial examples.
 
+/// Adversarial examples stored next to a classifier run.
+pub mod adversarial;
 /// Backdoor triggers (data poisoning) applied to these data sets.
 pub mod backdoor;
 pub mod cifar;

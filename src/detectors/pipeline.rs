@@ -4,6 +4,7 @@
 //! `detector.safetensors`. Evaluation writes `eval.json`, `scores.csv`,
 //! `histogram.svg` and `roc.svg` into its output dir.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Detector, LayerScores, SampleSet};
-use crate::data::Split;
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_svg};
 use crate::gpu::batch::GpuDataset;
@@ -20,7 +20,7 @@ use crate::gpu::GpuContext;
 use crate::io::{write_atomic, write_json};
 use crate::model::GpuMlp;
 use crate::run::refuse_overwrite;
-use crate::tasks::{SampleSpec, Task};
+use crate::tasks::{SampleSpec, Source, Task};
 
 pub const DETECTOR_CONFIG_FILE: &str = "config.json";
 pub const DETECTOR_FILE: &str = "detector.safetensors";
@@ -64,44 +64,33 @@ impl DetectorRunConfig {
     }
 }
 
-/// The GPU side of a task: context, model and the splits `specs` use, uploaded.
+/// The GPU side of a task: context, model and the sources `specs` use, uploaded.
 struct Loaded {
     ctx: GpuContext,
     model: GpuMlp,
-    /// Indexed by `split_index`.
-    splits: [Option<GpuDataset>; 2],
-}
-
-fn split_index(split: Split) -> usize {
-    match split {
-        Split::Train => 0,
-        Split::Test => 1,
-    }
+    sources: HashMap<Source, GpuDataset>,
 }
 
 impl Loaded {
     fn new(task: &dyn Task, specs: &[&SampleSpec], progress: bool) -> Result<Self> {
         let ctx = GpuContext::new()?;
         crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
-        let mut splits = [None, None];
+        let mut sources = HashMap::new();
         for spec in specs {
-            let slot = &mut splits[split_index(spec.split)];
-            if slot.is_none() {
-                *slot = Some(GpuDataset::upload(&ctx, task.dataset(spec.split)?)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = sources.entry(spec.source) {
+                e.insert(task.upload(&ctx, spec.source)?);
             }
         }
         Ok(Loaded {
             model: GpuMlp::upload(&ctx, &task.classifier().model)?,
-            splits,
+            sources,
             ctx,
         })
     }
 
     fn samples<'a>(&'a self, spec: &'a SampleSpec, seed: u32) -> SampleSet<'a> {
         SampleSet {
-            data: self.splits[split_index(spec.split)]
-                .as_ref()
-                .expect("Loaded::new uploads every split its specs use"),
+            data: &self.sources[&spec.source],
             indices: &spec.indices,
             backdoor: spec.backdoor,
             seed,
@@ -286,10 +275,7 @@ pub fn eval_detector(
     let mut csv = format!("split,sample,anomalous,{},score\n", normal.names.join(","));
     let mut row = 0;
     for spec in [&mix.normal, &mix.anomalous] {
-        let split = match spec.split {
-            Split::Train => "train",
-            Split::Test => "test",
-        };
+        let split = spec.source.name();
         for &i in &spec.indices {
             let _ = write!(csv, "{split},{i},{}", labels[row] as u8);
             for layer in &per_layer {

@@ -7,9 +7,17 @@ use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, RNG_WGSL, STEP_
 use crate::data::backdoor::{Backdoor, Trigger};
 use crate::data::Dataset;
 
-/// A data set uploaded once: pixels as packed u8 (4 per u32 word), labels as u32.
+/// Storage bindings a data set may span (`data0..data3` in `shaders/batch.wgsl`): with
+/// 128 MiB bindings, data sets up to 512 MiB (CIFAR-10's training set is 154 MB).
+pub const MAX_CHUNKS: usize = 4;
+
+/// A data set uploaded once: pixels as packed u8 (4 per u32 word) or, for computed
+/// images such as adversarial examples, as f32 in [0, 1]; labels as u32. Pixels are split
+/// into chunks of whole samples, each within the adapter's storage binding limit.
 pub struct GpuDataset {
-    pub images: wgpu::Buffer,
+    pub chunks: Vec<wgpu::Buffer>,
+    pub samples_per_chunk: usize,
+    pub f32_pixels: bool,
     pub labels: wgpu::Buffer,
     pub len: usize,
     pub height: usize,
@@ -22,17 +30,24 @@ pub struct GpuDataset {
 
 impl GpuDataset {
     pub fn upload(ctx: &GpuContext, data: &Dataset) -> Result<Self> {
-        // The shader reads bytes as little-endian u32 words: upload the bytes as they are.
-        let images = if data.images.len().is_multiple_of(4) {
-            ctx.buffer_from(&format!("{} images", data.name), &data.images)?
-        } else {
-            let mut padded = data.images.clone();
-            padded.resize(data.images.len().next_multiple_of(4), 0);
-            ctx.buffer_from(&format!("{} images", data.name), &padded)?
-        };
+        Self::upload_chunked(ctx, data, ctx.limits.max_storage_buffer_binding_size)
+    }
+
+    /// [`GpuDataset::upload`] with chunks of at most `max_chunk_bytes` (tests use small
+    /// ones to cover the multi-chunk path).
+    pub fn upload_chunked(ctx: &GpuContext, data: &Dataset, max_chunk_bytes: u64) -> Result<Self> {
         let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+        let images = Pixels {
+            name: &data.name,
+            bytes: &data.images,
+            bytes_per_value: 1,
+            sample_values: data.sample_dim(),
+        };
+        let (chunks, samples_per_chunk) = images.upload(ctx, max_chunk_bytes)?;
         Ok(GpuDataset {
-            images,
+            chunks,
+            samples_per_chunk,
+            f32_pixels: false,
             labels: ctx.buffer_from(&format!("{} labels", data.name), &labels)?,
             len: data.len(),
             height: data.height,
@@ -41,6 +56,47 @@ impl GpuDataset {
             num_classes: data.num_classes,
             density: data.images.iter().filter(|&&p| p != 0).count() as f64
                 / data.images.len().max(1) as f64,
+        })
+    }
+
+    /// Uploads float images (`len * height * width * channels` values, HWC).
+    pub fn upload_f32(ctx: &GpuContext, name: &str, images: &FloatImages<'_>) -> Result<Self> {
+        let [height, width, channels] = images.shape;
+        let len = images.labels.len();
+        if images.pixels.len() != len * height * width * channels {
+            bail!(
+                "{name}: {} pixel values for {len} images of shape {:?}",
+                images.pixels.len(),
+                images.shape
+            );
+        }
+        if let Some(&l) = images
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= images.num_classes)
+        {
+            bail!("{name}: label {l} out of range 0..{}", images.num_classes);
+        }
+        let pixels = Pixels {
+            name,
+            bytes: bytemuck::cast_slice(images.pixels),
+            bytes_per_value: 4,
+            sample_values: height * width * channels,
+        };
+        let (chunks, samples_per_chunk) =
+            pixels.upload(ctx, ctx.limits.max_storage_buffer_binding_size)?;
+        Ok(GpuDataset {
+            chunks,
+            samples_per_chunk,
+            f32_pixels: true,
+            labels: ctx.buffer_from(&format!("{name} labels"), images.labels)?,
+            len,
+            height,
+            width,
+            channels,
+            num_classes: images.num_classes,
+            density: images.pixels.iter().filter(|&&p| p != 0.0).count() as f64
+                / images.pixels.len().max(1) as f64,
         })
     }
 
@@ -53,6 +109,72 @@ impl GpuDataset {
     pub fn is_sparse(&self) -> bool {
         self.density < 0.3
     }
+}
+
+/// Pixel bytes of a data set on their way to the GPU.
+struct Pixels<'a> {
+    name: &'a str,
+    bytes: &'a [u8],
+    bytes_per_value: usize,
+    sample_values: usize,
+}
+
+impl Pixels<'_> {
+    /// Uploads in chunks of whole samples, each at most `max_chunk_bytes` and a whole
+    /// number of u32 words; returns the chunks and the samples per chunk.
+    fn upload(&self, ctx: &GpuContext, max_chunk_bytes: u64) -> Result<(Vec<wgpu::Buffer>, usize)> {
+        let sample_bytes = (self.sample_values * self.bytes_per_value).max(1);
+        // Chunks must start on a word: a multiple of `step` samples.
+        let step = 4 / gcd(sample_bytes, 4);
+        let fit = (max_chunk_bytes as usize / sample_bytes) / step * step;
+        let samples = self.bytes.len() / sample_bytes;
+        if fit == 0 {
+            bail!(
+                "{}: one sample ({sample_bytes} B) exceeds the storage binding limit",
+                self.name
+            );
+        }
+        let per_chunk = fit.min(samples.next_multiple_of(step).max(step));
+        let chunks: Vec<&[u8]> = self.bytes.chunks(per_chunk * sample_bytes).collect();
+        if chunks.len() > MAX_CHUNKS {
+            bail!(
+                "{}: {} MiB of pixels need {} storage bindings of at most {} MiB; at most \
+                 {MAX_CHUNKS} are supported",
+                self.name,
+                self.bytes.len() >> 20,
+                chunks.len(),
+                max_chunk_bytes >> 20
+            );
+        }
+        let buffers = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut words = chunk.to_vec();
+                // The shader reads little-endian u32 words: pad the last one.
+                words.resize(chunk.len().next_multiple_of(4), 0);
+                ctx.buffer_from(&format!("{} images {i}", self.name), &words)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((buffers, per_chunk))
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Float images on the host, for [`GpuDataset::upload_f32`].
+pub struct FloatImages<'a> {
+    pub pixels: &'a [f32],
+    pub labels: &'a [u32],
+    /// (height, width, channels).
+    pub shape: [usize; 3],
+    pub num_classes: usize,
 }
 
 #[repr(C)]
@@ -70,6 +192,8 @@ struct BatchParams {
     noise_std: f32,
     clip: u32,
     seed: u32,
+    samples_per_chunk: u32,
+    _pad: [u32; 3],
 }
 
 /// Where a batch goes: `x` is rows x sample_dim (row-major), `xt` (optional) its
@@ -113,8 +237,14 @@ pub fn gather_batch(
             Binding::Uniform,
             Binding::Uniform,
             Binding::ReadWrite,
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+            Binding::ReadOnly,
         ],
-        &[("WRITE_T", out.xt.is_some() as u8 as f64)],
+        &[
+            ("WRITE_T", out.xt.is_some() as u8 as f64),
+            ("F32_PIXELS", data.f32_pixels as u8 as f64),
+        ],
     )?;
     let mut p = BatchParams {
         rows: rows as u32,
@@ -129,6 +259,8 @@ pub fn gather_batch(
         noise_std: 0.0,
         clip: 0,
         seed,
+        samples_per_chunk: data.samples_per_chunk as u32,
+        _pad: [0; 3],
     };
     if let Some(b) = backdoor {
         b.validate(data.num_classes)?;
@@ -148,7 +280,7 @@ pub fn gather_batch(
     ctx.dispatch(
         &kernel,
         &[
-            Some(Slice::whole(&data.images)),
+            Some(Slice::whole(&data.chunks[0])),
             Some(Slice::whole(&data.labels)),
             Some(indices),
             Some(out.x),
@@ -156,6 +288,9 @@ pub fn gather_batch(
             Some(Slice::whole(&params)),
             Some(Slice::whole(step)),
             out.xt,
+            data.chunks.get(1).map(Slice::whole),
+            data.chunks.get(2).map(Slice::whole),
+            data.chunks.get(3).map(Slice::whole),
         ],
         [rows as u32, 1, 1],
     )

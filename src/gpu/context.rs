@@ -41,7 +41,9 @@ pub struct Kernel {
     bindings: Vec<Binding>,
 }
 
-/// One recorded kernel launch: pipeline, bound buffers and grid size.
+/// One recorded kernel launch: pipeline, bound buffers and grid size. Cloning is
+/// cheap (shared handles), for launches repeated within one submit.
+#[derive(Clone)]
 pub struct Dispatch {
     kernel: Arc<Kernel>,
     bind_group: wgpu::BindGroup,

@@ -2,6 +2,7 @@
 //! reference), and the per-step parameter block shared by the training kernels.
 
 pub mod adam;
+pub mod attack;
 pub mod batch;
 pub mod context;
 pub mod loss;

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use anyhow::{bail, Result};
 
-use super::gpu_mlp::{GpuMlp, Workspace};
+use super::gpu_mlp::{GpuMlp, Gradients, Workspace};
 use crate::data::backdoor::Backdoor;
 use crate::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
@@ -51,7 +51,7 @@ impl BatchPlan {
         model: &GpuMlp,
         inputs: &BatchInputs<'_>,
         rows: usize,
-        gradients: bool,
+        gradients: Gradients,
         extra: &Extra<'_>,
     ) -> Result<Self> {
         let data = inputs.data;
@@ -89,7 +89,7 @@ impl BatchPlans {
         inputs: &BatchInputs<'_>,
         n: usize,
         batch_size: usize,
-        gradients: bool,
+        gradients: Gradients,
         extra: &Extra<'_>,
     ) -> Result<Self> {
         check_compatible(model, inputs.data, n, batch_size)?;
@@ -199,6 +199,6 @@ pub fn for_each_activation_batch(
         backdoor: samples.backdoor,
         seed: samples.seed,
     };
-    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, false, extra)?;
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, Gradients::None, extra)?;
     run_batches(ctx, &plans, &step, n, before, |_| Ok(()))
 }

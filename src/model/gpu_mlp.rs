@@ -1,7 +1,7 @@
 //! The MLP resident on the GPU: parameters in one flat buffer (so Adam is one
 //! dispatch), per-batch workspaces, and the recorded forward/backward dispatch lists.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use super::mlp::{Dense, Mlp, MlpConfig};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
@@ -81,6 +81,17 @@ pub struct GpuMlp {
     pub schedule: Schedule,
 }
 
+/// Which gradient buffers a workspace holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gradients {
+    /// Forward only (evaluation, detectors).
+    None,
+    /// Back to the parameters (training).
+    Params,
+    /// Back to the input (adversarial attacks).
+    Input,
+}
+
 /// Activations and gradients of one batch of `rows` samples, all row-major
 /// `[rows][width]` unless marked transposed.
 pub struct Workspace {
@@ -99,6 +110,8 @@ pub struct Workspace {
     /// dL/dlogits, then dL/d(pre-activation) of each hidden layer.
     pub dlogits: wgpu::Buffer,
     pub dz: Vec<wgpu::Buffer>,
+    /// dL/dx, with [`Gradients::Input`].
+    pub dx: Option<wgpu::Buffer>,
 }
 
 impl GpuMlp {
@@ -122,7 +135,7 @@ impl GpuMlp {
         ctx: &GpuContext,
         rows: usize,
         sparse_input: bool,
-        gradients: bool,
+        gradients: Gradients,
     ) -> Result<Workspace> {
         let widths = &self.config.hidden_dims;
         let dim = self.config.input_dim();
@@ -143,12 +156,14 @@ impl GpuMlp {
             hidden: per_layer("hidden")?,
             logits: ctx.zeros("logits", rows * classes)?,
             dlogits: ctx.zeros("dlogits", rows * classes)?,
-            // Forward-only workspaces (evaluation, detectors) skip the gradient buffers.
-            dz: if gradients {
-                per_layer("dz")?
-            } else {
+            dz: if gradients == Gradients::None {
                 Vec::new()
+            } else {
+                per_layer("dz")?
             },
+            dx: (gradients == Gradients::Input)
+                .then(|| ctx.zeros("dx", rows * dim))
+                .transpose()?,
         })
     }
 
@@ -194,7 +209,7 @@ impl GpuMlp {
     }
 
     /// Dispatches from `ws.dlogits` to the parameter gradients in `grads` (same layout
-    /// as the parameters). The input gradient of the first layer is never needed.
+    /// as the parameters).
     pub fn backward(
         &self,
         ctx: &GpuContext,
@@ -202,11 +217,11 @@ impl GpuMlp {
         grads: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         if ws.dz.len() != self.config.hidden_dims.len() {
-            anyhow::bail!("backward needs a workspace created with gradients");
+            bail!("backward needs a workspace created with gradients");
         }
         let mut ops = Vec::new();
-        let mut g = &ws.dlogits;
         for (l, s) in self.layout.layers.iter().enumerate().rev() {
+            let g = self.output_gradient(ws, l);
             let input = if l == 0 { &ws.x } else { &ws.hidden[l - 1] };
             // dW = inputᵀ · g: the row-major input is exactly Aᵀ stored K-major.
             ops.push(matmul(
@@ -236,30 +251,63 @@ impl GpuMlp {
                 Slice::whole(g),
                 Slice::new(grads, s.bias, s.fan_out),
             )?);
+            // The input gradient of the first layer is not needed for training.
             if l > 0 {
-                // dz = (g · Wᵀ) ⊙ (hidden > 0), fused into the matmul epilogue.
-                ops.push(matmul(
-                    ctx,
-                    MatmulFlags {
-                        b_nmajor: true,
-                        relu_mask: true,
-                        ..Default::default()
-                    },
-                    self.schedule,
-                    &MatmulArgs {
-                        m: ws.rows,
-                        n: s.fan_in,
-                        k: s.fan_out,
-                        a: Slice::whole(g),
-                        b: self.kernel_slice(l),
-                        c: Slice::whole(&ws.dz[l - 1]),
-                        bias: None,
-                        mask: Some(Slice::whole(&ws.hidden[l - 1])),
-                    },
-                )?);
-                g = &ws.dz[l - 1];
+                ops.push(self.backprop(ctx, ws, l)?);
             }
         }
         Ok(ops)
+    }
+
+    /// Dispatches from `ws.dlogits` to `ws.dx` = dL/dx, skipping parameter gradients.
+    pub fn input_gradient(&self, ctx: &GpuContext, ws: &Workspace) -> Result<Vec<Dispatch>> {
+        if ws.dx.is_none() {
+            bail!("input_gradient needs a workspace created with Gradients::Input");
+        }
+        (0..self.layout.layers.len())
+            .rev()
+            .map(|l| self.backprop(ctx, ws, l))
+            .collect()
+    }
+
+    /// dL/d(output) of layer `l`: the logits' gradient, or a hidden pre-activation's.
+    fn output_gradient<'w>(&self, ws: &'w Workspace, l: usize) -> &'w wgpu::Buffer {
+        if l + 1 == self.layout.layers.len() {
+            &ws.dlogits
+        } else {
+            &ws.dz[l]
+        }
+    }
+
+    /// Layer `l`'s input gradient `g · Wᵀ`: for a hidden input masked by ReLU' (fused
+    /// into the matmul epilogue) into `ws.dz[l - 1]`, for the network input into `ws.dx`.
+    fn backprop(&self, ctx: &GpuContext, ws: &Workspace, l: usize) -> Result<Dispatch> {
+        let s = self.layout.layers[l];
+        let (out, mask) = match l {
+            0 => (
+                ws.dx.as_ref().context("workspace has no input gradient")?,
+                None,
+            ),
+            _ => (&ws.dz[l - 1], Some(Slice::whole(&ws.hidden[l - 1]))),
+        };
+        matmul(
+            ctx,
+            MatmulFlags {
+                b_nmajor: true,
+                relu_mask: mask.is_some(),
+                ..Default::default()
+            },
+            self.schedule,
+            &MatmulArgs {
+                m: ws.rows,
+                n: s.fan_in,
+                k: s.fan_out,
+                a: Slice::whole(self.output_gradient(ws, l)),
+                b: self.kernel_slice(l),
+                c: Slice::whole(out),
+                bias: None,
+                mask,
+            },
+        )
     }
 }

@@ -155,14 +155,11 @@ impl Mlp {
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
         let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(name)
-                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
-            if t.dtype() != Dtype::F32 || t.shape() != shape {
+            let t = crate::io::checked_tensor(&st, path, name, Dtype::F32)?;
+            if t.shape() != shape {
                 bail!(
-                    "{}: tensor {name} is {:?} {:?}, expected F32 {shape:?}",
+                    "{}: tensor {name} has shape {:?}, expected {shape:?}",
                     path.display(),
-                    t.dtype(),
                     t.shape()
                 );
             }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::batches::{run_batches, BatchInputs, BatchPlan, BatchPlans, SampleSet, MAX_IN_FLIGHT};
-use super::gpu_mlp::{GpuMlp, Workspace};
+use super::gpu_mlp::{GpuMlp, Gradients, Workspace};
 use crate::data::backdoor::Backdoor;
 use crate::gpu::adam::{adam, set_adam_step};
 use crate::gpu::batch::GpuDataset;
@@ -50,13 +50,13 @@ pub struct TrainReport {
 }
 
 /// Per-sample outputs of the loss kernel, indexed by position in the epoch order.
-struct SampleMetrics {
-    loss: wgpu::Buffer,
-    correct: wgpu::Buffer,
+pub(crate) struct SampleMetrics {
+    pub loss: wgpu::Buffer,
+    pub correct: wgpu::Buffer,
 }
 
 impl SampleMetrics {
-    fn new(ctx: &GpuContext, n: usize) -> Result<Self> {
+    pub(crate) fn new(ctx: &GpuContext, n: usize) -> Result<Self> {
         Ok(SampleMetrics {
             loss: ctx.zeros("sample_loss", n)?,
             correct: ctx.zeros("sample_correct", n)?,
@@ -64,7 +64,7 @@ impl SampleMetrics {
     }
 
     /// Mean loss and accuracy over the first `n` positions, summed in f64 in order.
-    fn read_means(&self, ctx: &GpuContext, n: usize) -> Result<(f64, f64)> {
+    pub(crate) fn read_means(&self, ctx: &GpuContext, n: usize) -> Result<(f64, f64)> {
         let loss: Vec<f32> = ctx.read(Slice::new(&self.loss, 0, n))?;
         let correct: Vec<f32> = ctx.read(Slice::new(&self.correct, 0, n))?;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64;
@@ -80,7 +80,7 @@ struct Optimizer {
 }
 
 /// The loss kernel of a plan: per-sample metrics at the batch's position, dL/dlogits.
-fn loss_op(
+pub(crate) fn loss_op(
     ctx: &GpuContext,
     model: &GpuMlp,
     ws: &Workspace,
@@ -145,7 +145,15 @@ pub fn train(
         )?);
         Ok(ops)
     };
-    let plans = BatchPlans::new(ctx, model, &inputs, n, opts.batch_size, true, &train_ops)?;
+    let plans = BatchPlans::new(
+        ctx,
+        model,
+        &inputs,
+        n,
+        opts.batch_size,
+        Gradients::Params,
+        &train_ops,
+    )?;
     let batch = plans.batch_size();
     let steps_per_epoch = n.div_ceil(batch);
     let start = Instant::now();
@@ -267,7 +275,7 @@ fn eval_batches(
         seed,
     };
     let loss = |ws: &Workspace| Ok(vec![loss_op(ctx, model, ws, &metrics, &step)?]);
-    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, false, &loss)?;
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, Gradients::None, &loss)?;
     run_batches(ctx, &plans, &step, n, |_, _| Ok(()), after)?;
     Ok(metrics)
 }

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{mix_sizes, SampleSpec, Task, TestMix};
+use super::{mix_sizes, SampleSpec, Source, Task, TestMix};
 use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
 use crate::run::ClassifierRun;
@@ -98,7 +98,7 @@ impl Task for BackdoorTask {
             anyhow::bail!("max_train_size {n} out of range 1..={available}");
         }
         Ok(SampleSpec {
-            split: Split::Train,
+            source: Source::Data(Split::Train),
             indices: (0..n as u32).collect(),
             backdoor: None,
         })
@@ -117,12 +117,12 @@ impl Task for BackdoorTask {
         )?;
         Ok(TestMix {
             normal: SampleSpec {
-                split: Split::Test,
+                source: Source::Data(Split::Test),
                 indices: (0..normal as u32).collect(),
                 backdoor: None,
             },
             anomalous: SampleSpec {
-                split: anomalous_split,
+                source: Source::Data(anomalous_split),
                 indices: (0..anomalous as u32).collect(),
                 backdoor: Some(self.config.backdoor),
             },

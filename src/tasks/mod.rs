@@ -4,6 +4,7 @@
 //! To add one: write `src/tasks/<name>.rs` implementing [`Task`] with a JSON-configurable
 //! constructor, and add one line to [`REGISTRY`].
 
+pub mod adversarial;
 pub mod backdoor;
 
 use std::path::Path;
@@ -12,12 +13,32 @@ use anyhow::{bail, Result};
 
 use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
+use crate::gpu::batch::GpuDataset;
+use crate::gpu::GpuContext;
 use crate::run::ClassifierRun;
 
-/// Samples of one split of the task's data set, optionally triggered.
+/// Where samples come from: a split of the task's data set, or images the task
+/// computed (adversarial examples).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    Data(Split),
+    Adversarial,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Data(Split::Train) => "train",
+            Source::Data(Split::Test) => "test",
+            Source::Adversarial => "adversarial",
+        }
+    }
+}
+
+/// Samples of one source, optionally triggered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleSpec {
-    pub split: Split,
+    pub source: Source,
     pub indices: Vec<u32>,
     pub backdoor: Option<Backdoor>,
 }
@@ -36,6 +57,13 @@ pub trait Task {
     fn classifier(&self) -> &ClassifierRun;
     /// A split of the task's data set, loaded on first use (commands need only some).
     fn dataset(&self, split: Split) -> Result<&Dataset>;
+    /// Uploads the samples of `source`; tasks with computed images override this.
+    fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
+        match source {
+            Source::Data(split) => GpuDataset::upload(ctx, self.dataset(split)?),
+            Source::Adversarial => bail!("the {} task has no adversarial examples", self.kind()),
+        }
+    }
     /// Trusted data to fit detectors on (clean).
     fn trusted(&self) -> Result<SampleSpec>;
     fn test_mix(&self) -> Result<TestMix>;
@@ -45,7 +73,10 @@ pub trait Task {
 pub type BuildFn = fn(&serde_json::Value, &Path) -> Result<Box<dyn Task>>;
 
 /// name → constructor. One line per task.
-pub const REGISTRY: &[(&str, BuildFn)] = &[("backdoor", backdoor::BackdoorTask::build)];
+pub const REGISTRY: &[(&str, BuildFn)] = &[
+    ("backdoor", backdoor::BackdoorTask::build),
+    ("adversarial_examples", adversarial::AdversarialTask::build),
+];
 
 pub fn build(kind: &str, config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
     match REGISTRY.iter().find(|(name, _)| *name == kind) {

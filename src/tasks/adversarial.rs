@@ -1,0 +1,360 @@
+//! The adversarial-examples task: is an input an adversarial example?
+//!
+//! Trusted data: the clean training split. Anomalous test data: adversarial examples of
+//! the classifier, `RUN/adv_examples.safetensors`, made in process on first use (the
+//! original spawned `python`) from the test split. Normal test data: clean test images
+//! that were not attacked (the original reused training data).
+//!
+//! [`make_adversarial_examples`] is also the `make-adversarial-examples` command.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{mix_sizes, SampleSpec, Source, Task, TestMix};
+use crate::data::adversarial::{AdversarialExamples, AdversarialMeta};
+use crate::data::{Dataset, Split};
+use crate::eval::images::write_pairs_png;
+use crate::gpu::batch::{FloatImages, GpuDataset};
+use crate::gpu::GpuContext;
+use crate::io::write_json;
+use crate::model::attack::{attack, AttackConfig};
+use crate::model::GpuMlp;
+use crate::run::{refuse_overwrite, ClassifierRun};
+
+pub const EXAMPLES_FILE: &str = "adv_examples.safetensors";
+pub const REPORT_FILE: &str = "adv_examples.json";
+pub const GRID_FILE: &str = "adv_examples.png";
+
+/// How to make adversarial examples of a classifier run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdversarialOptions {
+    pub attack: AttackConfig,
+    /// The split to attack.
+    pub split: Split,
+    /// Attack the first N samples of the split [default: half of it, leaving the other
+    /// half as clean normal samples for the task].
+    pub max_examples: Option<usize>,
+    /// Fail if the accuracy after the attack is above this (the original: 0.1).
+    pub success_threshold: f64,
+    /// Keep only examples the classifier gets wrong after the attack.
+    pub only_successful: bool,
+}
+
+/// `adv_examples.json`: the original's fields, plus ours.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdversarialReport {
+    pub original_loss: f64,
+    pub new_loss: f64,
+    pub original_accuracy: f64,
+    pub new_accuracy: f64,
+    pub eps: f32,
+    /// Examples attacked.
+    pub num_attacked: usize,
+    /// Examples stored (fewer than attacked with `only_successful`).
+    pub num_examples: usize,
+    pub options: AdversarialOptions,
+    pub adapter: String,
+    pub attack_seconds: f64,
+}
+
+/// Attacks the classifier in `run_dir` and writes `adv_examples.safetensors`,
+/// `adv_examples.json` and `adv_examples.png` (clean | adversarial pairs) there.
+pub fn make_adversarial_examples(
+    run: &ClassifierRun,
+    data: &Dataset,
+    opts: &AdversarialOptions,
+    overwrite: bool,
+    write: bool,
+    progress: bool,
+) -> Result<(AdversarialExamples, AdversarialReport)> {
+    let dir = &run.dir;
+    if write {
+        refuse_overwrite(dir, &[EXAMPLES_FILE, REPORT_FILE, GRID_FILE], overwrite)?;
+    }
+    if !(0.0..=1.0).contains(&opts.success_threshold) {
+        bail!(
+            "success_threshold must be in [0, 1], got {}",
+            opts.success_threshold
+        );
+    }
+    let n = opts.max_examples.unwrap_or(data.len() / 2).min(data.len());
+    if n == 0 {
+        bail!(
+            "nothing to attack: {} has no samples (or max_examples is 0)",
+            data.name
+        );
+    }
+    let ctx = GpuContext::new()?;
+    crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
+    let model = GpuMlp::upload(&ctx, &run.model)?;
+    let gdata = GpuDataset::upload(&ctx, data)?;
+    let indices: Vec<u32> = (0..n as u32).collect();
+    let outcome = attack(&ctx, &model, &gdata, &indices, &opts.attack, progress)?;
+    let mut report = AdversarialReport {
+        original_loss: outcome.original_loss(),
+        new_loss: outcome.new_loss(),
+        original_accuracy: outcome.original_accuracy(),
+        new_accuracy: outcome.new_accuracy(),
+        eps: opts.attack.eps,
+        num_attacked: n,
+        num_examples: n,
+        options: opts.clone(),
+        adapter: ctx.adapter_name(),
+        attack_seconds: outcome.seconds,
+    };
+    if report.new_accuracy > opts.success_threshold {
+        bail!(
+            "attack too weak: accuracy after the attack is {:.4} (before {:.4}, loss {:.3} -> \
+             {:.3}) > success_threshold {}. Raise --eps (e.g. 0.25 on MNIST), use --attack pgd \
+             with more --steps, or raise --success_threshold",
+            report.new_accuracy,
+            report.original_accuracy,
+            report.original_loss,
+            report.new_loss,
+            opts.success_threshold
+        );
+    }
+    let [h, w, c] = run.model.config.input_shape;
+    let mut examples = AdversarialExamples {
+        meta: AdversarialMeta {
+            dataset: run.config.train_data.dataset,
+            split: opts.split,
+            num_classes: data.num_classes,
+            attack: serde_json::to_value(&opts.attack)?,
+        },
+        shape: [h, w, c],
+        images: outcome.images,
+        labels: indices
+            .iter()
+            .map(|&i| data.labels[i as usize] as u32)
+            .collect(),
+        source_indices: indices,
+    };
+    if opts.only_successful {
+        examples.retain(|i| !outcome.correct_after[i]);
+        report.num_examples = examples.len();
+        if examples.is_empty() {
+            bail!("no attack succeeded: nothing to keep with only_successful");
+        }
+    }
+    if write {
+        examples.save(&dir.join(EXAMPLES_FILE))?;
+        write_json(&dir.join(REPORT_FILE), &report)?;
+        let shown = examples.len().min(9);
+        let d = h * w * c;
+        let pairs: Vec<(Vec<f32>, &[f32])> = (0..shown)
+            .map(|i| {
+                let clean = data.image(examples.source_indices[i] as usize);
+                (
+                    clean.iter().map(|&p| p as f32 / 255.0).collect(),
+                    &examples.images[i * d..(i + 1) * d],
+                )
+            })
+            .collect();
+        write_pairs_png(&dir.join(GRID_FILE), &pairs, [h, w, c])?;
+    }
+    Ok((examples, report))
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdversarialTaskConfig {
+    /// The classifier run directory (also where the examples are stored).
+    pub run_path: PathBuf,
+    /// The attack used when the examples do not exist yet.
+    pub attack: AttackConfig,
+    pub success_threshold: f64,
+    pub only_successful: bool,
+    pub max_train_size: Option<usize>,
+    pub max_test_size: Option<usize>,
+    pub normal_weight: f64,
+}
+
+pub struct AdversarialTask {
+    config: AdversarialTaskConfig,
+    run: ClassifierRun,
+    data_dir: PathBuf,
+    train: OnceLock<Dataset>,
+    test: OnceLock<Dataset>,
+    examples: OnceLock<AdversarialExamples>,
+}
+
+impl AdversarialTask {
+    pub fn new(config: AdversarialTaskConfig, data_dir: &Path) -> Result<Self> {
+        Ok(AdversarialTask {
+            run: ClassifierRun::load(&config.run_path)?,
+            config,
+            data_dir: data_dir.to_path_buf(),
+            train: OnceLock::new(),
+            test: OnceLock::new(),
+            examples: OnceLock::new(),
+        })
+    }
+
+    pub fn build(config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
+        let config = serde_json::from_value(config.clone()).context("adversarial task config")?;
+        Ok(Box::new(AdversarialTask::new(config, data_dir)?))
+    }
+
+    /// The stored examples, made (and stored) on first use.
+    pub fn examples(&self) -> Result<&AdversarialExamples> {
+        if let Some(e) = self.examples.get() {
+            return Ok(e);
+        }
+        let path = self.run.dir.join(EXAMPLES_FILE);
+        let examples = if path.exists() {
+            let stored = AdversarialExamples::load(&path)?;
+            let wanted = serde_json::to_value(&self.config.attack)?;
+            let differs = ["method", "eps", "steps", "step_size"]
+                .iter()
+                .any(|k| stored.meta.attack.get(k) != wanted.get(k));
+            if differs {
+                eprintln!(
+                    "using the stored examples in {} (attack {}); the task's attack flags \
+                     apply only when that file is missing",
+                    path.display(),
+                    stored.meta.attack
+                );
+            }
+            stored
+        } else {
+            eprintln!("{} not found: attacking the test split", path.display());
+            let test = self.dataset(Split::Test)?;
+            let w = self.config.normal_weight;
+            // Leave enough clean test images for the normal side of the mix.
+            let n = match self.config.max_test_size {
+                Some(m) => (m as f64 * (1.0 - w)).ceil() as usize,
+                None => (test.len() as f64 * (1.0 - w)) as usize,
+            };
+            let opts = AdversarialOptions {
+                attack: self.config.attack.clone(),
+                split: Split::Test,
+                max_examples: Some(n),
+                success_threshold: self.config.success_threshold,
+                only_successful: self.config.only_successful,
+            };
+            {
+                // The report and picture belong to the missing examples: replace them.
+                make_adversarial_examples(&self.run, test, &opts, true, true, true)?.0
+            }
+        };
+        let [h, w, c] = self.run.model.config.input_shape;
+        if examples.shape != [h, w, c]
+            || examples.meta.dataset != self.run.config.train_data.dataset
+        {
+            bail!(
+                "{}: examples of {} {:?} do not fit the classifier ({} {:?})",
+                path.display(),
+                examples.meta.dataset,
+                examples.shape,
+                self.run.config.train_data.dataset,
+                [h, w, c]
+            );
+        }
+        Ok(self.examples.get_or_init(|| examples))
+    }
+}
+
+impl Task for AdversarialTask {
+    fn kind(&self) -> &'static str {
+        "adversarial_examples"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("plain struct serialises")
+    }
+
+    fn classifier(&self) -> &ClassifierRun {
+        &self.run
+    }
+
+    fn dataset(&self, split: Split) -> Result<&Dataset> {
+        let cell = match split {
+            Split::Train => &self.train,
+            Split::Test => &self.test,
+        };
+        if cell.get().is_none() {
+            let name = self.run.config.train_data.dataset;
+            let _ = cell.set(Dataset::load(name, split, &self.data_dir)?);
+        }
+        Ok(cell.get().expect("initialised above"))
+    }
+
+    fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
+        match source {
+            Source::Data(split) => GpuDataset::upload(ctx, self.dataset(split)?),
+            Source::Adversarial => {
+                let e = self.examples()?;
+                GpuDataset::upload_f32(
+                    ctx,
+                    "adversarial examples",
+                    &FloatImages {
+                        pixels: &e.images,
+                        labels: &e.labels,
+                        shape: e.shape,
+                        num_classes: e.meta.num_classes,
+                    },
+                )
+            }
+        }
+    }
+
+    fn trusted(&self) -> Result<SampleSpec> {
+        let available = self.dataset(Split::Train)?.len();
+        let n = self.config.max_train_size.unwrap_or(available);
+        if n == 0 || n > available {
+            bail!("max_train_size {n} out of range 1..={available}");
+        }
+        Ok(SampleSpec {
+            source: Source::Data(Split::Train),
+            indices: (0..n as u32).collect(),
+            backdoor: None,
+        })
+    }
+
+    fn test_mix(&self) -> Result<TestMix> {
+        let examples = self.examples()?;
+        let test_len = self.dataset(Split::Test)?.len();
+        // Normal images must not be the clean twins of the anomalies.
+        let mut attacked = vec![false; test_len];
+        if examples.meta.split == Split::Test {
+            for &i in &examples.source_indices {
+                if let Some(a) = attacked.get_mut(i as usize) {
+                    *a = true;
+                }
+            }
+        }
+        let clean: Vec<u32> = (0..test_len as u32)
+            .filter(|&i| !attacked[i as usize])
+            .collect();
+        if clean.is_empty() {
+            bail!(
+                "all {test_len} test images were attacked, none is left as a normal sample: \
+                 remake the examples with `cupbearer make-adversarial-examples --max_examples N` \
+                 (N < {test_len}) and --overwrite"
+            );
+        }
+        let (normal, anomalous) = mix_sizes(
+            clean.len(),
+            examples.len(),
+            self.config.normal_weight,
+            self.config.max_test_size,
+        )?;
+        Ok(TestMix {
+            normal: SampleSpec {
+                source: Source::Data(Split::Test),
+                indices: clean[..normal].to_vec(),
+                backdoor: None,
+            },
+            anomalous: SampleSpec {
+                source: Source::Adversarial,
+                indices: (0..anomalous as u32).collect(),
+                backdoor: None,
+            },
+        })
+    }
+}
