@@ -220,7 +220,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut det = Mahalanobis::new(MahalanobisConfig::default())?;
     let t = Instant::now();
-    det.fit(&ctx, &model, &set)?;
+    det.fit(&ctx, &model, &set, false)?;
     let fit = t.elapsed().as_secs_f64();
     let t = Instant::now();
     det.layer_scores(&ctx, &model, &set, 4096)?;

@@ -45,3 +45,21 @@ pub fn checked_tensor<'a>(
     }
     Ok(t)
 }
+
+/// The JSON metadata entry `key` of a safetensors file's bytes, parsed; `what` names
+/// the expected kind of file in the error.
+pub fn safetensors_metadata<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    key: &str,
+    what: &str,
+) -> Result<T> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .with_context(|| format!("{}: no `{key}` metadata; not {what}", path.display()))?;
+    serde_json::from_str(text).with_context(|| format!("{}: bad `{key}` metadata", path.display()))
+}

@@ -359,3 +359,56 @@ fn adversarial_examples_task_end_to_end() {
         stderr(&corrupt)
     );
 }
+
+/// The abstraction detector through the CLI with the original's flags, and --debug.
+#[test]
+fn abstraction_detector_from_the_command_line() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let mut train = words(
+        "train_classifier --train_data backdoor --train_data.original mnist \
+         --train_data.backdoor corner --model mlp --dir.full logs/c",
+    );
+    train.extend(SMALL);
+    run_ok(cwd, &train);
+    let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
+    for (dir, loss) in [("logs/kl", "kl"), ("logs/single", "single_class")] {
+        run_ok(
+            cwd,
+            &words(&format!(
+                "train_detector --detector abstraction --detector.abstraction.size_reduction 4 \
+                 --detector.abstraction.output_loss_fn {loss} --detector.train.num_epochs 20 \
+                 --detector.train.batch_size 64 --detector.train.optimizer adam \
+                 --detector.train.optimizer.learning_rate 0.003 {task} --dir.full {dir} --quiet"
+            )),
+        );
+        run_ok(
+            cwd,
+            &words(&format!(
+                "eval_detector --detector from_run --detector.path {dir} {task} --dir.full {dir} --quiet"
+            )),
+        );
+        let report = eval_json(&cwd.join(dir).join("eval.json"));
+        let layers: Vec<&str> = report["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["layer"].as_str().unwrap())
+            .collect();
+        assert_eq!(layers, ["layer1", "output"]);
+        let auc = report["AUC_ROC"].as_f64().unwrap();
+        assert!(auc >= 0.9, "{loss}: AUROC {auc}");
+    }
+    // --debug: one step of batch 2, nothing written.
+    let out = run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --debug --detector abstraction {task} --quiet"
+        )),
+    );
+    assert!(out.contains("abstraction detector fitted"), "{out}");
+    assert!(!cwd.join("logs/train_detector").exists());
+}

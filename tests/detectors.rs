@@ -6,6 +6,7 @@ mod common;
 use common::{gpu, random};
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
+use cupbearer::detectors::abstraction::{Abstraction, AbstractionConfig, OutputLoss};
 use cupbearer::detectors::linalg::{covariance, pinv_symmetric, regularize, Regularization};
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
@@ -209,6 +210,7 @@ fn mahalanobis_matches_a_cpu_reference() {
             backdoor: None,
             seed: 0,
         },
+        false,
     )
     .unwrap();
 
@@ -275,77 +277,158 @@ fn planted_trigger_is_detected() {
     let gtest = GpuDataset::upload(&ctx, &test_set).unwrap();
     let all_train: Vec<u32> = (0..1200).collect();
     let all_test: Vec<u32> = (0..400).collect();
-    let mut det = Mahalanobis::new(MahalanobisConfig {
-        batch_size: 256,
-        ..Default::default()
-    })
-    .unwrap();
-    det.fit(
-        &ctx,
-        &model,
-        &SampleSet {
-            data: &gtrain,
-            indices: &all_train,
-            backdoor: None,
-            seed: 0,
-        },
-    )
-    .unwrap();
     let always = Backdoor {
         p_backdoor: 1.0,
         ..backdoor
     };
-    let normal = det
-        .layer_scores(
+    let detectors: [(Box<dyn Detector>, f64); 2] = [
+        (
+            Box::new(
+                Mahalanobis::new(MahalanobisConfig {
+                    batch_size: 256,
+                    ..Default::default()
+                })
+                .unwrap(),
+            ),
+            0.99,
+        ),
+        (
+            Box::new(
+                Abstraction::new(AbstractionConfig {
+                    batch_size: 64,
+                    num_epochs: 30,
+                    learning_rate: 3e-3,
+                    ..Default::default()
+                })
+                .unwrap(),
+            ),
+            0.95,
+        ),
+    ];
+    for (mut det, min_auc) in detectors {
+        let kind = det.kind();
+        det.fit(
             &ctx,
             &model,
             &SampleSet {
-                data: &gtest,
-                indices: &all_test,
+                data: &gtrain,
+                indices: &all_train,
                 backdoor: None,
                 seed: 0,
             },
-            64,
+            false,
         )
         .unwrap();
-    let anomalous = det
-        .layer_scores(
-            &ctx,
-            &model,
-            &SampleSet {
-                data: &gtest,
-                indices: &all_test,
-                backdoor: Some(always),
-                seed: 0,
-            },
-            64,
-        )
-        .unwrap();
-    let mut scores = normal.aggregate();
-    scores.extend(anomalous.aggregate());
-    let labels: Vec<bool> = (0..800).map(|i| i >= 400).collect();
-    let auc = cupbearer::eval::metrics::auroc(&scores, &labels).unwrap();
-    assert!(auc >= 0.99, "AUROC {auc}");
+        let score = |det: &dyn Detector, backdoor| {
+            det.layer_scores(
+                &ctx,
+                &model,
+                &SampleSet {
+                    data: &gtest,
+                    indices: &all_test,
+                    backdoor,
+                    seed: 0,
+                },
+                64,
+            )
+            .unwrap()
+        };
+        let normal = score(det.as_ref(), None);
+        let anomalous = score(det.as_ref(), Some(always));
+        let mut scores = normal.aggregate();
+        scores.extend(anomalous.aggregate());
+        let labels: Vec<bool> = (0..800).map(|i| i >= 400).collect();
+        let auc = cupbearer::eval::metrics::auroc(&scores, &labels).unwrap();
+        assert!(auc >= min_auc, "{kind}: AUROC {auc}");
 
-    // Saved and loaded, the detector scores the same.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("detector.safetensors");
-    det.save(&path).unwrap();
-    let loaded = cupbearer::detectors::load("mahalanobis", &det.config(), &path).unwrap();
-    let again = loaded
-        .layer_scores(
-            &ctx,
-            &model,
-            &SampleSet {
-                data: &gtest,
-                indices: &all_test,
-                backdoor: None,
-                seed: 0,
-            },
-            64,
-        )
+        // Saved and loaded, the detector scores the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("detector.safetensors");
+        det.save(&path).unwrap();
+        let loaded = cupbearer::detectors::load(kind, &det.config(), &path).unwrap();
+        assert_eq!(score(loaded.as_ref(), None), normal, "{kind}");
+    }
+}
+
+#[test]
+fn abstraction_gradients_match_finite_differences() {
+    let Some(ctx) = gpu() else { return };
+    let data = Dataset::synthetic(23, 5, 3, 4);
+    let config = MlpConfig {
+        input_shape: [5, 3, 1],
+        hidden_dims: vec![7, 6, 5],
+        output_dim: 10,
+    };
+    let mlp = Mlp::init(&config, 3).unwrap();
+    let model = GpuMlp::upload(&ctx, &mlp).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let indices: Vec<u32> = (0..17).map(|i| (i * 4) % 23).collect();
+    let (x, _) = gather_batch_reference(&data, &indices, None, 0, 0);
+    let (hidden, logits) = mlp.forward_reference(&x, indices.len());
+    for output_loss_fn in [OutputLoss::Kl, OutputLoss::SingleClass] {
+        let mut det = Abstraction::new(AbstractionConfig {
+            size_reduction: 2.0,
+            output_loss_fn,
+            ..Default::default()
+        })
         .unwrap();
-    assert_eq!(again, normal);
+        det.init(&config, 5).unwrap();
+        // Non-zero biases exercise every gradient path.
+        for d in det.layers_mut() {
+            for (i, b) in d.bias.iter_mut().enumerate() {
+                *b = 0.1 * ((i % 3) as f32 - 0.5);
+            }
+        }
+        let got = det
+            .batch_gradients(
+                &ctx,
+                &model,
+                &SampleSet {
+                    data: &gdata,
+                    indices: &indices,
+                    backdoor: None,
+                    seed: 0,
+                },
+            )
+            .unwrap();
+        let h = 1e-4;
+        let mut checked = 0;
+        for (l, p) in got.iter().enumerate() {
+            for is_bias in [false, true] {
+                let len = if is_bias {
+                    det.layers()[l].bias.len()
+                } else {
+                    det.layers()[l].kernel.len()
+                };
+                for i in 0..len {
+                    let loss_at = |delta: f32| {
+                        let mut d = Abstraction::new(det.config.clone()).unwrap();
+                        d.init(&config, 5).unwrap();
+                        d.layers_mut().clone_from_slice(det.layers());
+                        let p = &mut d.layers_mut()[l];
+                        let v = if is_bias {
+                            &mut p.bias[i]
+                        } else {
+                            &mut p.kernel[i]
+                        };
+                        *v += delta;
+                        let at = *v as f64;
+                        (d.loss_reference(&hidden, &logits, indices.len()), at)
+                    };
+                    let ((lp, vp), (lm, vm)) = (loss_at(h), loss_at(-h));
+                    let fd = (lp - lm) / (vp - vm);
+                    let g = if is_bias { p.bias[i] } else { p.kernel[i] } as f64;
+                    assert!(
+                        (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
+                        "{output_loss_fn:?} layer {l} {} {i}: gpu {g}, finite difference {fd}",
+                        if is_bias { "bias" } else { "kernel" }
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 90, "{checked}");
+    }
 }
 
 #[test]
@@ -381,7 +464,7 @@ fn layer_subsets_and_unnormalised_scores() {
     };
     let fit = |config: MahalanobisConfig| {
         let mut det = Mahalanobis::new(config).unwrap();
-        det.fit(&ctx, &model, &set).unwrap();
+        det.fit(&ctx, &model, &set, false).unwrap();
         det.layer_scores(&ctx, &model, &set, 128).unwrap()
     };
     let normalised = fit(MahalanobisConfig {
@@ -407,7 +490,7 @@ fn layer_subsets_and_unnormalised_scores() {
             ..Default::default()
         })
         .unwrap()
-        .fit(&ctx, &model, &set)
+        .fit(&ctx, &model, &set, false)
         .is_err(),
         "a layer the model does not have"
     );

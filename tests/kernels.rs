@@ -383,3 +383,110 @@ fn attack_start_and_update_match_reference() {
         }
     }
 }
+
+#[test]
+fn abstraction_losses_match_reference() {
+    use cupbearer::gpu::abstraction::{
+        cosine_distance, cosine_distance_reference, kl_divergence, kl_divergence_reference,
+        LossGrads,
+    };
+    let Some(ctx) = gpu() else { return };
+    let (rows, dim, offset) = (11, 13, 5);
+    let mut pred = random(rows * dim, 7);
+    let mut reference = random(rows * dim, 8);
+    // A zero prediction and a zero reference row: the eps branches.
+    pred[2 * dim..3 * dim].fill(0.0);
+    reference[4 * dim..5 * dim].fill(0.0);
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let step = ctx.uniform(
+        "step",
+        &StepParams {
+            batch_offset: offset as u32,
+            ..Default::default()
+        },
+    );
+    let scale = 0.37;
+    for relu in [false, true] {
+        let gp = ctx.buffer_from("pred", &pred).unwrap();
+        let gr = ctx.buffer_from("reference", &reference).unwrap();
+        let loss = ctx.zeros("loss", offset + rows).unwrap();
+        let grad_pred = ctx.zeros("grad_pred", rows * dim).unwrap();
+        // The reference gradient is accumulated onto what is there.
+        let prior = random(rows * dim, 9);
+        let grad_ref = ctx.buffer_from("grad_ref", &prior).unwrap();
+        let op = cosine_distance(
+            &ctx,
+            rows,
+            dim,
+            relu,
+            Slice::whole(&gp),
+            Slice::whole(&gr),
+            Slice::whole(&loss),
+            Some(&LossGrads {
+                pred: Slice::whole(&grad_pred),
+                reference: Some(Slice::whole(&grad_ref)),
+                scale,
+            }),
+            &step,
+        )
+        .unwrap();
+        ctx.submit([&op]);
+        let (l, ga, gb) =
+            cosine_distance_reference(&to64(&pred), &to64(&reference), dim, relu, scale as f64);
+        let what = format!("cosine relu {relu}");
+        let got: Vec<f32> = ctx.read(Slice::new(&loss, offset, rows)).unwrap();
+        assert_close(&got, &l, 1e-5, 1e-5, &what);
+        let got: Vec<f32> = ctx.read(Slice::whole(&grad_pred)).unwrap();
+        assert_close(&got, &ga, 1e-5, 1e-4, &format!("{what} grad pred"));
+        let got: Vec<f32> = ctx.read(Slice::whole(&grad_ref)).unwrap();
+        let want: Vec<f64> = gb.iter().zip(&prior).map(|(g, &p)| g + p as f64).collect();
+        assert_close(&got, &want, 1e-5, 1e-4, &format!("{what} grad reference"));
+    }
+
+    let classes = 7;
+    let logits = random(rows * classes, 10)
+        .iter()
+        .map(|v| 4.0 * v)
+        .collect::<Vec<f32>>();
+    for single_class in [false, true] {
+        let pred_dim = if single_class { 2 } else { classes };
+        let pred = random(rows * pred_dim, 11);
+        let gp = ctx.buffer_from("pred", &pred).unwrap();
+        let gl = ctx.buffer_from("logits", &logits).unwrap();
+        let loss = ctx.zeros("loss", offset + rows).unwrap();
+        let grad = ctx.zeros("grad", rows * pred_dim).unwrap();
+        let op = kl_divergence(
+            &ctx,
+            rows,
+            classes,
+            single_class,
+            Slice::whole(&gp),
+            Slice::whole(&gl),
+            Slice::whole(&loss),
+            Some(&LossGrads {
+                pred: Slice::whole(&grad),
+                reference: None,
+                scale,
+            }),
+            &step,
+        )
+        .unwrap();
+        ctx.submit([&op]);
+        let (l, g) = kl_divergence_reference(
+            &to64(&pred),
+            &to64(&logits),
+            classes,
+            single_class,
+            scale as f64,
+        );
+        let what = format!("kl single_class {single_class}");
+        let got: Vec<f32> = ctx.read(Slice::new(&loss, offset, rows)).unwrap();
+        assert_close(&got, &l, 1e-5, 1e-4, &what);
+        assert!(
+            l.iter().all(|&v| v > 0.0),
+            "{what}: KL of different distributions"
+        );
+        let got: Vec<f32> = ctx.read(Slice::whole(&grad)).unwrap();
+        assert_close(&got, &g, 1e-6, 1e-4, &format!("{what} grad"));
+    }
+}

@@ -50,6 +50,12 @@ enum Command {
     Download(download::Args),
 }
 
+/// `--optim` / `--detector.train.optimizer`: the original offered only Adam.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Optimizer {
+    Adam,
+}
+
 /// Output, data and reproducibility flags every command shares.
 #[derive(clap::Args)]
 struct CommonArgs {

@@ -11,6 +11,8 @@ use crate::model::classifier::{train_classifier, RunOptions};
 use crate::model::MlpConfig;
 use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
 
+use super::Optimizer;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum TriggerKind {
     Corner,
@@ -20,11 +22,6 @@ enum TriggerKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ModelKind {
     Mlp,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Optimizer {
-    Adam,
 }
 
 #[derive(clap::Args)]

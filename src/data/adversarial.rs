@@ -91,22 +91,12 @@ impl AdversarialExamples {
     /// Loads and checks shapes, dtypes, label range and pixel range.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let meta: AdversarialMeta = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(METADATA_KEY))
-            .with_context(|| {
-                format!(
-                    "{}: no `{METADATA_KEY}` metadata; not written by make-adversarial-examples",
-                    path.display()
-                )
-            })
-            .and_then(|s| {
-                serde_json::from_str(s)
-                    .with_context(|| format!("{}: bad `{METADATA_KEY}` metadata", path.display()))
-            })?;
+        let meta: AdversarialMeta = crate::io::safetensors_metadata(
+            &bytes,
+            path,
+            METADATA_KEY,
+            "written by make-adversarial-examples",
+        )?;
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
         let images = checked_tensor(&st, path, "adv_examples", Dtype::F32)?;

@@ -198,7 +198,13 @@ impl Detector for Mahalanobis {
         serde_json::to_value(&self.config).expect("plain struct serialises")
     }
 
-    fn fit(&mut self, ctx: &GpuContext, model: &GpuMlp, trusted: &SampleSet<'_>) -> Result<()> {
+    fn fit(
+        &mut self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        trusted: &SampleSet<'_>,
+        _progress: bool,
+    ) -> Result<()> {
         let layers = self.layers(model)?;
         let batch = self.config.batch_size;
         let mut n = trusted.indices.len();

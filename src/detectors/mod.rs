@@ -4,6 +4,7 @@
 //! save itself. To add one: write `src/detectors/<name>.rs` with a config type and the
 //! trait impl, and add one line to [`REGISTRY`] (see the README's worked example).
 
+pub mod abstraction;
 pub mod linalg;
 pub mod mahalanobis;
 pub mod pipeline;
@@ -39,8 +40,15 @@ pub trait Detector {
     fn kind(&self) -> &'static str;
     /// The detector's configuration, stored in the detector run's `config.json`.
     fn config(&self) -> serde_json::Value;
-    /// Fits on trusted samples (never on anomalies).
-    fn fit(&mut self, ctx: &GpuContext, model: &GpuMlp, trusted: &SampleSet<'_>) -> Result<()>;
+    /// Fits on trusted samples (never on anomalies); `progress` allows progress output
+    /// on stderr for long fits.
+    fn fit(
+        &mut self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        trusted: &SampleSet<'_>,
+        progress: bool,
+    ) -> Result<()>;
     /// Scores every sample, per layer (higher = more anomalous), `batch_size` at a time.
     fn layer_scores(
         &self,
@@ -59,11 +67,18 @@ pub type BuildFn = fn(&serde_json::Value) -> Result<Box<dyn Detector>>;
 pub type LoadFn = fn(&serde_json::Value, &Path) -> Result<Box<dyn Detector>>;
 
 /// name → (build, load). One line per detector.
-pub const REGISTRY: &[(&str, BuildFn, LoadFn)] = &[(
-    "mahalanobis",
-    mahalanobis::Mahalanobis::build,
-    mahalanobis::Mahalanobis::load,
-)];
+pub const REGISTRY: &[(&str, BuildFn, LoadFn)] = &[
+    (
+        "mahalanobis",
+        mahalanobis::Mahalanobis::build,
+        mahalanobis::Mahalanobis::load,
+    ),
+    (
+        "abstraction",
+        abstraction::Abstraction::build,
+        abstraction::Abstraction::load,
+    ),
+];
 
 fn entry(kind: &str) -> Result<&'static (&'static str, BuildFn, LoadFn)> {
     REGISTRY

@@ -121,7 +121,7 @@ pub fn train_detector(
     let trusted = task.trusted()?;
     let gpu = Loaded::new(task, &[&trusted], progress)?;
     let fit = Instant::now();
-    detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed))?;
+    detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed), progress)?;
     let fit_seconds = fit.elapsed().as_secs_f64();
     if let Some(out) = out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

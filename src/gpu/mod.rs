@@ -1,6 +1,7 @@
 //! The WGSL compute engine: device context, one launcher per shader (each with its CPU
 //! reference), and the per-step parameter block shared by the training kernels.
 
+pub mod abstraction;
 pub mod adam;
 pub mod attack;
 pub mod batch;

@@ -28,16 +28,20 @@ pub struct LayerSlot {
 
 impl ParamLayout {
     pub fn new(config: &MlpConfig) -> Self {
+        Self::for_dims(&config.layer_dims())
+    }
+
+    /// Slots for dense layers of the given (fan_in, fan_out).
+    pub fn for_dims(dims: &[(usize, usize)]) -> Self {
         let mut total = 0;
         let mut take = |len: usize| {
             let at = total;
             total += len.div_ceil(ALIGN) * ALIGN;
             at
         };
-        let layers = config
-            .layer_dims()
-            .into_iter()
-            .map(|(fan_in, fan_out)| LayerSlot {
+        let layers = dims
+            .iter()
+            .map(|&(fan_in, fan_out)| LayerSlot {
                 fan_in,
                 fan_out,
                 kernel: take(fan_in * fan_out),
@@ -47,18 +51,17 @@ impl ParamLayout {
         ParamLayout { layers, total }
     }
 
-    pub fn flatten(&self, mlp: &Mlp) -> Vec<f32> {
+    pub fn flatten(&self, layers: &[Dense]) -> Vec<f32> {
         let mut flat = vec![0f32; self.total];
-        for (s, d) in self.layers.iter().zip(&mlp.layers) {
+        for (s, d) in self.layers.iter().zip(layers) {
             flat[s.kernel..s.kernel + d.kernel.len()].copy_from_slice(&d.kernel);
             flat[s.bias..s.bias + d.bias.len()].copy_from_slice(&d.bias);
         }
         flat
     }
 
-    pub fn unflatten(&self, config: &MlpConfig, flat: &[f32]) -> Mlp {
-        let layers = self
-            .layers
+    pub fn unflatten(&self, flat: &[f32]) -> Vec<Dense> {
+        self.layers
             .iter()
             .map(|s| Dense {
                 fan_in: s.fan_in,
@@ -66,11 +69,7 @@ impl ParamLayout {
                 kernel: flat[s.kernel..s.kernel + s.fan_in * s.fan_out].to_vec(),
                 bias: flat[s.bias..s.bias + s.fan_out].to_vec(),
             })
-            .collect();
-        Mlp {
-            config: config.clone(),
-            layers,
-        }
+            .collect()
     }
 }
 
@@ -119,7 +118,7 @@ impl GpuMlp {
         let layout = ParamLayout::new(&mlp.config);
         Ok(GpuMlp {
             config: mlp.config.clone(),
-            params: ctx.buffer_from("mlp params", &layout.flatten(mlp))?,
+            params: ctx.buffer_from("mlp params", &layout.flatten(&mlp.layers))?,
             layout,
             schedule: Schedule::for_context(ctx),
         })
@@ -127,7 +126,10 @@ impl GpuMlp {
 
     pub fn download(&self, ctx: &GpuContext) -> Result<Mlp> {
         let flat: Vec<f32> = ctx.read(Slice::whole(&self.params))?;
-        Ok(self.layout.unflatten(&self.config, &flat))
+        Ok(Mlp {
+            config: self.config.clone(),
+            layers: self.layout.unflatten(&flat),
+        })
     }
 
     pub fn workspace(

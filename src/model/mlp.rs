@@ -71,30 +71,7 @@ impl Mlp {
             .layer_dims()
             .into_iter()
             .enumerate()
-            .map(|(l, (fan_in, fan_out))| {
-                let std = (1.0 / fan_in as f64).sqrt() / TRUNCATED_NORMAL_STD;
-                let kernel = (0..fan_in * fan_out)
-                    .map(|i| {
-                        // Rejection sampling of the truncated normal; attempt = counter.
-                        (0u32..)
-                            .map(|attempt| {
-                                let h = |c| {
-                                    rng::rand_u32(seed, rng::STREAM_INIT, l as u32, i as u32, c)
-                                };
-                                rng::rand_normal(h(2 * attempt), h(2 * attempt + 1))
-                            })
-                            .find(|z| z.abs() <= 2.0)
-                            .map(|z| (z * std) as f32)
-                            .unwrap_or(0.0)
-                    })
-                    .collect();
-                Dense {
-                    fan_in,
-                    fan_out,
-                    kernel,
-                    bias: vec![0.0; fan_out],
-                }
-            })
+            .map(|(l, (fan_in, fan_out))| Dense::lecun(fan_in, fan_out, seed, l as u32))
             .collect();
         Ok(Mlp {
             config: config.clone(),
@@ -110,75 +87,34 @@ impl Mlp {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let names: Vec<(String, String)> = (0..self.layers.len())
-            .map(|i| (format!("Dense_{i}.kernel"), format!("Dense_{i}.bias")))
+        let named: Vec<(String, &Dense)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("Dense_{i}"), d))
             .collect();
-        let mut views = Vec::new();
-        for (d, (kn, bn)) in self.layers.iter().zip(&names) {
-            let k = TensorView::new(
-                Dtype::F32,
-                vec![d.fan_in, d.fan_out],
-                bytemuck::cast_slice(&d.kernel),
-            )?;
-            let b = TensorView::new(Dtype::F32, vec![d.fan_out], bytemuck::cast_slice(&d.bias))?;
-            views.push((kn.as_str(), k));
-            views.push((bn.as_str(), b));
-        }
-        let metadata = HashMap::from([(
-            METADATA_KEY.to_string(),
+        save_dense_layers(
+            path,
+            &named,
+            METADATA_KEY,
             serde_json::to_string(&self.config)?,
-        )]);
-        let bytes = safetensors::serialize(views, Some(metadata))?;
-        crate::io::write_atomic(path, &bytes)
+        )
     }
 
     /// Loads and checks every tensor's presence, dtype and shape against the metadata.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let config: MlpConfig = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(METADATA_KEY))
-            .with_context(|| {
-                format!(
-                    "{}: no `{METADATA_KEY}` metadata; not a cupbearer MLP",
-                    path.display()
-                )
-            })
-            .and_then(|s| {
-                serde_json::from_str(s)
-                    .with_context(|| format!("{}: bad `{METADATA_KEY}` metadata", path.display()))
-            })?;
+        let config: MlpConfig =
+            crate::io::safetensors_metadata(&bytes, path, METADATA_KEY, "a cupbearer MLP")?;
         config.validate()?;
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
-        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = crate::io::checked_tensor(&st, path, name, Dtype::F32)?;
-            if t.shape() != shape {
-                bail!(
-                    "{}: tensor {name} has shape {:?}, expected {shape:?}",
-                    path.display(),
-                    t.shape()
-                );
-            }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
         let layers = config
             .layer_dims()
             .into_iter()
             .enumerate()
             .map(|(i, (fan_in, fan_out))| {
-                Ok(Dense {
-                    fan_in,
-                    fan_out,
-                    kernel: tensor(&format!("Dense_{i}.kernel"), &[fan_in, fan_out])?,
-                    bias: tensor(&format!("Dense_{i}.bias"), &[fan_out])?,
-                })
+                load_dense_layer(&st, path, &format!("Dense_{i}"), fan_in, fan_out)
             })
             .collect::<Result<_>>()?;
         Ok(Mlp { config, layers })
@@ -189,25 +125,111 @@ impl Mlp {
         let mut hidden = Vec::new();
         let mut h = x.to_vec();
         for (l, d) in self.layers.iter().enumerate() {
-            let mut z = vec![0f64; rows * d.fan_out];
-            for r in 0..rows {
-                for o in 0..d.fan_out {
-                    let mut s = d.bias[o] as f64;
-                    for i in 0..d.fan_in {
-                        s += h[r * d.fan_in + i] * d.kernel[i * d.fan_out + o] as f64;
-                    }
-                    z[r * d.fan_out + o] = if l + 1 < self.layers.len() {
-                        s.max(0.0)
-                    } else {
-                        s
-                    };
-                }
+            let last = l + 1 == self.layers.len();
+            h = d.forward_reference(&h, rows, !last);
+            if !last {
+                hidden.push(h.clone());
             }
-            if l + 1 < self.layers.len() {
-                hidden.push(z.clone());
-            }
-            h = z;
         }
         (hidden, h)
     }
+}
+
+impl Dense {
+    /// A LeCun-normal kernel and a zero bias (Flax's `Dense` default); `layer` keys
+    /// the seeded draws.
+    pub fn lecun(fan_in: usize, fan_out: usize, seed: u32, layer: u32) -> Dense {
+        let std = (1.0 / fan_in as f64).sqrt() / TRUNCATED_NORMAL_STD;
+        let kernel = (0..fan_in * fan_out)
+            .map(|i| {
+                // Rejection sampling of the truncated normal; attempt = counter.
+                (0u32..)
+                    .map(|attempt| {
+                        let h = |c| rng::rand_u32(seed, rng::STREAM_INIT, layer, i as u32, c);
+                        rng::rand_normal(h(2 * attempt), h(2 * attempt + 1))
+                    })
+                    .find(|z| z.abs() <= 2.0)
+                    .map(|z| (z * std) as f32)
+                    .unwrap_or(0.0)
+            })
+            .collect();
+        Dense {
+            fan_in,
+            fan_out,
+            kernel,
+            bias: vec![0.0; fan_out],
+        }
+    }
+
+    /// f64 `x · kernel + bias` of `rows` inputs, optionally through a ReLU.
+    pub fn forward_reference(&self, x: &[f64], rows: usize, relu: bool) -> Vec<f64> {
+        let mut z = vec![0f64; rows * self.fan_out];
+        for r in 0..rows {
+            for o in 0..self.fan_out {
+                let mut s = self.bias[o] as f64;
+                for i in 0..self.fan_in {
+                    s += x[r * self.fan_in + i] * self.kernel[i * self.fan_out + o] as f64;
+                }
+                z[r * self.fan_out + o] = if relu { s.max(0.0) } else { s };
+            }
+        }
+        z
+    }
+}
+
+/// Writes dense layers as `{name}.kernel` (f32 `[fan_in, fan_out]`) and `{name}.bias`
+/// (f32 `[fan_out]`) tensors, with `meta` (JSON) under metadata key `key`.
+pub fn save_dense_layers(
+    path: &Path,
+    layers: &[(String, &Dense)],
+    key: &str,
+    meta: String,
+) -> Result<()> {
+    let names: Vec<(String, String)> = layers
+        .iter()
+        .map(|(n, _)| (format!("{n}.kernel"), format!("{n}.bias")))
+        .collect();
+    let mut views = Vec::new();
+    for ((_, d), (kn, bn)) in layers.iter().zip(&names) {
+        let k = TensorView::new(
+            Dtype::F32,
+            vec![d.fan_in, d.fan_out],
+            bytemuck::cast_slice(&d.kernel),
+        )?;
+        let b = TensorView::new(Dtype::F32, vec![d.fan_out], bytemuck::cast_slice(&d.bias))?;
+        views.push((kn.as_str(), k));
+        views.push((bn.as_str(), b));
+    }
+    let metadata = HashMap::from([(key.to_string(), meta)]);
+    crate::io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
+}
+
+/// Reads dense layer `name` (see [`save_dense_layers`]), checking dtypes and shapes.
+pub fn load_dense_layer(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+    fan_in: usize,
+    fan_out: usize,
+) -> Result<Dense> {
+    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = crate::io::checked_tensor(st, path, name, Dtype::F32)?;
+        if t.shape() != shape {
+            bail!(
+                "{}: tensor {name} has shape {:?}, expected {shape:?}",
+                path.display(),
+                t.shape()
+            );
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    Ok(Dense {
+        fan_in,
+        fan_out,
+        kernel: tensor(&format!("{name}.kernel"), &[fan_in, fan_out])?,
+        bias: tensor(&format!("{name}.bias"), &[fan_out])?,
+    })
 }

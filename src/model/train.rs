@@ -109,9 +109,6 @@ pub fn train(
     data: &GpuDataset,
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
-    if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
-        bail!("learning rate must be positive, got {}", opts.learning_rate);
-    }
     let n = data.len;
     let indices = ctx.zeros("epoch_indices", n)?;
     let step = ctx.uniform("step", &StepParams::default());
@@ -154,8 +151,6 @@ pub fn train(
         Gradients::Params,
         &train_ops,
     )?;
-    let batch = plans.batch_size();
-    let steps_per_epoch = n.div_ceil(batch);
     let start = Instant::now();
     let mut report = TrainReport {
         epochs: Vec::new(),
@@ -164,36 +159,114 @@ pub fn train(
         seconds: 0.0,
         samples_per_second: 0.0,
     };
-    for epoch in 0..opts.epochs {
-        if opts.max_steps.is_some_and(|m| report.steps >= m) {
+    let all: Vec<u32> = (0..n as u32).collect();
+    let schedule = EpochSchedule {
+        epochs: opts.epochs,
+        max_steps: opts.max_steps,
+        learning_rate: opts.learning_rate,
+        seed: opts.seed,
+        progress: opts.progress,
+    };
+    (report.steps, report.samples) =
+        run_epochs(ctx, &plans, &indices, &step, &all, &schedule, |e| {
+            // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
+            let (loss, acc) = metrics.read_means(ctx, e.samples)?;
+            if !loss.is_finite() {
+                bail!(
+                    "training diverged: the mean loss of epoch {} is {loss}; \
+                     try a smaller learning rate",
+                    e.epoch
+                );
+            }
+            report.epochs.push(EpochMetrics {
+                epoch: e.epoch,
+                train_loss: loss,
+                train_accuracy: acc,
+                steps: e.steps,
+                seconds: e.seconds,
+            });
+            Ok(format!("loss {loss:.4}  accuracy {acc:.4}"))
+        })?;
+    report.seconds = start.elapsed().as_secs_f64();
+    report.samples_per_second = report.samples as f64 / report.seconds.max(1e-9);
+    Ok(report)
+}
+
+/// How [`run_epochs`] steps through the data.
+pub(crate) struct EpochSchedule {
+    pub epochs: usize,
+    /// Cap on the total number of steps.
+    pub max_steps: Option<usize>,
+    pub learning_rate: f32,
+    /// Seeds the per-epoch shuffles.
+    pub seed: u32,
+    pub progress: bool,
+}
+
+/// What an epoch did, for the caller's end-of-epoch bookkeeping.
+pub(crate) struct EpochDone {
+    /// 1-based.
+    pub epoch: usize,
+    pub steps: usize,
+    pub samples: usize,
+    pub seconds: f64,
+}
+
+/// Runs optimisation epochs over `samples`: per epoch a fresh seeded shuffle written to
+/// `indices`, then one submit per batch with `step` holding the batch position and the
+/// Adam step. `epoch_end` reads back the epoch's metrics and returns a progress line.
+/// Returns (steps, samples) in all.
+pub(crate) fn run_epochs(
+    ctx: &GpuContext,
+    plans: &BatchPlans,
+    indices: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+    samples: &[u32],
+    schedule: &EpochSchedule,
+    mut epoch_end: impl FnMut(&EpochDone) -> Result<String>,
+) -> Result<(usize, usize)> {
+    if !(schedule.learning_rate.is_finite() && schedule.learning_rate > 0.0) {
+        bail!(
+            "learning rate must be positive, got {}",
+            schedule.learning_rate
+        );
+    }
+    let n = samples.len();
+    let batch = plans.batch_size();
+    let steps_per_epoch = n.div_ceil(batch);
+    let (mut total_steps, mut total_samples) = (0, 0);
+    for epoch in 0..schedule.epochs {
+        if schedule.max_steps.is_some_and(|m| total_steps >= m) {
             break;
         }
         let epoch_start = Instant::now();
-        let order = rng::shuffled_indices(n, opts.seed, epoch as u32);
+        let order: Vec<u32> = rng::shuffled_indices(n, schedule.seed, epoch as u32)
+            .into_iter()
+            .map(|i| samples[i as usize])
+            .collect();
         ctx.queue
-            .write_buffer(&indices, 0, bytemuck::cast_slice(&order));
+            .write_buffer(indices, 0, bytemuck::cast_slice(&order));
         let bar = progress::bar(
-            opts.progress,
+            schedule.progress,
             steps_per_epoch as u64,
-            &format!("epoch {}/{}", epoch + 1, opts.epochs),
+            &format!("epoch {}/{}", epoch + 1, schedule.epochs),
         );
         let mut in_flight = VecDeque::new();
         let (mut steps, mut seen) = (0, 0);
         for s in 0..steps_per_epoch {
-            if opts.max_steps.is_some_and(|m| report.steps >= m) {
+            if schedule.max_steps.is_some_and(|m| total_steps >= m) {
                 break;
             }
             let offset = s * batch;
             let plan = plans.pick(n - offset);
-            report.steps += 1;
+            total_steps += 1;
             let mut params = StepParams {
                 epoch: epoch as u32,
                 batch_offset: offset as u32,
                 ..Default::default()
             };
-            set_adam_step(&mut params, opts.learning_rate, report.steps as u32);
-            ctx.queue
-                .write_buffer(&step, 0, bytemuck::bytes_of(&params));
+            set_adam_step(&mut params, schedule.learning_rate, total_steps as u32);
+            ctx.queue.write_buffer(step, 0, bytemuck::bytes_of(&params));
             in_flight.push_back(ctx.submit(&plan.ops));
             if in_flight.len() > MAX_IN_FLIGHT {
                 ctx.wait(in_flight.pop_front())?;
@@ -204,35 +277,20 @@ pub fn train(
         }
         ctx.wait(None)?;
         bar.finish_and_clear();
-        // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
-        let (loss, acc) = metrics.read_means(ctx, seen)?;
-        if !loss.is_finite() {
-            bail!(
-                "training diverged: the mean loss of epoch {} is {loss}; \
-                 try a smaller learning rate",
-                epoch + 1
-            );
-        }
-        report.samples += seen;
-        report.epochs.push(EpochMetrics {
+        total_samples += seen;
+        let done = EpochDone {
             epoch: epoch + 1,
-            train_loss: loss,
-            train_accuracy: acc,
             steps,
+            samples: seen,
             seconds: epoch_start.elapsed().as_secs_f64(),
-        });
+        };
+        let line = epoch_end(&done)?;
         progress::note(
-            opts.progress,
-            &format!(
-                "epoch {:>3}: loss {loss:.4}  accuracy {acc:.4}  ({:.1} s)",
-                epoch + 1,
-                epoch_start.elapsed().as_secs_f64()
-            ),
+            schedule.progress,
+            &format!("epoch {:>3}: {line}  ({:.1} s)", done.epoch, done.seconds),
         );
     }
-    report.seconds = start.elapsed().as_secs_f64();
-    report.samples_per_second = report.samples as f64 / report.seconds.max(1e-9);
-    Ok(report)
+    Ok((total_steps, total_samples))
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]

@@ -1,0 +1,820 @@
+//! The abstraction detector (cupbearer 0.0.1's `abstraction`): learned maps τ_l from
+//! each hidden activation a_l to a small abstract state z_l = τ_l(a_l), and abstract
+//! computational steps m_l predicting the next state from the current one
+//! (ẑ_{l+1} = relu(m_l(z_l))) and, from the last, the model's output (ŷ = m_L(z_L)).
+//! Trained with Adam on trusted data to minimise KL(model ‖ softmax(ŷ)) plus the mean
+//! cosine distance between ẑ_l and z_l; an anomaly's score per layer is that
+//! consistency loss (and the output KL), i.e. how badly the abstraction explains it.
+//!
+//! Fixes relative to the original: the consistency loss is divided by the number of
+//! layers once (0.0.1 did it twice), and every epoch is shuffled (0.0.1 never
+//! shuffled). Everything runs on the GPU inside the model's batch plans: one submit per
+//! training step (model forward, abstraction forward, losses, backward, Adam).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use super::{for_each_activation_batch, Detector, LayerScores, SampleSet};
+use crate::gpu::abstraction::{cosine_distance, kl_divergence, LossGrads};
+use crate::gpu::adam::adam;
+use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
+use crate::gpu::reduce::column_sums;
+use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use crate::model::batches::{BatchInputs, BatchPlans};
+use crate::model::gpu_mlp::{ParamLayout, Workspace};
+use crate::model::mlp::{load_dense_layer, save_dense_layers, Dense};
+use crate::model::train::{run_epochs, EpochSchedule};
+use crate::model::{GpuMlp, Gradients, MlpConfig};
+
+const METADATA_KEY: &str = "cupbearer.detector";
+/// Keys the initialisation draws apart from the classifier's (same seed, same stream).
+const INIT_LAYER_KEY: u32 = 1 << 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputLoss {
+    /// KL divergence of the model's and the abstraction's class distributions.
+    Kl,
+    /// The same on [P(not class 0), P(class 0)] (the abstraction predicts 2 logits).
+    #[value(name = "single_class", alias = "single-class")]
+    SingleClass,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AbstractionConfig {
+    /// Abstract state width = round(layer width / size_reduction).
+    pub size_reduction: f64,
+    pub output_loss_fn: OutputLoss,
+    pub batch_size: usize,
+    pub num_epochs: usize,
+    pub learning_rate: f32,
+    pub max_steps: Option<usize>,
+    /// Standardise each layer's score by its mean and standard deviation on trusted
+    /// data before averaging; `false` averages the raw losses (cupbearer 0.0.1).
+    pub normalize: bool,
+}
+
+impl Default for AbstractionConfig {
+    /// The original's defaults.
+    fn default() -> Self {
+        AbstractionConfig {
+            size_reduction: 4.0,
+            output_loss_fn: OutputLoss::Kl,
+            batch_size: 128,
+            num_epochs: 10,
+            learning_rate: 1e-3,
+            max_steps: None,
+            normalize: true,
+        }
+    }
+}
+
+/// Trusted samples scored after training to standardise the layer scores.
+const NORMALIZATION_SAMPLES: usize = 10_000;
+
+/// What the trained parameters belong to, stored with them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Stored {
+    config: AbstractionConfig,
+    hidden_dims: Vec<usize>,
+    classes: usize,
+    score_stats: Vec<(f64, f64)>,
+}
+
+pub struct Abstraction {
+    pub config: AbstractionConfig,
+    /// The model's hidden widths and classes the abstraction was built for.
+    hidden_dims: Vec<usize>,
+    classes: usize,
+    /// τ_0..τ_{L-1}, then m_0..m_{L-1}.
+    layers: Vec<Dense>,
+    /// (mean, standard deviation) of each layer's score on trusted data.
+    score_stats: Vec<(f64, f64)>,
+}
+
+/// Python's round (half to even), at least 1.
+fn reduced(width: usize, reduction: f64) -> usize {
+    let x = width as f64 / reduction;
+    let r = x.round();
+    let r = if (x - x.trunc() - 0.5).abs() < 1e-12 && r % 2.0 != 0.0 {
+        r - 1.0
+    } else {
+        r
+    };
+    (r as usize).max(1)
+}
+
+/// Per-batch buffers of the abstraction's forward pass and, when training, gradients.
+struct Tensors {
+    /// z_l, l = 0..L.
+    z: Vec<wgpu::Buffer>,
+    /// ẑ_l, l = 1..L (index l - 1).
+    zhat: Vec<wgpu::Buffer>,
+    yhat: wgpu::Buffer,
+    /// dL/dz_l.
+    gz: Vec<wgpu::Buffer>,
+    /// dL/d(pre-ReLU ẑ_l), l = 1..L (index l - 1).
+    gpre: Vec<wgpu::Buffer>,
+    gyhat: wgpu::Buffer,
+}
+
+/// What [`Abstraction::pass`] leaves on the GPU: per-layer losses of every sample and,
+/// if asked for, the last batch's parameter gradients.
+struct Pass {
+    layout: ParamLayout,
+    losses: Vec<wgpu::Buffer>,
+    grads: Option<wgpu::Buffer>,
+}
+
+/// The abstraction's parameters on the GPU, and where to put their gradients.
+struct Params<'a> {
+    layout: &'a ParamLayout,
+    values: &'a wgpu::Buffer,
+    grads: Option<&'a wgpu::Buffer>,
+}
+
+impl Abstraction {
+    pub fn new(config: AbstractionConfig) -> Result<Self> {
+        if !(config.size_reduction.is_finite() && config.size_reduction >= 1.0) {
+            bail!("size_reduction must be >= 1, got {}", config.size_reduction);
+        }
+        if config.batch_size == 0 || config.batch_size > 65535 {
+            bail!("batch_size must be in 1..=65535, got {}", config.batch_size);
+        }
+        if config.num_epochs == 0 {
+            bail!("num_epochs must be >= 1");
+        }
+        Ok(Abstraction {
+            config,
+            hidden_dims: Vec::new(),
+            classes: 0,
+            layers: Vec::new(),
+            score_stats: Vec::new(),
+        })
+    }
+
+    pub fn build(config: &serde_json::Value) -> Result<Box<dyn Detector>> {
+        let config = serde_json::from_value(config.clone()).context("abstraction config")?;
+        Ok(Box::new(Abstraction::new(config)?))
+    }
+
+    pub fn load(config: &serde_json::Value, path: &Path) -> Result<Box<dyn Detector>> {
+        let mut det = Abstraction::new(serde_json::from_value(config.clone())?)?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let stored: Stored =
+            crate::io::safetensors_metadata(&bytes, path, METADATA_KEY, "an abstraction detector")?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
+        (det.hidden_dims, det.classes) = (stored.hidden_dims, stored.classes);
+        det.score_stats = stored.score_stats;
+        det.layers = det
+            .dims()
+            .into_iter()
+            .zip(det.layer_names())
+            .map(|((fan_in, fan_out), name)| load_dense_layer(&st, path, &name, fan_in, fan_out))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(det))
+    }
+
+    /// Fresh (untrained) parameters for `model`: LeCun-normal kernels, zero biases.
+    pub fn init(&mut self, model: &MlpConfig, seed: u32) -> Result<()> {
+        self.hidden_dims = model.hidden_dims.clone();
+        self.classes = model.output_dim;
+        if self.hidden_dims.is_empty() {
+            bail!("the abstraction detector needs a model with hidden layers");
+        }
+        if self.config.output_loss_fn == OutputLoss::SingleClass && self.classes < 2 {
+            bail!("single_class needs a model with at least 2 classes");
+        }
+        self.layers = self
+            .dims()
+            .iter()
+            .enumerate()
+            .map(|(i, &(fan_in, fan_out))| {
+                Dense::lecun(fan_in, fan_out, seed, INIT_LAYER_KEY + i as u32)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// τ_0..τ_{L-1}, then m_0..m_{L-1}.
+    pub fn layers(&self) -> &[Dense] {
+        &self.layers
+    }
+
+    pub fn layers_mut(&mut self) -> &mut [Dense] {
+        &mut self.layers
+    }
+
+    /// Gradients of the training loss over all of `samples` as one batch (what one
+    /// training step computes), in the layout of [`Abstraction::layers`].
+    pub fn batch_gradients(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+    ) -> Result<Vec<Dense>> {
+        let n = samples.indices.len();
+        let pass = self.pass(ctx, model, samples, n, true)?;
+        let grads = pass.grads.expect("requested");
+        let flat: Vec<f32> = ctx.read(Slice::whole(&grads))?;
+        Ok(pass.layout.unflatten(&flat))
+    }
+
+    /// Runs the abstraction over `samples` (forward and losses; with `gradients`, the
+    /// backward pass too, each batch's parameter gradients overwriting the last).
+    fn pass(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+        gradients: bool,
+    ) -> Result<Pass> {
+        if self.layers.is_empty() {
+            bail!("the abstraction detector is not trained");
+        }
+        self.check_model(model)?;
+        let n = samples.indices.len();
+        let layout = ParamLayout::for_dims(&self.dims());
+        let values = ctx.buffer_from("abstraction params", &layout.flatten(&self.layers))?;
+        let grads = gradients
+            .then(|| ctx.zeros("abstraction grads", layout.total))
+            .transpose()?;
+        let params = Params {
+            layout: &layout,
+            values: &values,
+            grads: grads.as_ref(),
+        };
+        let step = ctx.uniform("step", &StepParams::default());
+        let losses = (0..self.num_hidden())
+            .map(|l| ctx.zeros(&format!("abstraction loss {l}"), n))
+            .collect::<Result<Vec<_>>>()?;
+        for_each_activation_batch(
+            ctx,
+            model,
+            samples,
+            batch_size.min(n.max(1)),
+            &|ws| {
+                let t = self.tensors(ctx, ws.rows, gradients)?;
+                self.record(ctx, model, ws, &params, &t, &losses, &step)
+            },
+            |offset, _| {
+                let p = StepParams {
+                    batch_offset: offset as u32,
+                    ..Default::default()
+                };
+                ctx.queue.write_buffer(&step, 0, bytemuck::bytes_of(&p));
+                Ok(())
+            },
+        )?;
+        Ok(Pass {
+            layout,
+            losses,
+            grads,
+        })
+    }
+
+    /// f64 reference of the training loss of a batch: the mean output KL plus the mean
+    /// over samples and layers of the cosine distances. `hidden[l]` and `logits` are
+    /// the model's (rows x width, row-major).
+    pub fn loss_reference(&self, hidden: &[Vec<f64>], logits: &[f64], rows: usize) -> f64 {
+        use crate::gpu::abstraction::{cosine_distance_reference, kl_divergence_reference};
+        let l_count = self.num_hidden();
+        let z: Vec<Vec<f64>> = (0..l_count)
+            .map(|l| self.layers[l].forward_reference(&hidden[l], rows, false))
+            .collect();
+        let mut consistency = 0.0;
+        for j in 0..l_count {
+            let last = j + 1 == l_count;
+            let out = self.layers[l_count + j].forward_reference(&z[j], rows, !last);
+            let mean = |v: Vec<f64>| v.iter().sum::<f64>() / rows as f64;
+            if last {
+                let single = self.config.output_loss_fn == OutputLoss::SingleClass;
+                let (kl, _) = kl_divergence_reference(&out, logits, self.classes, single, 0.0);
+                consistency += mean(kl);
+            } else {
+                let (cos, ..) =
+                    cosine_distance_reference(&out, &z[j + 1], self.widths()[j + 1], true, 0.0);
+                consistency += mean(cos) / (l_count - 1) as f64;
+            }
+        }
+        consistency
+    }
+
+    /// Per-layer losses of every sample: the consistency of hidden layers 1..L, then
+    /// the output loss.
+    fn raw_scores(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+    ) -> Result<LayerScores> {
+        let n = samples.indices.len();
+        let losses = self.pass(ctx, model, samples, batch_size, false)?.losses;
+        let scores = losses
+            .iter()
+            .map(|b| {
+                let s: Vec<f32> = ctx.read(Slice::new(b, 0, n))?;
+                Ok(s.into_iter().map(f64::from).collect())
+            })
+            .collect::<Result<_>>()?;
+        let last = self.num_hidden() - 1;
+        Ok(LayerScores {
+            names: (1..=last)
+                .map(|l| format!("layer{l}"))
+                .chain(["output".to_string()])
+                .collect(),
+            scores,
+        })
+    }
+
+    fn num_hidden(&self) -> usize {
+        self.hidden_dims.len()
+    }
+
+    fn pred_dim(&self) -> usize {
+        match self.config.output_loss_fn {
+            OutputLoss::Kl => self.classes,
+            OutputLoss::SingleClass => 2,
+        }
+    }
+
+    /// Abstract state widths d_l.
+    fn widths(&self) -> Vec<usize> {
+        self.hidden_dims
+            .iter()
+            .map(|&h| reduced(h, self.config.size_reduction))
+            .collect()
+    }
+
+    /// (fan_in, fan_out) of τ_0..τ_{L-1}, m_0..m_{L-1}.
+    fn dims(&self) -> Vec<(usize, usize)> {
+        let d = self.widths();
+        let taus = self.hidden_dims.iter().zip(&d).map(|(&h, &w)| (h, w));
+        let steps = (0..d.len()).map(|l| (d[l], d.get(l + 1).copied().unwrap_or(self.pred_dim())));
+        taus.chain(steps).collect()
+    }
+
+    fn layer_names(&self) -> Vec<String> {
+        let l = self.num_hidden();
+        (0..l)
+            .map(|i| format!("tau_{i}"))
+            .chain((0..l).map(|i| format!("step_{i}")))
+            .collect()
+    }
+
+    fn check_model(&self, model: &GpuMlp) -> Result<()> {
+        if model.config.hidden_dims != self.hidden_dims || model.config.output_dim != self.classes {
+            bail!(
+                "the abstraction was trained for hidden widths {:?} and {} classes, but the model \
+                 has {:?} and {}: detector and model do not match",
+                self.hidden_dims,
+                self.classes,
+                model.config.hidden_dims,
+                model.config.output_dim
+            );
+        }
+        Ok(())
+    }
+
+    fn tensors(&self, ctx: &GpuContext, rows: usize, gradients: bool) -> Result<Tensors> {
+        let d = self.widths();
+        let per =
+            |name: &str, range: std::ops::Range<usize>, on: bool| -> Result<Vec<wgpu::Buffer>> {
+                if !on {
+                    return Ok(Vec::new());
+                }
+                range
+                    .map(|l| ctx.zeros(&format!("{name}{l}"), rows * d[l]))
+                    .collect()
+            };
+        let l = d.len();
+        let q = self.pred_dim();
+        Ok(Tensors {
+            z: per("z", 0..l, true)?,
+            zhat: per("zhat", 1..l, true)?,
+            yhat: ctx.zeros("yhat", rows * q)?,
+            gz: per("gz", 0..l, gradients)?,
+            gpre: per("gpre", 1..l, gradients)?,
+            gyhat: ctx.zeros("gyhat", if gradients { rows * q } else { 1 })?,
+        })
+    }
+
+    /// The abstraction's forward pass, losses and (with `params.grads`) backward pass on
+    /// the model's workspace `ws`. `losses[l - 1]` receives the consistency loss of hidden
+    /// layer l (l = 1..L), `losses[L - 1]` the output loss, at the batch's position.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        ws: &Workspace,
+        params: &Params<'_>,
+        t: &Tensors,
+        losses: &[wgpu::Buffer],
+        step: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let rows = ws.rows;
+        let l_count = self.num_hidden();
+        let d = self.widths();
+        let q = self.pred_dim();
+        let slot = |i: usize| params.layout.layers[i];
+        let values = params.values;
+        let kernel = |i: usize| {
+            let s = slot(i);
+            Slice::new(values, s.kernel, s.fan_in * s.fan_out)
+        };
+        let bias = |i: usize| Some(Slice::new(values, slot(i).bias, slot(i).fan_out));
+        let mm = |flags: MatmulFlags, (m, n, k): (usize, usize, usize), a, b, c, bias| {
+            matmul(
+                ctx,
+                flags,
+                model.schedule,
+                &MatmulArgs {
+                    m,
+                    n,
+                    k,
+                    a,
+                    b,
+                    c,
+                    bias,
+                    mask: None,
+                },
+            )
+        };
+        let whole = Slice::whole;
+        let mut ops = Vec::new();
+        // Forward: z_l = τ_l(a_l); ẑ_{l+1} = relu(m_l(z_l)); ŷ = m_L(z_L).
+        for (l, &width) in d.iter().enumerate() {
+            let flags = MatmulFlags {
+                bias: true,
+                ..Default::default()
+            };
+            let (h, a) = (self.hidden_dims[l], whole(&ws.hidden[l]));
+            let (kz, bz) = (kernel(l), bias(l));
+            ops.push(mm(flags, (rows, width, h), a, kz, whole(&t.z[l]), bz)?);
+        }
+        for j in 0..l_count {
+            let last = j + 1 == l_count;
+            let flags = MatmulFlags {
+                bias: true,
+                relu: !last,
+                ..Default::default()
+            };
+            let (out, width) = if last {
+                (&t.yhat, q)
+            } else {
+                (&t.zhat[j], d[j + 1])
+            };
+            let i = l_count + j;
+            let (kz, bz) = (kernel(i), bias(i));
+            ops.push(mm(
+                flags,
+                (rows, width, d[j]),
+                whole(&t.z[j]),
+                kz,
+                whole(out),
+                bz,
+            )?);
+        }
+        // Losses, and the backward pass interleaved with them: the cosine loss of layer
+        // l adds to dL/dz_l, which the backward step of m_l has written just before.
+        let grads = params.grads;
+        let cons_scale = 1.0 / (rows * l_count.saturating_sub(1).max(1)) as f32;
+        ops.push(kl_divergence(
+            ctx,
+            rows,
+            self.classes,
+            self.config.output_loss_fn == OutputLoss::SingleClass,
+            whole(&t.yhat),
+            whole(&ws.logits),
+            whole(&losses[l_count - 1]),
+            grads
+                .map(|_| LossGrads {
+                    pred: whole(&t.gyhat),
+                    reference: None,
+                    scale: 1.0 / rows as f32,
+                })
+                .as_ref(),
+            step,
+        )?);
+        for j in (0..l_count).rev() {
+            if let Some(g) = grads {
+                let i = l_count + j;
+                let (g_out, width) = if j + 1 == l_count {
+                    (&t.gyhat, q)
+                } else {
+                    (&t.gpre[j], d[j + 1])
+                };
+                backward_dense(
+                    ctx,
+                    model,
+                    (rows, d[j], width),
+                    &t.z[j],
+                    g_out,
+                    i,
+                    params,
+                    g,
+                    &t.gz[j],
+                    &mut ops,
+                )?;
+            }
+            if j >= 1 {
+                ops.push(cosine_distance(
+                    ctx,
+                    rows,
+                    d[j],
+                    true,
+                    whole(&t.zhat[j - 1]),
+                    whole(&t.z[j]),
+                    whole(&losses[j - 1]),
+                    grads
+                        .map(|_| LossGrads {
+                            pred: whole(&t.gpre[j - 1]),
+                            reference: Some(whole(&t.gz[j])),
+                            scale: cons_scale,
+                        })
+                        .as_ref(),
+                    step,
+                )?);
+            }
+        }
+        if let Some(g) = grads {
+            for (l, &width) in d.iter().enumerate() {
+                let dims = (rows, self.hidden_dims[l], width);
+                dense_param_grads(
+                    ctx,
+                    model,
+                    dims,
+                    &ws.hidden[l],
+                    &t.gz[l],
+                    l,
+                    params.layout,
+                    g,
+                    &mut ops,
+                )?;
+            }
+        }
+        Ok(ops)
+    }
+}
+
+/// Gradients of dense layer `i` (kernel and bias, into `grads`) from its input `x`
+/// (rows x fan_in) and output gradient `g` (rows x fan_out).
+#[allow(clippy::too_many_arguments)]
+fn dense_param_grads(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    (rows, fan_in, fan_out): (usize, usize, usize),
+    x: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    i: usize,
+    layout: &ParamLayout,
+    grads: &wgpu::Buffer,
+    ops: &mut Vec<Dispatch>,
+) -> Result<()> {
+    let s = layout.layers[i];
+    ops.push(matmul(
+        ctx,
+        MatmulFlags {
+            a_kmajor: true,
+            ..Default::default()
+        },
+        model.schedule,
+        &MatmulArgs {
+            m: fan_in,
+            n: fan_out,
+            k: rows,
+            a: Slice::whole(x),
+            b: Slice::whole(g),
+            c: Slice::new(grads, s.kernel, fan_in * fan_out),
+            bias: None,
+            mask: None,
+        },
+    )?);
+    ops.push(column_sums(
+        ctx,
+        rows,
+        fan_out,
+        1.0,
+        Slice::whole(g),
+        Slice::new(grads, s.bias, fan_out),
+    )?);
+    Ok(())
+}
+
+/// [`dense_param_grads`] plus the input gradient `gx = g · Wᵀ` (written).
+#[allow(clippy::too_many_arguments)]
+fn backward_dense(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    (rows, fan_in, fan_out): (usize, usize, usize),
+    x: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    i: usize,
+    params: &Params<'_>,
+    grads: &wgpu::Buffer,
+    gx: &wgpu::Buffer,
+    ops: &mut Vec<Dispatch>,
+) -> Result<()> {
+    dense_param_grads(
+        ctx,
+        model,
+        (rows, fan_in, fan_out),
+        x,
+        g,
+        i,
+        params.layout,
+        grads,
+        ops,
+    )?;
+    let s = params.layout.layers[i];
+    ops.push(matmul(
+        ctx,
+        MatmulFlags {
+            b_nmajor: true,
+            ..Default::default()
+        },
+        model.schedule,
+        &MatmulArgs {
+            m: rows,
+            n: fan_in,
+            k: fan_out,
+            a: Slice::whole(g),
+            b: Slice::new(params.values, s.kernel, fan_in * fan_out),
+            c: Slice::whole(gx),
+            bias: None,
+            mask: None,
+        },
+    )?);
+    Ok(())
+}
+
+fn mean(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<f64> {
+    let v: Vec<f32> = ctx.read(Slice::new(buf, 0, n))?;
+    Ok(v.iter().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64)
+}
+
+impl Detector for Abstraction {
+    fn kind(&self) -> &'static str {
+        "abstraction"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("plain struct serialises")
+    }
+
+    fn fit(
+        &mut self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        trusted: &SampleSet<'_>,
+        progress: bool,
+    ) -> Result<()> {
+        self.init(&model.config, trusted.seed)?;
+        let layout = ParamLayout::for_dims(&self.dims());
+        let values = ctx.buffer_from("abstraction params", &layout.flatten(&self.layers))?;
+        let total = layout.total;
+        let (grads, m, v) = (
+            ctx.zeros("abstraction grads", total)?,
+            ctx.zeros("abstraction adam m", total)?,
+            ctx.zeros("abstraction adam v", total)?,
+        );
+        let n = trusted.indices.len();
+        let indices = ctx.zeros("abstraction order", n)?;
+        let step = ctx.uniform("step", &StepParams::default());
+        let losses = (0..self.num_hidden())
+            .map(|l| ctx.zeros(&format!("abstraction loss {l}"), n))
+            .collect::<Result<Vec<_>>>()?;
+        let params = Params {
+            layout: &layout,
+            values: &values,
+            grads: Some(&grads),
+        };
+        let train_ops = |ws: &Workspace| -> Result<Vec<Dispatch>> {
+            let t = self.tensors(ctx, ws.rows, true)?;
+            let mut ops = self.record(ctx, model, ws, &params, &t, &losses, &step)?;
+            let whole = Slice::whole;
+            ops.push(adam(
+                ctx,
+                total,
+                whole(&values),
+                whole(&grads),
+                whole(&m),
+                whole(&v),
+                &step,
+            )?);
+            Ok(ops)
+        };
+        let inputs = BatchInputs {
+            data: trusted.data,
+            indices: &indices,
+            step: &step,
+            backdoor: trusted.backdoor,
+            seed: trusted.seed,
+        };
+        let plans = BatchPlans::new(
+            ctx,
+            model,
+            &inputs,
+            n,
+            self.config.batch_size,
+            Gradients::None,
+            &train_ops,
+        )?;
+        let schedule = EpochSchedule {
+            epochs: self.config.num_epochs,
+            max_steps: self.config.max_steps,
+            learning_rate: self.config.learning_rate,
+            seed: trusted.seed,
+            progress,
+        };
+        let last = self.num_hidden() - 1;
+        run_epochs(
+            ctx,
+            &plans,
+            &indices,
+            &step,
+            trusted.indices,
+            &schedule,
+            |e| {
+                let output = mean(ctx, &losses[last], e.samples)?;
+                let mut consistency = 0.0;
+                for buf in &losses[..last] {
+                    consistency += mean(ctx, buf, e.samples)? / last as f64;
+                }
+                if !(output.is_finite() && consistency.is_finite()) {
+                    bail!(
+                        "abstraction training diverged in epoch {} (output loss {output}, \
+                     consistency {consistency}); try a smaller learning rate",
+                        e.epoch
+                    );
+                }
+                Ok(format!(
+                    "output loss {output:.4}  consistency loss {consistency:.4}"
+                ))
+            },
+        )?;
+        let flat: Vec<f32> = ctx.read(Slice::whole(&values))?;
+        self.layers = layout.unflatten(&flat);
+        let subset = &trusted.indices[..n.min(NORMALIZATION_SAMPLES)];
+        let raw = self.raw_scores(
+            ctx,
+            model,
+            &SampleSet {
+                indices: subset,
+                ..*trusted
+            },
+            self.config.batch_size.max(1024),
+        )?;
+        self.score_stats = raw
+            .scores
+            .iter()
+            .map(|v| {
+                let m = v.iter().sum::<f64>() / v.len() as f64;
+                let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64;
+                (m, var.sqrt())
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn layer_scores(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+    ) -> Result<LayerScores> {
+        let mut scores = self.raw_scores(ctx, model, samples, batch_size)?;
+        if self.config.normalize {
+            if self.score_stats.len() != scores.scores.len() {
+                bail!("the abstraction detector has no score statistics: refit it");
+            }
+            for (layer, &(mean, std)) in scores.scores.iter_mut().zip(&self.score_stats) {
+                for v in layer.iter_mut() {
+                    *v = (*v - mean) / std.max(1e-12);
+                }
+            }
+        }
+        Ok(scores)
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let names = self.layer_names();
+        let named: Vec<(String, &Dense)> = names.into_iter().zip(&self.layers).collect();
+        let stored = Stored {
+            config: self.config.clone(),
+            hidden_dims: self.hidden_dims.clone(),
+            classes: self.classes,
+            score_stats: self.score_stats.clone(),
+        };
+        save_dense_layers(path, &named, METADATA_KEY, serde_json::to_string(&stored)?)
+    }
+}
