@@ -412,3 +412,67 @@ fn abstraction_detector_from_the_command_line() {
     assert!(out.contains("abstraction detector fitted"), "{out}");
     assert!(!cwd.join("logs/train_detector").exists());
 }
+
+/// Writes `set` (grey images) as CIFAR-10 binary records (CHW, the grey value in all
+/// three planes) spread over the files of `split`.
+fn write_cifar(dir: &Path, split: cupbearer::data::Split, set: &Dataset) {
+    std::fs::create_dir_all(dir).unwrap();
+    let names = cupbearer::data::cifar::file_names(split);
+    let per_file = set.len().div_ceil(names.len());
+    for (f, name) in names.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for i in (f * per_file..(f + 1) * per_file).filter(|&i| i < set.len()) {
+            bytes.push(set.labels[i]);
+            for _ in 0..3 {
+                bytes.extend(set.image(i));
+            }
+        }
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+/// CIFAR-10 (32x32x3) through train-classifier, train-detector and eval-detector.
+#[test]
+fn cifar10_runs_end_to_end() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let cwd = w.path();
+    let dir = cwd.join("data/cifar10/cifar-10-batches-bin");
+    use cupbearer::data::Split;
+    write_cifar(&dir, Split::Train, &Dataset::synthetic(600, 32, 32, 1));
+    write_cifar(&dir, Split::Test, &Dataset::synthetic(200, 32, 32, 2));
+    let mut train = words(
+        "train_classifier --train_data backdoor --train_data.original cifar10 \
+         --train_data.backdoor corner --model mlp --dir.full logs/c",
+    );
+    train.extend(SMALL);
+    // One trigger pixel of 3072 inputs takes longer to learn than on MNIST.
+    train.extend(["--num_epochs", "60"]);
+    let out = run_ok(cwd, &train);
+    let metrics = eval_json(&cwd.join("logs/c/metrics.json"));
+    let acc = metrics["clean_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.9, "clean accuracy {acc}: {out}");
+    let asr = metrics["attack_success_rate"].as_f64().unwrap();
+    assert!(asr >= 0.9, "attack success {asr}: {out}");
+    let run = cupbearer::run::ClassifierRun::load(&cwd.join("logs/c")).unwrap();
+    assert_eq!(run.model.config.input_shape, [32, 32, 3]);
+    let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --detector mahalanobis {task} --dir.full logs/d --quiet"
+        )),
+    );
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval_detector --detector from_run --detector.path logs/d {task} --dir.full logs/d --quiet"
+        )),
+    );
+    let auc = eval_json(&cwd.join("logs/d/eval.json"))["AUC_ROC"]
+        .as_f64()
+        .unwrap();
+    assert!(auc >= 0.95, "AUROC {auc}");
+}

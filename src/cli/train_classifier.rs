@@ -26,11 +26,11 @@ enum ModelKind {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Training data: a data set (mnist, fashion_mnist), or `backdoor` = a data set
+    /// Training data: a data set (mnist, fashion_mnist, cifar10), or `backdoor` = a data set
     /// (--train_data.original) poisoned with a trigger (--train_data.backdoor).
     #[arg(long, value_name = "DATA")]
     train_data: String,
-    /// The clean data set under a backdoor: mnist or fashion_mnist.
+    /// The clean data set under a backdoor: mnist, fashion_mnist or cifar10.
     #[arg(long, value_name = "DATASET")]
     train_data_original: Option<DatasetName>,
     /// Trigger of the training backdoor.
@@ -91,7 +91,7 @@ impl Args {
         let (dataset, backdoor) = match self.train_data.as_str() {
             "backdoor" => {
                 let original = self.train_data_original.context(
-                    "--train_data backdoor needs --train_data.original (mnist or fashion_mnist)",
+                    "--train_data backdoor needs --train_data.original (mnist, fashion_mnist or cifar10)",
                 )?;
                 let kind = self.train_data_backdoor.context(
                     "--train_data backdoor needs --train_data.backdoor (corner or noise)",
