@@ -490,3 +490,90 @@ fn abstraction_losses_match_reference() {
         assert_close(&got, &g, 1e-6, 1e-4, &format!("{what} grad"));
     }
 }
+
+#[test]
+fn conv_and_pool_kernels_match_reference() {
+    use cupbearer::gpu::conv::{
+        col2im_reference, conv_op, global_max_grad_reference, global_max_reference,
+        im2col_reference, max_pool_grad_reference, max_pool_reference, ConvOp, Nhwc,
+    };
+    let Some(ctx) = gpu() else { return };
+    // Odd height and width: pooling drops the last row and column.
+    let s = Nhwc::new(3, 5, 7, 3);
+    let x = random(s.len(), 21);
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let run = |op,
+               src: &[f32],
+               out_len: usize,
+               argmax: Option<&wgpu::Buffer>,
+               mask: Option<&wgpu::Buffer>| {
+        let gsrc = ctx.buffer_from("src", src).unwrap();
+        let dst = ctx.zeros("dst", out_len).unwrap();
+        let d = conv_op(
+            &ctx,
+            op,
+            s,
+            Slice::whole(&gsrc),
+            Slice::whole(&dst),
+            argmax.map(Slice::whole),
+            mask.map(Slice::whole),
+        )
+        .unwrap();
+        ctx.submit([&d]);
+        ctx.read::<f32>(Slice::new(&dst, 0, out_len)).unwrap()
+    };
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+
+    let cols = run(ConvOp::Im2col, &x, s.len() * 9, None, None);
+    assert_close(&cols, &im2col_reference(&x64, s), 0.0, 0.0, "im2col");
+    let dcols = random(s.len() * 9, 22);
+    let dx = run(ConvOp::Col2im, &dcols, s.len(), None, None);
+    let want = col2im_reference(&to64(&dcols), s);
+    assert_close(&dx, &want, 1e-6, 1e-6, "col2im");
+    // col2im is the adjoint of im2col: <im2col(x), d> = <x, col2im(d)>.
+    let lhs: f64 = im2col_reference(&x64, s)
+        .iter()
+        .zip(&dcols)
+        .map(|(a, &b)| a * b as f64)
+        .sum();
+    let rhs: f64 = x64.iter().zip(&want).map(|(a, b)| a * b).sum();
+    assert!((lhs - rhs).abs() < 1e-9, "adjoint: {lhs} vs {rhs}");
+
+    let p = s.pooled();
+    let argmax = ctx.zeros("argmax", p.len()).unwrap();
+    let pooled = run(ConvOp::MaxPool, &x, p.len(), Some(&argmax), None);
+    let (want, want_arg) = max_pool_reference(&x64, s);
+    assert_close(&pooled, &want, 0.0, 0.0, "max_pool");
+    assert_eq!(
+        ctx.read::<u32>(Slice::whole(&argmax)).unwrap()[..p.len()],
+        want_arg[..]
+    );
+    // The ReLU mask: where the pre-pool value is not positive, no gradient.
+    let mask = ctx.buffer_from("mask", &x).unwrap();
+    let dpool = random(p.len(), 23);
+    let grad = run(
+        ConvOp::MaxPoolGrad,
+        &dpool,
+        s.len(),
+        Some(&argmax),
+        Some(&mask),
+    );
+    let want = max_pool_grad_reference(&to64(&dpool), &want_arg, &x64, s);
+    assert_close(&grad, &want, 0.0, 0.0, "max_pool_grad");
+    assert!(want.iter().filter(|&&g| g != 0.0).count() > p.len() / 4);
+
+    let g = (s.batch * s.channels) as usize;
+    let gargmax = ctx.zeros("gargmax", g).unwrap();
+    let gmax = run(ConvOp::GlobalMax, &x, g, Some(&gargmax), None);
+    let (want, want_arg) = global_max_reference(&x64, s);
+    assert_close(&gmax, &want, 0.0, 0.0, "global_max");
+    let dg = random(g, 24);
+    let grad = run(ConvOp::GlobalMaxGrad, &dg, s.len(), Some(&gargmax), None);
+    assert_close(
+        &grad,
+        &global_max_grad_reference(&to64(&dg), &want_arg, s),
+        0.0,
+        0.0,
+        "global_max_grad",
+    );
+}

@@ -6,6 +6,7 @@ pub mod adam;
 pub mod attack;
 pub mod batch;
 pub mod context;
+pub mod conv;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;
