@@ -46,8 +46,17 @@ fn random(len: usize, seed: u32) -> Vec<f32> {
 fn mnist_mlp() -> MlpConfig {
     MlpConfig {
         input_shape: [28, 28, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![256, 256],
         output_dim: 10,
+    }
+}
+
+/// The original's CNN on MNIST: conv 32, conv 64, dense 256 256.
+fn mnist_cnn() -> MlpConfig {
+    MlpConfig {
+        conv_channels: vec![32, 64],
+        ..mnist_mlp()
     }
 }
 
@@ -115,11 +124,15 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
     Ok(rows)
 }
 
-/// Per-kernel milliseconds of one training step of the MNIST MLP (batch 128).
-fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
+/// Per-kernel milliseconds of one training step (batch 128) of an MNIST model.
+fn bench_step(
+    ctx: &GpuContext,
+    name: &str,
+    config: &MlpConfig,
+) -> anyhow::Result<serde_json::Value> {
     let data = Dataset::synthetic(1024, 28, 28, 1);
     let gdata = GpuDataset::upload(ctx, &data)?;
-    let model = GpuMlp::upload(ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
+    let model = GpuMlp::upload(ctx, &Mlp::init(config, 0)?)?;
     let rows = 128;
     let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
     let idx: Vec<u32> = (0..1024).collect();
@@ -137,7 +150,7 @@ fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
         Slice::whole(&indices),
         &BatchOutputs {
             x: Slice::whole(&ws.x),
-            xt: Some(Slice::whole(&ws.xt)),
+            xt: (!config.is_cnn()).then(|| Slice::whole(&ws.xt)),
             labels: Slice::whole(&ws.labels),
         },
         None,
@@ -170,7 +183,8 @@ fn bench_step(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
     )?);
     println!(
         "\n{:<70} {:>9}",
-        "training step (batch 128), per kernel", "ms"
+        format!("{name} training step (batch 128), per kernel"),
+        "ms"
     );
     let mut kernels = Vec::new();
     for op in &ops {
@@ -194,7 +208,8 @@ fn main() -> anyhow::Result<()> {
     let adapter = ctx.adapter_name();
     println!("adapter: {adapter}");
     let matmuls = bench_matmul(&ctx, &filter)?;
-    let step = bench_step(&ctx)?;
+    let step = bench_step(&ctx, "MLP", &mnist_mlp())?;
+    let cnn_step = bench_step(&ctx, "CNN", &mnist_cnn())?;
 
     // End to end: training, detector fit and scoring on MNIST-shaped synthetic data.
     let n = 20_000;
@@ -253,6 +268,7 @@ fn main() -> anyhow::Result<()> {
         "adapter": adapter,
         "matmul": matmuls,
         "training_step": step,
+        "cnn_training_step": cnn_step,
         "training_samples_per_second": report.samples_per_second,
         "detector_fit_samples_per_second": n as f64 / fit,
         "covariance_gb_per_second": cov_gb / fit,

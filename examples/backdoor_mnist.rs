@@ -62,6 +62,7 @@ fn main() -> Result<()> {
         },
         MlpConfig {
             input_shape: [28, 28, 1],
+            conv_channels: Vec::new(),
             hidden_dims: vec![256, 256],
             output_dim: 10,
         },

@@ -22,9 +22,14 @@ struct AttackParams {
 @group(0) @binding(4) var<uniform> params: AttackParams;
 @group(0) @binding(5) var<uniform> step: Step;
 
+// The transposed copy exists only for models that read it (MLPs).
+override WRITE_T: bool = true;
+
 fn store(i: u32, v: f32) {
     x[i] = v;
-    xt[(i % params.dim) * params.rows + i / params.dim] = v;
+    if (WRITE_T) {
+        xt[(i % params.dim) * params.rows + i / params.dim] = v;
+    }
 }
 
 @compute @workgroup_size(64, 1, 1)

@@ -28,6 +28,30 @@ pub struct TrainDataConfig {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelConfig {
     Mlp(MlpConfig),
+    /// An [`MlpConfig`] with conv blocks.
+    Cnn(MlpConfig),
+}
+
+impl ModelConfig {
+    pub fn new(config: MlpConfig) -> Self {
+        if config.is_cnn() {
+            ModelConfig::Cnn(config)
+        } else {
+            ModelConfig::Mlp(config)
+        }
+    }
+
+    pub fn layers(&self) -> &MlpConfig {
+        match self {
+            ModelConfig::Mlp(c) | ModelConfig::Cnn(c) => c,
+        }
+    }
+
+    pub fn layers_mut(&mut self) -> &mut MlpConfig {
+        match self {
+            ModelConfig::Mlp(c) | ModelConfig::Cnn(c) => c,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,7 +94,7 @@ impl ClassifierRunConfig {
             command: "train-classifier".into(),
             cupbearer_version: env!("CARGO_PKG_VERSION").into(),
             train_data,
-            model: ModelConfig::Mlp(model),
+            model: ModelConfig::new(model),
             training,
         }
     }
@@ -106,7 +130,7 @@ impl ClassifierRun {
             );
         }
         let model = Mlp::load(&dir.join(MODEL_FILE))?;
-        let ModelConfig::Mlp(expected) = &config.model;
+        let expected = config.model.layers();
         if &model.config != expected {
             bail!(
                 "{}: the model's architecture {:?} differs from {CONFIG_FILE}'s {:?}",

@@ -16,6 +16,7 @@ fn fgsm_and_pgd_raise_the_loss_within_eps() {
     let data = Dataset::synthetic(300, 9, 11, 5);
     let config = MlpConfig {
         input_shape: [9, 11, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![24, 16],
         output_dim: 10,
     };

@@ -476,3 +476,67 @@ fn cifar10_runs_end_to_end() {
         .unwrap();
     assert!(auc >= 0.95, "AUROC {auc}");
 }
+
+/// A CNN (`--model cnn`, the original's flags) through every command: its conv and
+/// dense activations feed Mahalanobis, and it can be attacked.
+#[test]
+fn cnn_runs_end_to_end() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let out = run_ok(
+        cwd,
+        &words(
+            "train_classifier --train_data backdoor --train_data.original mnist \
+             --train_data.backdoor corner --train_data.backdoor.p_backdoor 0.2 --model cnn \
+             --model.channels 8 16 --model.dense_dims 32 32 --num_epochs 8 --batch_size 32 \
+             --optim.learning_rate 0.003 --dir.full logs/c --quiet",
+        ),
+    );
+    let metrics = eval_json(&cwd.join("logs/c/metrics.json"));
+    let (acc, asr) = (
+        metrics["clean_test_accuracy"].as_f64().unwrap(),
+        metrics["attack_success_rate"].as_f64().unwrap(),
+    );
+    assert!(acc >= 0.95 && asr >= 0.9, "{out}");
+    let config = eval_json(&cwd.join("logs/c/config.json"));
+    assert_eq!(config["model"]["kind"], "cnn");
+    let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --detector mahalanobis {task} --dir.full logs/d --quiet"
+        )),
+    );
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval_detector --detector from_run --detector.path logs/d {task} --dir.full logs/d --quiet"
+        )),
+    );
+    let report = eval_json(&cwd.join("logs/d/eval.json"));
+    assert_eq!(
+        report["layers"].as_array().unwrap().len(),
+        4,
+        "2 conv + 2 dense"
+    );
+    let auc = report["AUC_ROC"].as_f64().unwrap();
+    assert!(auc >= 0.95, "AUROC {auc}");
+    let out = run_ok(
+        cwd,
+        &words(
+            "make_adversarial_examples --dir.full logs/c --attack pgd --eps 0.3 --steps 5 --quiet",
+        ),
+    );
+    assert!(out.contains("200 examples"), "{out}");
+    // The abstraction detector is MLP-only for now: a clear error.
+    let abs = cupbearer(
+        cwd,
+        &words(&format!(
+            "train_detector --detector abstraction {task} --dir.full logs/a"
+        )),
+    );
+    assert!(stderr(&abs).contains("MLPs only"), "{}", stderr(&abs));
+}

@@ -170,6 +170,7 @@ fn pinv_drops_zero_eigenvalues() {
 fn trained_model(ctx: &GpuContext, train_set: &Dataset, backdoor: Option<Backdoor>) -> GpuMlp {
     let config = MlpConfig {
         input_shape: [train_set.height, train_set.width, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![40, 24],
         output_dim: 10,
     };
@@ -356,6 +357,7 @@ fn abstraction_gradients_match_finite_differences() {
     let data = Dataset::synthetic(23, 5, 3, 4);
     let config = MlpConfig {
         input_shape: [5, 3, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![7, 6, 5],
         output_dim: 10,
     };

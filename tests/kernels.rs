@@ -352,7 +352,7 @@ fn attack_start_and_update_match_reference() {
             &a,
             &AttackBuffers {
                 x: Slice::whole(&gx),
-                xt: Slice::whole(&gxt),
+                xt: Some(Slice::whole(&gxt)),
                 x0: Slice::whole(&gx0),
                 grad: Slice::whole(&gg),
             },

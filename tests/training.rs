@@ -220,8 +220,9 @@ fn reference_loss(mlp: &Mlp, x: &[f64], labels: &[u32]) -> f64 {
         / rows as f64
 }
 
-/// A small MLP with non-zero biases (so every gradient path is exercised) on
-/// synthetic 5x3 images, and 13 of its samples.
+/// A small MLP, or CNN, with non-zero biases (so every gradient path is exercised) on
+/// synthetic images, and 13 of its samples. The CNN's blocks see 8x7 and 4x3 inputs,
+/// so pooling drops a column and the global pool covers two positions.
 struct GradientCase {
     data: Dataset,
     mlp: Mlp,
@@ -229,10 +230,12 @@ struct GradientCase {
 }
 
 impl GradientCase {
-    fn new() -> Self {
+    fn new(cnn: bool) -> Self {
+        let (h, w) = if cnn { (8, 7) } else { (5, 3) };
         let config = MlpConfig {
-            input_shape: [5, 3, 1],
-            hidden_dims: vec![7, 6],
+            input_shape: [h, w, 1],
+            conv_channels: if cnn { vec![3, 4] } else { Vec::new() },
+            hidden_dims: if cnn { vec![5] } else { vec![7, 6] },
             output_dim: 10,
         };
         let mut mlp = Mlp::init(&config, 3).unwrap();
@@ -242,7 +245,7 @@ impl GradientCase {
             }
         }
         GradientCase {
-            data: Dataset::synthetic(19, 5, 3, 4),
+            data: Dataset::synthetic(19, h, w, 4),
             mlp,
             indices: (0..13).map(|i| (i * 5) % 19).collect(),
         }
@@ -269,7 +272,7 @@ impl GradientCase {
             Slice::whole(&idx),
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
-                xt: Some(Slice::whole(&ws.xt)),
+                xt: (!self.mlp.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
             None,
@@ -301,87 +304,95 @@ impl GradientCase {
 }
 
 #[test]
-fn mlp_gradients_match_finite_differences() {
+fn mlp_and_cnn_gradients_match_finite_differences() {
     let Some(ctx) = gpu() else { return };
-    let case = GradientCase::new();
-    let (mlp, config) = (&case.mlp, &case.mlp.config);
-    let grads = ctx.zeros("grads", ParamLayout::new(config).total).unwrap();
-    let (model, _ws) = case.run(&ctx, Gradients::Params, |model, ws| {
-        model.backward(&ctx, ws, &grads).unwrap()
-    });
-    let flat: Vec<f32> = ctx.read(Slice::whole(&grads)).unwrap();
-    let got = model.layout.unflatten(&flat);
+    for cnn in [false, true] {
+        let case = GradientCase::new(cnn);
+        let (mlp, config) = (&case.mlp, &case.mlp.config);
+        let grads = ctx.zeros("grads", ParamLayout::new(config).total).unwrap();
+        let (model, _ws) = case.run(&ctx, Gradients::Params, |model, ws| {
+            model.backward(&ctx, ws, &grads).unwrap()
+        });
+        let flat: Vec<f32> = ctx.read(Slice::whole(&grads)).unwrap();
+        let got = model.layout.unflatten(&flat);
 
-    let (data, indices) = (&case.data, &case.indices);
-    let (x, labels) = gather_batch_reference(data, indices, None, 0, 0);
-    let h = 1e-4;
-    let mut checked = 0;
-    for (l, got_l) in got.iter().enumerate() {
-        let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
-        for (i, is_bias) in (0..nk)
-            .map(|i| (i, false))
-            .chain((0..nb).map(|i| (i, true)))
-        {
-            let fd = {
-                let mut plus = mlp.clone();
-                let mut minus = mlp.clone();
-                let (p, m) = if is_bias {
-                    (&mut plus.layers[l].bias[i], &mut minus.layers[l].bias[i])
-                } else {
-                    (
-                        &mut plus.layers[l].kernel[i],
-                        &mut minus.layers[l].kernel[i],
-                    )
+        let (data, indices) = (&case.data, &case.indices);
+        let (x, labels) = gather_batch_reference(data, indices, None, 0, 0);
+        let h = 1e-4;
+        let mut checked = 0;
+        for (l, got_l) in got.iter().enumerate() {
+            let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
+            for (i, is_bias) in (0..nk)
+                .map(|i| (i, false))
+                .chain((0..nb).map(|i| (i, true)))
+            {
+                let fd = {
+                    let mut plus = mlp.clone();
+                    let mut minus = mlp.clone();
+                    let (p, m) = if is_bias {
+                        (&mut plus.layers[l].bias[i], &mut minus.layers[l].bias[i])
+                    } else {
+                        (
+                            &mut plus.layers[l].kernel[i],
+                            &mut minus.layers[l].kernel[i],
+                        )
+                    };
+                    *p += h as f32;
+                    *m -= h as f32;
+                    let dp = (*p as f64) - (*m as f64);
+                    (reference_loss(&plus, &x, &labels) - reference_loss(&minus, &x, &labels)) / dp
                 };
-                *p += h as f32;
-                *m -= h as f32;
-                let dp = (*p as f64) - (*m as f64);
-                (reference_loss(&plus, &x, &labels) - reference_loss(&minus, &x, &labels)) / dp
-            };
-            let g = if is_bias {
-                got_l.bias[i]
-            } else {
-                got_l.kernel[i]
-            } as f64;
-            assert!(
-                (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
-                "layer {l} {} {i}: gpu {g}, finite difference {fd}",
-                if is_bias { "bias" } else { "kernel" }
-            );
-            checked += 1;
+                let g = if is_bias {
+                    got_l.bias[i]
+                } else {
+                    got_l.kernel[i]
+                } as f64;
+                assert!(
+                    (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
+                    "cnn {cnn} layer {l} {} {i}: gpu {g}, finite difference {fd}",
+                    if is_bias { "bias" } else { "kernel" }
+                );
+                checked += 1;
+            }
         }
+        assert_eq!(checked, mlp.num_params());
     }
-    assert_eq!(checked, mlp.num_params());
 }
 
 #[test]
-fn mlp_input_gradient_matches_finite_differences() {
+fn mlp_and_cnn_input_gradients_match_finite_differences() {
     let Some(ctx) = gpu() else { return };
-    let case = GradientCase::new();
-    let (_model, ws) = case.run(&ctx, Gradients::Input, |model, ws| {
-        model.input_gradient(&ctx, ws).unwrap()
-    });
-    let got: Vec<f32> = ctx.read(Slice::whole(ws.dx.as_ref().unwrap())).unwrap();
-    let (x, labels) = gather_batch_reference(&case.data, &case.indices, None, 0, 0);
-    assert_eq!(got.len(), x.len());
-    let h = 1e-5;
-    let mut nonzero = 0;
-    for i in 0..x.len() {
-        let (mut plus, mut minus) = (x.clone(), x.clone());
-        plus[i] += h;
-        minus[i] -= h;
-        let fd = (reference_loss(&case.mlp, &plus, &labels)
-            - reference_loss(&case.mlp, &minus, &labels))
-            / (2.0 * h);
-        let g = got[i] as f64;
+    for cnn in [false, true] {
+        let case = GradientCase::new(cnn);
+        let (_model, ws) = case.run(&ctx, Gradients::Input, |model, ws| {
+            model.input_gradient(&ctx, ws).unwrap()
+        });
+        let got: Vec<f32> = ctx.read(Slice::whole(ws.dx.as_ref().unwrap())).unwrap();
+        let (x, labels) = gather_batch_reference(&case.data, &case.indices, None, 0, 0);
+        assert_eq!(got.len(), x.len());
+        let h = 1e-5;
+        let mut nonzero = 0;
+        for i in 0..x.len() {
+            let (mut plus, mut minus) = (x.clone(), x.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let fd = (reference_loss(&case.mlp, &plus, &labels)
+                - reference_loss(&case.mlp, &minus, &labels))
+                / (2.0 * h);
+            let g = got[i] as f64;
+            assert!(
+                (g - fd).abs() <= 1e-5 + 2e-3 * fd.abs(),
+                "cnn {cnn} input {i}: gpu {g}, finite difference {fd}"
+            );
+            nonzero += (fd.abs() > 1e-6) as usize;
+        }
+        // Most inputs must matter, or the comparison proves little.
         assert!(
-            (g - fd).abs() <= 1e-5 + 2e-3 * fd.abs(),
-            "input {i}: gpu {g}, finite difference {fd}"
+            nonzero > x.len() / 2,
+            "cnn {cnn}: {nonzero} of {} non-zero",
+            x.len()
         );
-        nonzero += (fd.abs() > 1e-6) as usize;
     }
-    // Most inputs must matter, or the comparison proves little.
-    assert!(nonzero > x.len() / 2, "{nonzero} of {} non-zero", x.len());
 }
 
 fn small_options(seed: u32, backdoor: Option<Backdoor>) -> TrainOptions {
@@ -403,6 +414,7 @@ fn training_learns_synthetic_data_and_the_backdoor() {
     let test_set = Dataset::synthetic(300, 12, 10, 2);
     let config = MlpConfig {
         input_shape: [12, 10, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![48, 32],
         output_dim: 10,
     };
@@ -443,6 +455,7 @@ fn same_seed_gives_bit_identical_weights() {
     let data = Dataset::synthetic(230, 8, 8, 3);
     let config = MlpConfig {
         input_shape: [8, 8, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![17],
         output_dim: 10,
     };
@@ -467,6 +480,7 @@ fn max_steps_caps_training() {
     let data = Dataset::synthetic(100, 4, 4, 3);
     let config = MlpConfig {
         input_shape: [4, 4, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![5],
         output_dim: 10,
     };
@@ -490,6 +504,7 @@ fn divergence_and_oversized_buffers_are_errors() {
     let data = Dataset::synthetic(200, 6, 6, 3);
     let config = MlpConfig {
         input_shape: [6, 6, 1],
+        conv_channels: Vec::new(),
         hidden_dims: vec![8],
         output_dim: 10,
     };
@@ -511,4 +526,54 @@ fn divergence_and_oversized_buffers_are_errors() {
             .contains("exceeds this adapter's maximum buffer size"),
         "{err}"
     );
+}
+
+#[test]
+fn cnn_learns_synthetic_data_and_the_backdoor() {
+    let Some(ctx) = gpu() else { return };
+    let train_set = Dataset::synthetic(1200, 12, 10, 1);
+    let test_set = Dataset::synthetic(300, 12, 10, 2);
+    let config = MlpConfig {
+        input_shape: [12, 10, 1],
+        conv_channels: vec![8, 16],
+        hidden_dims: vec![32],
+        output_dim: 10,
+    };
+    let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
+    let gtrain = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let gtest = GpuDataset::upload(&ctx, &test_set).unwrap();
+    let backdoor = corner(Corner::TopLeft, 0.1);
+    let mut opts = small_options(0, Some(backdoor));
+    opts.epochs = 8;
+    train(&ctx, &model, &gtrain, &opts).unwrap();
+    let test: Vec<u32> = (0..300).collect();
+    let clean = evaluate(&ctx, &model, &gtest, &test, None, 0, 64).unwrap();
+    assert!(clean.accuracy >= 0.95, "clean accuracy {}", clean.accuracy);
+    let always = Backdoor {
+        p_backdoor: 1.0,
+        ..backdoor
+    };
+    let triggered = evaluate(&ctx, &model, &gtest, &test, Some(&always), 0, 64).unwrap();
+    assert!(
+        triggered.accuracy >= 0.9,
+        "attack success {}",
+        triggered.accuracy
+    );
+    // Saved and loaded, the CNN computes the same logits.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let mlp = model.download(&ctx).unwrap();
+    mlp.save(&path).unwrap();
+    let loaded = Mlp::load(&path).unwrap();
+    assert_eq!(loaded, mlp);
+    let a = predict_logits(&ctx, &model, &gtest, &test[..50], 64).unwrap();
+    let b = predict_logits(
+        &ctx,
+        &GpuMlp::upload(&ctx, &loaded).unwrap(),
+        &gtest,
+        &test[..50],
+        64,
+    )
+    .unwrap();
+    assert_eq!(a, b);
 }

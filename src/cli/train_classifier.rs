@@ -22,6 +22,7 @@ enum TriggerKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ModelKind {
     Mlp,
+    Cnn,
 }
 
 #[derive(clap::Args)]
@@ -56,12 +57,19 @@ pub struct Args {
     /// Use only the first N training samples.
     #[arg(long, value_name = "N")]
     train_data_max_size: Option<usize>,
-    /// Model architecture.
+    /// Model architecture: mlp, or cnn (3x3 conv + ReLU + 2x2 max-pool blocks, a global
+    /// max pool, then dense layers).
     #[arg(long, value_enum, default_value = "mlp")]
     model: ModelKind,
-    /// Widths of the hidden layers.
+    /// MLP: widths of the hidden layers.
     #[arg(long, num_args = 1.., default_values_t = [256, 256], value_name = "N")]
     model_hidden_dims: Vec<usize>,
+    /// CNN: output channels of the conv blocks.
+    #[arg(long, num_args = 1.., default_values_t = [32, 64], value_name = "C")]
+    model_channels: Vec<usize>,
+    /// CNN: widths of the dense layers after the global max pool.
+    #[arg(long, num_args = 1.., default_values_t = [256, 256], value_name = "N")]
+    model_dense_dims: Vec<usize>,
     /// Number of outputs (classes).
     #[arg(long, default_value_t = 10, value_name = "N")]
     model_output_dim: usize,
@@ -129,7 +137,10 @@ impl Args {
         if self.max_batch_size == 0 {
             bail!("--max_batch_size must be >= 1");
         }
-        let ModelKind::Mlp = self.model;
+        let (conv_channels, hidden_dims) = match self.model {
+            ModelKind::Mlp => (Vec::new(), self.model_hidden_dims.clone()),
+            ModelKind::Cnn => (self.model_channels.clone(), self.model_dense_dims.clone()),
+        };
         let Optimizer::Adam = self.optim;
         Ok(ClassifierRunConfig::new(
             TrainDataConfig {
@@ -140,7 +151,8 @@ impl Args {
             // The input shape is filled in from the data set.
             MlpConfig {
                 input_shape: [0; 3],
-                hidden_dims: self.model_hidden_dims.clone(),
+                conv_channels,
+                hidden_dims,
                 output_dim: self.model_output_dim,
             },
             TrainingConfig {
@@ -159,6 +171,7 @@ pub fn run(mut args: Args) -> Result<()> {
     if args.common.debug {
         args.train_data_max_size = Some(2);
         args.model_hidden_dims = vec![2, 2];
+        (args.model_channels, args.model_dense_dims) = (vec![2], vec![2]);
         (args.num_epochs, args.max_steps) = (1, Some(1));
         (args.batch_size, args.max_batch_size) = (2, 2);
     }

@@ -25,7 +25,7 @@ use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::model::batches::{BatchInputs, BatchPlans};
 use crate::model::gpu_mlp::{ParamLayout, Workspace};
-use crate::model::mlp::{load_dense_layer, save_dense_layers, Dense};
+use crate::model::mlp::{load_layer, save_layers, Dense};
 use crate::model::train::{run_epochs, EpochSchedule};
 use crate::model::{GpuMlp, Gradients, MlpConfig};
 
@@ -175,13 +175,18 @@ impl Abstraction {
             .dims()
             .into_iter()
             .zip(det.layer_names())
-            .map(|((fan_in, fan_out), name)| load_dense_layer(&st, path, &name, fan_in, fan_out))
+            .map(|((fan_in, fan_out), name)| {
+                load_layer(&st, path, &name, &[fan_in, fan_out], fan_in, fan_out)
+            })
             .collect::<Result<_>>()?;
         Ok(Box::new(det))
     }
 
     /// Fresh (untrained) parameters for `model`: LeCun-normal kernels, zero biases.
     pub fn init(&mut self, model: &MlpConfig, seed: u32) -> Result<()> {
+        if model.is_cnn() {
+            bail!("the abstraction detector supports MLPs only (conv abstractions are not implemented)");
+        }
         self.hidden_dims = model.hidden_dims.clone();
         self.classes = model.output_dim;
         if self.hidden_dims.is_empty() {
@@ -807,14 +812,18 @@ impl Detector for Abstraction {
     }
 
     fn save(&self, path: &Path) -> Result<()> {
-        let names = self.layer_names();
-        let named: Vec<(String, &Dense)> = names.into_iter().zip(&self.layers).collect();
+        let named: Vec<(String, Vec<usize>, &Dense)> = self
+            .layer_names()
+            .into_iter()
+            .zip(&self.layers)
+            .map(|(name, d)| (name, vec![d.fan_in, d.fan_out], d))
+            .collect();
         let stored = Stored {
             config: self.config.clone(),
             hidden_dims: self.hidden_dims.clone(),
             classes: self.classes,
             score_stats: self.score_stats.clone(),
         };
-        save_dense_layers(path, &named, METADATA_KEY, serde_json::to_string(&stored)?)
+        save_layers(path, &named, METADATA_KEY, serde_json::to_string(&stored)?)
     }
 }

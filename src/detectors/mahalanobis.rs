@@ -157,7 +157,7 @@ impl Mahalanobis {
     }
 
     fn layers(&self, model: &GpuMlp) -> Result<Vec<usize>> {
-        let hidden = model.config.hidden_dims.len();
+        let hidden = model.config.activation_dims().len();
         if self.config.layers.is_empty() {
             return Ok((0..hidden).collect());
         }
@@ -231,7 +231,7 @@ impl Detector for Mahalanobis {
         let bufs = layers
             .iter()
             .map(|&l| {
-                let d = model.config.hidden_dims[l];
+                let d = model.config.activation_dims()[l];
                 Ok(Bufs {
                     d,
                     mean: ctx.zeros("mean", d)?,
@@ -345,7 +345,7 @@ impl Detector for Mahalanobis {
         if self.stats.is_empty() {
             bail!("the Mahalanobis detector is not fitted");
         }
-        let hidden = &model.config.hidden_dims;
+        let hidden = &model.config.activation_dims();
         for s in &self.stats {
             match hidden.get(s.layer) {
                 Some(&d) if d == s.mean.len() => {}

@@ -27,11 +27,11 @@ struct AttackParams {
     _pad: [u32; 2],
 }
 
-/// The batch being attacked: `x` (rows x dim) and its transpose `xt`, rewritten
-/// together; `x0` holds the clean batch.
+/// The batch being attacked: `x` (rows x dim) and, if the model reads it, its
+/// transpose `xt`, rewritten together; `x0` holds the clean batch.
 pub struct AttackBuffers<'a> {
     pub x: Slice<'a>,
-    pub xt: Slice<'a>,
+    pub xt: Option<Slice<'a>>,
     pub x0: Slice<'a>,
     pub grad: Slice<'a>,
 }
@@ -74,7 +74,7 @@ pub fn attack_ops(
     );
     let bindings = [
         Some(bufs.x),
-        Some(bufs.xt),
+        bufs.xt,
         Some(bufs.x0),
         Some(bufs.grad),
         Some(Slice::whole(&params)),
@@ -98,7 +98,7 @@ pub fn attack_ops(
                 Binding::Uniform,
                 Binding::Uniform,
             ],
-            &[],
+            &[("WRITE_T", bufs.xt.is_some() as u8 as f64)],
         )?;
         ctx.dispatch(&kernel, &bindings, ctx.grid_1d(rows * dim, 64))
     };

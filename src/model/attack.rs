@@ -172,7 +172,7 @@ pub fn attack(
             &params,
             &AttackBuffers {
                 x: Slice::whole(&ws.x),
-                xt: Slice::whole(&ws.xt),
+                xt: (!model.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
                 x0: Slice::whole(&x0),
                 grad: Slice::whole(dx),
             },

@@ -63,7 +63,8 @@ impl BatchPlan {
             Slice::whole(inputs.indices),
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
-                xt: Some(Slice::whole(&ws.xt)),
+                // Only an MLP's first matmul reads the transposed batch.
+                xt: (!model.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
             inputs.backdoor.as_ref(),
@@ -94,6 +95,13 @@ impl BatchPlans {
     ) -> Result<Self> {
         check_compatible(model, inputs.data, n, batch_size)?;
         let batch = batch_size.min(n);
+        let max = model.max_rows(ctx);
+        if batch > max {
+            bail!(
+                "a batch of {batch} needs buffers over this adapter's storage binding limit \
+                 for this model; use a batch size of at most {max}"
+            );
+        }
         let plan = |rows| BatchPlan::new(ctx, model, inputs, rows, gradients, extra);
         Ok(BatchPlans {
             full: plan(batch)?,
@@ -199,6 +207,8 @@ pub fn for_each_activation_batch(
         backdoor: samples.backdoor,
         seed: samples.seed,
     };
-    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, Gradients::None, extra)?;
+    // Forward-only results do not depend on the batch size: cap it to what fits.
+    let batch = batch_size.min(model.max_rows(ctx));
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch, Gradients::None, extra)?;
     run_batches(ctx, &plans, &step, n, before, |_| Ok(()))
 }

@@ -13,9 +13,7 @@ use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
 use crate::io::write_json;
-use crate::run::{
-    refuse_overwrite, ClassifierRunConfig, ModelConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE,
-};
+use crate::run::{refuse_overwrite, ClassifierRunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 
 pub struct RunOptions {
     /// The run directory to create (or add to); None writes nothing (`--debug`).
@@ -86,7 +84,7 @@ pub fn train_classifier(
     if let Some(n) = opts.test_limit {
         test_set.truncate(n);
     }
-    let ModelConfig::Mlp(mlp_config) = &mut config.model;
+    let mlp_config = config.model.layers_mut();
     mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
 
     let ctx = GpuContext::new()?;

@@ -1,9 +1,10 @@
 //! The MLP resident on the GPU: parameters in one flat buffer (so Adam is one
 //! dispatch), per-batch workspaces, and the recorded forward/backward dispatch lists.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use super::mlp::{Dense, Mlp, MlpConfig};
+use super::mlp::{ConvBlock, Dense, Mlp, MlpConfig};
+use crate::gpu::conv::{conv_op, ConvOp, Nhwc};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice};
@@ -91,6 +92,20 @@ pub enum Gradients {
     Input,
 }
 
+/// Buffers of one conv block for a batch.
+pub struct ConvWorkspace {
+    pub block: ConvBlock,
+    /// im2col of the block's input: `[rows·H·W][9·in]`.
+    pub cols: wgpu::Buffer,
+    /// Post-ReLU convolution output `[rows][H][W][out]`.
+    pub conv: wgpu::Buffer,
+    /// Which of the 2x2 inputs each pooled output took (u32).
+    pub argmax: wgpu::Buffer,
+    /// With gradients: dL/d(pre-ReLU conv output), and dL/d(pooled output).
+    pub dconv: Option<wgpu::Buffer>,
+    pub dpooled: Option<wgpu::Buffer>,
+}
+
 /// Activations and gradients of one batch of `rows` samples, all row-major
 /// `[rows][width]` unless marked transposed.
 pub struct Workspace {
@@ -100,15 +115,22 @@ pub struct Workspace {
     /// costs more than it saves, so callers set this from the data set's density.
     pub sparse_input: bool,
     pub x: wgpu::Buffer,
-    /// `[input_dim][rows]`: the first matmul reads its A operand K-major, as vec4s.
+    /// `[input_dim][rows]`: an MLP's first matmul reads its A operand K-major, as vec4s.
     pub xt: wgpu::Buffer,
     pub labels: wgpu::Buffer,
-    /// Post-ReLU hidden activations, one per hidden layer.
+    /// The activations detectors see ([`MlpConfig::activation_dims`]): each conv
+    /// block's pooled output, then each hidden dense layer's post-ReLU output.
     pub hidden: Vec<wgpu::Buffer>,
+    pub conv: Vec<ConvWorkspace>,
+    /// CNN: the global max pool over the last block `[rows][channels]`, its argmax and,
+    /// with gradients, its gradient.
+    pub global: Option<(wgpu::Buffer, wgpu::Buffer, Option<wgpu::Buffer>)>,
     pub logits: wgpu::Buffer,
-    /// dL/dlogits, then dL/d(pre-activation) of each hidden layer.
+    /// dL/dlogits, then dL/d(pre-activation) of each hidden dense layer.
     pub dlogits: wgpu::Buffer,
     pub dz: Vec<wgpu::Buffer>,
+    /// CNN: column gradients, sized for the largest block that needs them.
+    pub dcols: Option<wgpu::Buffer>,
     /// dL/dx, with [`Gradients::Input`].
     pub dx: Option<wgpu::Buffer>,
 }
@@ -132,6 +154,20 @@ impl GpuMlp {
         })
     }
 
+    /// The largest batch whose buffers fit the adapter's storage binding limit.
+    pub fn max_rows(&self, ctx: &GpuContext) -> usize {
+        let per_sample = self
+            .config
+            .conv_blocks()
+            .iter()
+            .map(|b| b.height * b.width * 9 * b.in_channels.max(b.out_channels))
+            .chain([self.config.input_dim()])
+            .max()
+            .unwrap_or(1)
+            * 4;
+        (ctx.limits.max_storage_buffer_binding_size as usize / per_sample).max(1)
+    }
+
     pub fn workspace(
         &self,
         ctx: &GpuContext,
@@ -139,32 +175,85 @@ impl GpuMlp {
         sparse_input: bool,
         gradients: Gradients,
     ) -> Result<Workspace> {
-        let widths = &self.config.hidden_dims;
         let dim = self.config.input_dim();
         let classes = self.config.output_dim;
-        let per_layer = |name: &str| -> Result<Vec<wgpu::Buffer>> {
-            widths
+        let grads = gradients != Gradients::None;
+        let zeros = |name: &str, len: usize| ctx.zeros(name, rows * len);
+        let blocks = self.config.conv_blocks();
+        let conv = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let positions = b.height * b.width;
+                Ok(ConvWorkspace {
+                    block: b,
+                    cols: zeros(&format!("cols{i}"), positions * 9 * b.in_channels)?,
+                    conv: zeros(&format!("conv{i}"), positions * b.out_channels)?,
+                    argmax: zeros(&format!("argmax{i}"), b.pooled_dim())?,
+                    dconv: grads
+                        .then(|| zeros(&format!("dconv{i}"), positions * b.out_channels))
+                        .transpose()?,
+                    dpooled: grads
+                        .then(|| zeros(&format!("dpooled{i}"), b.pooled_dim()))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let global = blocks
+            .last()
+            .map(|b| -> Result<_> {
+                let c = b.out_channels;
+                Ok((
+                    zeros("global", c)?,
+                    zeros("global_argmax", c)?,
+                    grads.then(|| zeros("dglobal", c)).transpose()?,
+                ))
+            })
+            .transpose()?;
+        // Blocks whose input gradient is computed: all but the first, unless attacking.
+        let first = usize::from(gradients != Gradients::Input);
+        let dcols = blocks
+            .iter()
+            .skip(first)
+            .map(|b| b.height * b.width * 9 * b.in_channels)
+            .max()
+            .filter(|_| grads)
+            .map(|len| zeros("dcols", len))
+            .transpose()?;
+        let dense_hidden = |name: &str| -> Result<Vec<wgpu::Buffer>> {
+            self.config
+                .hidden_dims
                 .iter()
                 .enumerate()
-                .map(|(l, &w)| ctx.zeros(&format!("{name}{l}"), rows * w))
+                .map(|(l, &w)| zeros(&format!("{name}{l}"), w))
                 .collect()
         };
+        let mut hidden: Vec<wgpu::Buffer> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| zeros(&format!("pooled{i}"), b.pooled_dim()))
+            .collect::<Result<_>>()?;
+        hidden.extend(dense_hidden("hidden")?);
         Ok(Workspace {
             rows,
-            sparse_input,
-            x: ctx.zeros("x", rows * dim)?,
-            xt: ctx.zeros("xt", rows * dim)?,
-            labels: ctx.zeros("labels", rows)?,
-            hidden: per_layer("hidden")?,
-            logits: ctx.zeros("logits", rows * classes)?,
-            dlogits: ctx.zeros("dlogits", rows * classes)?,
-            dz: if gradients == Gradients::None {
-                Vec::new()
+            sparse_input: sparse_input && blocks.is_empty(),
+            x: zeros("x", dim)?,
+            // Only an MLP's first matmul reads the transposed batch.
+            xt: zeros("xt", if blocks.is_empty() { dim } else { 1 })?,
+            labels: zeros("labels", 1)?,
+            hidden,
+            conv,
+            global,
+            logits: zeros("logits", classes)?,
+            dlogits: zeros("dlogits", classes)?,
+            dz: if grads {
+                dense_hidden("dz")?
             } else {
-                per_layer("dz")?
+                Vec::new()
             },
+            dcols,
             dx: (gradients == Gradients::Input)
-                .then(|| ctx.zeros("dx", rows * dim))
+                .then(|| zeros("dx", dim))
                 .transpose()?,
         })
     }
@@ -174,40 +263,130 @@ impl GpuMlp {
         Slice::new(&self.params, s.kernel, s.fan_in * s.fan_out)
     }
 
-    /// Dispatches from `ws.xt` to `ws.logits`, keeping every hidden activation.
+    fn bias_slice(&self, l: usize) -> Slice<'_> {
+        let s = self.layout.layers[l];
+        Slice::new(&self.params, s.bias, s.fan_out)
+    }
+
+    fn num_conv(&self) -> usize {
+        self.config.conv_channels.len()
+    }
+
+    /// Dispatches from the batch (`ws.x`, or `ws.xt` for an MLP) to `ws.logits`,
+    /// keeping every activation.
     pub fn forward(&self, ctx: &GpuContext, ws: &Workspace) -> Result<Vec<Dispatch>> {
-        let last = self.layout.layers.len() - 1;
-        self.layout
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, s)| {
-                let input = if l == 0 { &ws.xt } else { &ws.hidden[l - 1] };
-                let hidden = l < last;
-                let flags = MatmulFlags {
-                    a_kmajor: l == 0,
-                    skip_zero_a: l == 0 && ws.sparse_input,
-                    bias: true,
-                    relu: hidden,
-                    ..Default::default()
-                };
-                matmul(
-                    ctx,
-                    flags,
-                    self.schedule,
-                    &MatmulArgs {
-                        m: ws.rows,
-                        n: s.fan_out,
-                        k: s.fan_in,
-                        a: Slice::whole(input),
-                        b: self.kernel_slice(l),
-                        c: Slice::whole(if hidden { &ws.hidden[l] } else { &ws.logits }),
-                        bias: Some(Slice::new(&self.params, s.bias, s.fan_out)),
-                        mask: None,
-                    },
-                )
-            })
-            .collect()
+        let whole = Slice::whole;
+        let rows = ws.rows;
+        let mut ops = Vec::new();
+        for (i, cw) in ws.conv.iter().enumerate() {
+            let b = cw.block;
+            let input = if i == 0 { &ws.x } else { &ws.hidden[i - 1] };
+            let shape = Nhwc::new(rows, b.height, b.width, b.in_channels);
+            ops.push(conv_op(
+                ctx,
+                ConvOp::Im2col,
+                shape,
+                whole(input),
+                whole(&cw.cols),
+                None,
+                None,
+            )?);
+            let flags = MatmulFlags {
+                bias: true,
+                relu: true,
+                ..Default::default()
+            };
+            ops.push(matmul(
+                ctx,
+                flags,
+                self.schedule,
+                &MatmulArgs {
+                    m: rows * b.height * b.width,
+                    n: b.out_channels,
+                    k: 9 * b.in_channels,
+                    a: whole(&cw.cols),
+                    b: self.kernel_slice(i),
+                    c: whole(&cw.conv),
+                    bias: Some(self.bias_slice(i)),
+                    mask: None,
+                },
+            )?);
+            let out = Nhwc::new(rows, b.height, b.width, b.out_channels);
+            let argmax = Some(whole(&cw.argmax));
+            ops.push(conv_op(
+                ctx,
+                ConvOp::MaxPool,
+                out,
+                whole(&cw.conv),
+                whole(&ws.hidden[i]),
+                argmax,
+                None,
+            )?);
+        }
+        let n_conv = self.num_conv();
+        if let (Some((global, argmax, _)), Some(cw)) = (&ws.global, ws.conv.last()) {
+            let b = cw.block;
+            let shape = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
+            let src = whole(&ws.hidden[n_conv - 1]);
+            ops.push(conv_op(
+                ctx,
+                ConvOp::GlobalMax,
+                shape,
+                src,
+                whole(global),
+                Some(whole(argmax)),
+                None,
+            )?);
+        }
+        let dense = &self.layout.layers[n_conv..];
+        for (l, s) in dense.iter().enumerate() {
+            let (input, a_kmajor) = self.dense_input(ws, l, true);
+            let hidden = l + 1 < dense.len();
+            let flags = MatmulFlags {
+                a_kmajor,
+                skip_zero_a: a_kmajor && ws.sparse_input,
+                bias: true,
+                relu: hidden,
+                ..Default::default()
+            };
+            ops.push(matmul(
+                ctx,
+                flags,
+                self.schedule,
+                &MatmulArgs {
+                    m: rows,
+                    n: s.fan_out,
+                    k: s.fan_in,
+                    a: whole(input),
+                    b: self.kernel_slice(n_conv + l),
+                    c: whole(if hidden {
+                        &ws.hidden[n_conv + l]
+                    } else {
+                        &ws.logits
+                    }),
+                    bias: Some(self.bias_slice(n_conv + l)),
+                    mask: None,
+                },
+            )?);
+        }
+        Ok(ops)
+    }
+
+    /// The input of dense layer `l` (0 = first dense layer) and whether it is stored
+    /// K-major: an MLP's first layer reads the transposed batch in the forward pass
+    /// (`forward`) and the row-major batch (= its transpose, K-major) for dW.
+    fn dense_input<'w>(
+        &self,
+        ws: &'w Workspace,
+        l: usize,
+        forward: bool,
+    ) -> (&'w wgpu::Buffer, bool) {
+        match (l, &ws.global) {
+            (0, Some((global, ..))) => (global, false),
+            (0, None) if forward => (&ws.xt, true),
+            (0, None) => (&ws.x, true),
+            _ => (&ws.hidden[self.num_conv() + l - 1], false),
+        }
     }
 
     /// Dispatches from `ws.dlogits` to the parameter gradients in `grads` (same layout
@@ -221,43 +400,8 @@ impl GpuMlp {
         if ws.dz.len() != self.config.hidden_dims.len() {
             bail!("backward needs a workspace created with gradients");
         }
-        let mut ops = Vec::new();
-        for (l, s) in self.layout.layers.iter().enumerate().rev() {
-            let g = self.output_gradient(ws, l);
-            let input = if l == 0 { &ws.x } else { &ws.hidden[l - 1] };
-            // dW = inputᵀ · g: the row-major input is exactly Aᵀ stored K-major.
-            ops.push(matmul(
-                ctx,
-                MatmulFlags {
-                    a_kmajor: true,
-                    skip_zero_a: l == 0 && ws.sparse_input,
-                    ..Default::default()
-                },
-                self.schedule,
-                &MatmulArgs {
-                    m: s.fan_in,
-                    n: s.fan_out,
-                    k: ws.rows,
-                    a: Slice::whole(input),
-                    b: Slice::whole(g),
-                    c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
-                    bias: None,
-                    mask: None,
-                },
-            )?);
-            ops.push(column_sums(
-                ctx,
-                ws.rows,
-                s.fan_out,
-                1.0,
-                Slice::whole(g),
-                Slice::new(grads, s.bias, s.fan_out),
-            )?);
-            // The input gradient of the first layer is not needed for training.
-            if l > 0 {
-                ops.push(self.backprop(ctx, ws, l)?);
-            }
-        }
+        let mut ops = self.dense_backward(ctx, ws, Some(grads), false)?;
+        ops.extend(self.conv_backward(ctx, ws, Some(grads), false)?);
         Ok(ops)
     }
 
@@ -266,50 +410,208 @@ impl GpuMlp {
         if ws.dx.is_none() {
             bail!("input_gradient needs a workspace created with Gradients::Input");
         }
-        (0..self.layout.layers.len())
-            .rev()
-            .map(|l| self.backprop(ctx, ws, l))
-            .collect()
+        let mut ops = self.dense_backward(ctx, ws, None, true)?;
+        ops.extend(self.conv_backward(ctx, ws, None, true)?);
+        Ok(ops)
     }
 
-    /// dL/d(output) of layer `l`: the logits' gradient, or a hidden pre-activation's.
+    /// dL/d(output) of dense layer `l`: the logits' gradient, or a hidden pre-activation's.
     fn output_gradient<'w>(&self, ws: &'w Workspace, l: usize) -> &'w wgpu::Buffer {
-        if l + 1 == self.layout.layers.len() {
+        if l + 1 == self.config.hidden_dims.len() + 1 {
             &ws.dlogits
         } else {
             &ws.dz[l]
         }
     }
 
-    /// Layer `l`'s input gradient `g · Wᵀ`: for a hidden input masked by ReLU' (fused
-    /// into the matmul epilogue) into `ws.dz[l - 1]`, for the network input into `ws.dx`.
-    fn backprop(&self, ctx: &GpuContext, ws: &Workspace, l: usize) -> Result<Dispatch> {
-        let s = self.layout.layers[l];
-        let (out, mask) = match l {
-            0 => (
-                ws.dx.as_ref().context("workspace has no input gradient")?,
-                None,
-            ),
-            _ => (&ws.dz[l - 1], Some(Slice::whole(&ws.hidden[l - 1]))),
+    /// The dense layers' backward pass: parameter gradients (with `grads`) and input
+    /// gradients down to the first dense layer's input (a CNN's global pool; an MLP's
+    /// pixels only with `to_input`).
+    fn dense_backward(
+        &self,
+        ctx: &GpuContext,
+        ws: &Workspace,
+        grads: Option<&wgpu::Buffer>,
+        to_input: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let n_conv = self.num_conv();
+        let mut ops = Vec::new();
+        for (l, s) in self.layout.layers[n_conv..].iter().enumerate().rev() {
+            let g = self.output_gradient(ws, l);
+            if let Some(grads) = grads {
+                // dW = inputᵀ · g: a row-major input is exactly Aᵀ stored K-major.
+                let (input, _) = self.dense_input(ws, l, false);
+                ops.push(matmul(
+                    ctx,
+                    MatmulFlags {
+                        a_kmajor: true,
+                        skip_zero_a: l == 0 && ws.sparse_input,
+                        ..Default::default()
+                    },
+                    self.schedule,
+                    &MatmulArgs {
+                        m: s.fan_in,
+                        n: s.fan_out,
+                        k: ws.rows,
+                        a: Slice::whole(input),
+                        b: Slice::whole(g),
+                        c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
+                        bias: None,
+                        mask: None,
+                    },
+                )?);
+                ops.push(column_sums(
+                    ctx,
+                    ws.rows,
+                    s.fan_out,
+                    1.0,
+                    Slice::whole(g),
+                    Slice::new(grads, s.bias, s.fan_out),
+                )?);
+            }
+            // dz = (g · Wᵀ) ⊙ (hidden > 0), the mask fused into the matmul epilogue.
+            let (out, mask) = match (l, &ws.global) {
+                (0, Some((.., dglobal))) => (dglobal.as_ref(), None),
+                (0, None) => (ws.dx.as_ref().filter(|_| to_input), None),
+                _ => (
+                    Some(&ws.dz[l - 1]),
+                    Some(Slice::whole(&ws.hidden[n_conv + l - 1])),
+                ),
+            };
+            let Some(out) = out else { continue };
+            ops.push(matmul(
+                ctx,
+                MatmulFlags {
+                    b_nmajor: true,
+                    relu_mask: mask.is_some(),
+                    ..Default::default()
+                },
+                self.schedule,
+                &MatmulArgs {
+                    m: ws.rows,
+                    n: s.fan_in,
+                    k: s.fan_out,
+                    a: Slice::whole(g),
+                    b: self.kernel_slice(n_conv + l),
+                    c: Slice::whole(out),
+                    bias: None,
+                    mask,
+                },
+            )?);
+        }
+        Ok(ops)
+    }
+
+    /// The conv blocks' backward pass from the global pool's gradient: parameter
+    /// gradients (with `grads`) and input gradients (to the pixels with `to_input`).
+    fn conv_backward(
+        &self,
+        ctx: &GpuContext,
+        ws: &Workspace,
+        grads: Option<&wgpu::Buffer>,
+        to_input: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (Some((_, argmax, Some(dglobal))), Some(last)) = (&ws.global, ws.conv.last()) else {
+            return Ok(Vec::new());
         };
-        matmul(
+        let whole = Slice::whole;
+        let missing = || anyhow::anyhow!("conv backward needs a workspace created with gradients");
+        let rows = ws.rows;
+        let b = last.block;
+        let pooled = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
+        let dlast = last.dpooled.as_ref().ok_or_else(missing)?;
+        let mut ops = vec![conv_op(
             ctx,
-            MatmulFlags {
-                b_nmajor: true,
-                relu_mask: mask.is_some(),
-                ..Default::default()
-            },
-            self.schedule,
-            &MatmulArgs {
-                m: ws.rows,
-                n: s.fan_in,
-                k: s.fan_out,
-                a: Slice::whole(self.output_gradient(ws, l)),
-                b: self.kernel_slice(l),
-                c: Slice::whole(out),
-                bias: None,
-                mask,
-            },
-        )
+            ConvOp::GlobalMaxGrad,
+            pooled,
+            whole(dglobal),
+            whole(dlast),
+            Some(whole(argmax)),
+            None,
+        )?];
+        for (i, cw) in ws.conv.iter().enumerate().rev() {
+            let b = cw.block;
+            let positions = rows * b.height * b.width;
+            let (dpooled, dconv) = (
+                cw.dpooled.as_ref().ok_or_else(missing)?,
+                cw.dconv.as_ref().ok_or_else(missing)?,
+            );
+            let out = Nhwc::new(rows, b.height, b.width, b.out_channels);
+            ops.push(conv_op(
+                ctx,
+                ConvOp::MaxPoolGrad,
+                out,
+                whole(dpooled),
+                whole(dconv),
+                Some(whole(&cw.argmax)),
+                Some(whole(&cw.conv)),
+            )?);
+            if let Some(grads) = grads {
+                let s = self.layout.layers[i];
+                ops.push(matmul(
+                    ctx,
+                    MatmulFlags {
+                        a_kmajor: true,
+                        ..Default::default()
+                    },
+                    self.schedule,
+                    &MatmulArgs {
+                        m: 9 * b.in_channels,
+                        n: b.out_channels,
+                        k: positions,
+                        a: whole(&cw.cols),
+                        b: whole(dconv),
+                        c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
+                        bias: None,
+                        mask: None,
+                    },
+                )?);
+                ops.push(column_sums(
+                    ctx,
+                    positions,
+                    b.out_channels,
+                    1.0,
+                    whole(dconv),
+                    Slice::new(grads, s.bias, s.fan_out),
+                )?);
+            }
+            let target = match i {
+                0 if to_input => ws.dx.as_ref(),
+                0 => None,
+                _ => ws.conv[i - 1].dpooled.as_ref(),
+            };
+            let Some(target) = target else { continue };
+            let dcols = ws.dcols.as_ref().ok_or_else(missing)?;
+            let cols_len = positions * 9 * b.in_channels;
+            ops.push(matmul(
+                ctx,
+                MatmulFlags {
+                    b_nmajor: true,
+                    ..Default::default()
+                },
+                self.schedule,
+                &MatmulArgs {
+                    m: positions,
+                    n: 9 * b.in_channels,
+                    k: b.out_channels,
+                    a: whole(dconv),
+                    b: self.kernel_slice(i),
+                    c: Slice::new(dcols, 0, cols_len),
+                    bias: None,
+                    mask: None,
+                },
+            )?);
+            let input = Nhwc::new(rows, b.height, b.width, b.in_channels);
+            ops.push(conv_op(
+                ctx,
+                ConvOp::Col2im,
+                input,
+                Slice::new(dcols, 0, cols_len),
+                whole(target),
+                None,
+                None,
+            )?);
+        }
+        Ok(ops)
     }
 }

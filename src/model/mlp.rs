@@ -1,10 +1,15 @@
-//! The MLP on the host: configuration, Flax-default initialisation, safetensors
-//! storage and an f64 CPU reference of the forward pass.
+//! The classifier on the host: configuration, Flax-default initialisation,
+//! safetensors storage and an f64 CPU reference of the forward pass.
 //!
-//! `model.safetensors` holds, for each dense layer `i` (0 = first), `Dense_{i}.kernel`
-//! as f32 `[in, out]` (so `y = x @ kernel + bias`, as in Flax) and `Dense_{i}.bias` as
-//! f32 `[out]`. Inputs are images flattened in HWC order with values in [0, 1]. The
-//! metadata key `cupbearer.model` holds the [`MlpConfig`] as JSON.
+//! The model is an MLP, optionally preceded by convolution blocks (the original's CNN):
+//! per conv block a 3x3 SAME convolution, ReLU and 2x2 max pool; then a global max pool
+//! over height and width; then dense layers with ReLU and a linear output.
+//!
+//! `model.safetensors` holds, for each conv block `i`, `Conv_{i}.kernel` as f32
+//! `[3, 3, in, out]` (HWIO, as in Flax) and `Conv_{i}.bias` `[out]`; for each dense layer
+//! `i` (0 = first), `Dense_{i}.kernel` as f32 `[in, out]` (so `y = x @ kernel + bias`)
+//! and `Dense_{i}.bias` `[out]`. Inputs are images flattened in HWC order with values in
+//! [0, 1]. The metadata key `cupbearer.model` holds the [`MlpConfig`] as JSON.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,12 +20,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::rng;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MlpConfig {
     /// (height, width, channels) of the input images.
     pub input_shape: [usize; 3],
+    /// Output channels of the conv blocks (empty for an MLP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conv_channels: Vec<usize>,
+    /// Widths of the hidden dense layers.
     pub hidden_dims: Vec<usize>,
     pub output_dim: usize,
+}
+
+/// One conv block's input: (height, width, channels), and its output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvBlock {
+    pub height: usize,
+    pub width: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+impl ConvBlock {
+    /// Flattened size of the block's output (after pooling), per sample.
+    pub fn pooled_dim(&self) -> usize {
+        (self.height / 2) * (self.width / 2) * self.out_channels
+    }
 }
 
 impl MlpConfig {
@@ -28,17 +53,97 @@ impl MlpConfig {
         self.input_shape.iter().product()
     }
 
-    /// (fan_in, fan_out) of every dense layer, input to output.
+    pub fn is_cnn(&self) -> bool {
+        !self.conv_channels.is_empty()
+    }
+
+    /// The conv blocks, input to output.
+    pub fn conv_blocks(&self) -> Vec<ConvBlock> {
+        let [mut h, mut w, mut c] = self.input_shape;
+        self.conv_channels
+            .iter()
+            .map(|&out| {
+                let block = ConvBlock {
+                    height: h,
+                    width: w,
+                    in_channels: c,
+                    out_channels: out,
+                };
+                (h, w, c) = (h / 2, w / 2, out);
+                block
+            })
+            .collect()
+    }
+
+    /// Input width of the first dense layer: the image, or the global max pool of the
+    /// last conv block's channels.
+    pub fn dense_input_dim(&self) -> usize {
+        self.conv_channels
+            .last()
+            .copied()
+            .unwrap_or_else(|| self.input_dim())
+    }
+
+    /// (fan_in, fan_out) of every parameterised layer, input to output; a conv
+    /// layer's kernel is `[9·in, out]` (the HWIO kernel flattened).
     pub fn layer_dims(&self) -> Vec<(usize, usize)> {
-        let mut dims = vec![self.input_dim()];
+        let convs = self
+            .conv_blocks()
+            .into_iter()
+            .map(|b| (9 * b.in_channels, b.out_channels));
+        let mut dims = vec![self.dense_input_dim()];
         dims.extend(&self.hidden_dims);
         dims.push(self.output_dim);
-        dims.windows(2).map(|w| (w[0], w[1])).collect()
+        convs.chain(dims.windows(2).map(|w| (w[0], w[1]))).collect()
+    }
+
+    /// Widths of the activations detectors see: each conv block's pooled output
+    /// (flattened HWC), then each hidden dense layer (post-ReLU).
+    pub fn activation_dims(&self) -> Vec<usize> {
+        self.conv_blocks()
+            .iter()
+            .map(ConvBlock::pooled_dim)
+            .chain(self.hidden_dims.iter().copied())
+            .collect()
+    }
+
+    /// Safetensors names and kernel shapes of [`MlpConfig::layer_dims`].
+    pub fn layer_names(&self) -> Vec<(String, Vec<usize>)> {
+        let convs = self.conv_blocks().into_iter().enumerate().map(|(i, b)| {
+            (
+                format!("Conv_{i}"),
+                vec![3, 3, b.in_channels, b.out_channels],
+            )
+        });
+        let n = self.conv_channels.len();
+        let dense = self.layer_dims()[n..]
+            .iter()
+            .enumerate()
+            .map(|(i, &(fan_in, fan_out))| (format!("Dense_{i}"), vec![fan_in, fan_out]))
+            .collect::<Vec<_>>();
+        convs.chain(dense).collect()
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.input_dim() == 0 || self.output_dim == 0 || self.hidden_dims.contains(&0) {
-            bail!("every layer of the MLP needs a width >= 1, got {self:?}");
+        if self.input_dim() == 0
+            || self.output_dim == 0
+            || self.hidden_dims.contains(&0)
+            || self.conv_channels.contains(&0)
+        {
+            bail!("every layer of the model needs a width >= 1, got {self:?}");
+        }
+        if let Some(b) = self
+            .conv_blocks()
+            .iter()
+            .find(|b| b.height < 2 || b.width < 2)
+        {
+            bail!(
+                "a conv block's 2x2 max pool needs an input of at least 2x2, got {}x{} \
+                 (too many conv blocks for {:?} images)",
+                b.height,
+                b.width,
+                self.input_shape
+            );
         }
         Ok(())
     }
@@ -87,13 +192,14 @@ impl Mlp {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named: Vec<(String, &Dense)> = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (format!("Dense_{i}"), d))
+        let named: Vec<(String, Vec<usize>, &Dense)> = self
+            .config
+            .layer_names()
+            .into_iter()
+            .zip(&self.layers)
+            .map(|((name, shape), d)| (name, shape, d))
             .collect();
-        save_dense_layers(
+        save_layers(
             path,
             &named,
             METADATA_KEY,
@@ -110,28 +216,43 @@ impl Mlp {
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
         let layers = config
-            .layer_dims()
+            .layer_names()
             .into_iter()
-            .enumerate()
-            .map(|(i, (fan_in, fan_out))| {
-                load_dense_layer(&st, path, &format!("Dense_{i}"), fan_in, fan_out)
+            .zip(config.layer_dims())
+            .map(|((name, shape), (fan_in, fan_out))| {
+                load_layer(&st, path, &name, &shape, fan_in, fan_out)
             })
             .collect::<Result<_>>()?;
         Ok(Mlp { config, layers })
     }
 
-    /// f64 forward pass of `rows` inputs: (post-ReLU hidden activations, logits).
+    /// f64 forward pass of `rows` inputs: (the activations of
+    /// [`MlpConfig::activation_dims`], logits).
     pub fn forward_reference(&self, x: &[f64], rows: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
-        let mut hidden = Vec::new();
+        use crate::gpu::conv::{global_max_reference, im2col_reference, max_pool_reference, Nhwc};
+        let mut activations = Vec::new();
         let mut h = x.to_vec();
-        for (l, d) in self.layers.iter().enumerate() {
-            let last = l + 1 == self.layers.len();
+        let blocks = self.config.conv_blocks();
+        for (b, layer) in blocks.iter().zip(&self.layers) {
+            let cols = im2col_reference(&h, Nhwc::new(rows, b.height, b.width, b.in_channels));
+            let conv = layer.forward_reference(&cols, rows * b.height * b.width, true);
+            let shape = Nhwc::new(rows, b.height, b.width, b.out_channels);
+            h = max_pool_reference(&conv, shape).0;
+            activations.push(h.clone());
+        }
+        if let Some(b) = blocks.last() {
+            let shape = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
+            h = global_max_reference(&h, shape).0;
+        }
+        let dense = &self.layers[blocks.len()..];
+        for (l, d) in dense.iter().enumerate() {
+            let last = l + 1 == dense.len();
             h = d.forward_reference(&h, rows, !last);
             if !last {
-                hidden.push(h.clone());
+                activations.push(h.clone());
             }
         }
-        (hidden, h)
+        (activations, h)
     }
 }
 
@@ -177,25 +298,22 @@ impl Dense {
     }
 }
 
-/// Writes dense layers as `{name}.kernel` (f32 `[fan_in, fan_out]`) and `{name}.bias`
-/// (f32 `[fan_out]`) tensors, with `meta` (JSON) under metadata key `key`.
-pub fn save_dense_layers(
+/// Writes layers as `{name}.kernel` (f32 of the given kernel shape, e.g. `[fan_in,
+/// fan_out]` or HWIO) and `{name}.bias` (f32 `[fan_out]`) tensors, with `meta` (JSON)
+/// under metadata key `key`.
+pub fn save_layers(
     path: &Path,
-    layers: &[(String, &Dense)],
+    layers: &[(String, Vec<usize>, &Dense)],
     key: &str,
     meta: String,
 ) -> Result<()> {
     let names: Vec<(String, String)> = layers
         .iter()
-        .map(|(n, _)| (format!("{n}.kernel"), format!("{n}.bias")))
+        .map(|(n, ..)| (format!("{n}.kernel"), format!("{n}.bias")))
         .collect();
     let mut views = Vec::new();
-    for ((_, d), (kn, bn)) in layers.iter().zip(&names) {
-        let k = TensorView::new(
-            Dtype::F32,
-            vec![d.fan_in, d.fan_out],
-            bytemuck::cast_slice(&d.kernel),
-        )?;
+    for ((_, shape, d), (kn, bn)) in layers.iter().zip(&names) {
+        let k = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(&d.kernel))?;
         let b = TensorView::new(Dtype::F32, vec![d.fan_out], bytemuck::cast_slice(&d.bias))?;
         views.push((kn.as_str(), k));
         views.push((bn.as_str(), b));
@@ -204,11 +322,12 @@ pub fn save_dense_layers(
     crate::io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
 }
 
-/// Reads dense layer `name` (see [`save_dense_layers`]), checking dtypes and shapes.
-pub fn load_dense_layer(
+/// Reads layer `name` (see [`save_layers`]), checking dtypes and shapes.
+pub fn load_layer(
     st: &SafeTensors<'_>,
     path: &Path,
     name: &str,
+    kernel_shape: &[usize],
     fan_in: usize,
     fan_out: usize,
 ) -> Result<Dense> {
@@ -229,7 +348,7 @@ pub fn load_dense_layer(
     Ok(Dense {
         fan_in,
         fan_out,
-        kernel: tensor(&format!("{name}.kernel"), &[fan_in, fan_out])?,
+        kernel: tensor(&format!("{name}.kernel"), kernel_shape)?,
         bias: tensor(&format!("{name}.bias"), &[fan_out])?,
     })
 }

@@ -333,7 +333,8 @@ fn eval_batches(
         seed,
     };
     let loss = |ws: &Workspace| Ok(vec![loss_op(ctx, model, ws, &metrics, &step)?]);
-    let plans = BatchPlans::new(ctx, model, &inputs, n, batch_size, Gradients::None, &loss)?;
+    let batch = batch_size.min(model.max_rows(ctx));
+    let plans = BatchPlans::new(ctx, model, &inputs, n, batch, Gradients::None, &loss)?;
     run_batches(ctx, &plans, &step, n, |_, _| Ok(()), after)?;
     Ok(metrics)
 }
