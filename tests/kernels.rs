@@ -495,7 +495,7 @@ fn abstraction_losses_match_reference() {
 fn conv_and_pool_kernels_match_reference() {
     use cupbearer::gpu::conv::{
         col2im_reference, conv_op, global_max_grad_reference, global_max_reference,
-        im2col_reference, max_pool_grad_reference, max_pool_reference, ConvOp, Nhwc,
+        im2col_reference, max_pool_grad_reference, max_pool_reference, ConvArgs, ConvOp, Nhwc,
     };
     let Some(ctx) = gpu() else { return };
     // Odd height and width: pooling drops the last row and column.
@@ -509,23 +509,35 @@ fn conv_and_pool_kernels_match_reference() {
                mask: Option<&wgpu::Buffer>| {
         let gsrc = ctx.buffer_from("src", src).unwrap();
         let dst = ctx.zeros("dst", out_len).unwrap();
-        let d = conv_op(
-            &ctx,
-            op,
-            s,
-            Slice::whole(&gsrc),
-            Slice::whole(&dst),
-            argmax.map(Slice::whole),
-            mask.map(Slice::whole),
-        )
-        .unwrap();
+        let args = ConvArgs {
+            argmax: argmax.map(Slice::whole),
+            mask: mask.map(Slice::whole),
+            ..ConvArgs::new(Slice::whole(&gsrc), Slice::whole(&dst))
+        };
+        let d = conv_op(&ctx, op, s, &args).unwrap();
         ctx.submit([&d]);
         ctx.read::<f32>(Slice::new(&dst, 0, out_len)).unwrap()
     };
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
 
     let cols = run(ConvOp::Im2col, &x, s.len() * 9, None, None);
-    assert_close(&cols, &im2col_reference(&x64, s), 0.0, 0.0, "im2col");
+    let want_cols = im2col_reference(&x64, s);
+    assert_close(&cols, &want_cols, 0.0, 0.0, "im2col");
+    // The transposed copy alone, [9·C][positions].
+    let gsrc = ctx.buffer_from("src", &x).unwrap();
+    let cols_t = ctx.zeros("cols_t", s.len() * 9).unwrap();
+    let args = ConvArgs {
+        dst: None,
+        dst_t: Some(Slice::whole(&cols_t)),
+        ..ConvArgs::new(Slice::whole(&gsrc), Slice::whole(&cols_t))
+    };
+    ctx.submit([&conv_op(&ctx, ConvOp::Im2col, s, &args).unwrap()]);
+    let got: Vec<f32> = ctx.read(Slice::whole(&cols_t)).unwrap();
+    let (rows, width) = (s.len() / s.channels as usize, 9 * s.channels as usize);
+    let want: Vec<f64> = (0..rows * width)
+        .map(|i| want_cols[(i % rows) * width + i / rows])
+        .collect();
+    assert_close(&got[..rows * width], &want, 0.0, 0.0, "im2col transposed");
     let dcols = random(s.len() * 9, 22);
     let dx = run(ConvOp::Col2im, &dcols, s.len(), None, None);
     let want = col2im_reference(&to64(&dcols), s);

@@ -232,6 +232,16 @@ impl Detector for Mahalanobis {
             .iter()
             .map(|&l| {
                 let d = model.config.activation_dims()[l];
+                let limit = ctx.limits.max_storage_buffer_binding_size as usize;
+                if d * d * 4 > limit {
+                    bail!(
+                        "layer {l} has {d} dimensions: its {d}x{d} covariance ({} MiB) exceeds \
+                         this adapter's storage binding limit of {} MiB; pick smaller layers \
+                         with --detector.layers (a CNN's dense layers, e.g. the last two)",
+                        (d * d * 4) >> 20,
+                        limit >> 20
+                    );
+                }
                 Ok(Bufs {
                     d,
                     mean: ctx.zeros("mean", d)?,

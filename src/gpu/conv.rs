@@ -49,7 +49,8 @@ impl Nhwc {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvOp {
-    /// src: the input [shape]; dst: columns [batch·H·W][9·C].
+    /// src: the input [shape]; dst: columns [batch·H·W][9·C] and/or dst_t: the same
+    /// transposed.
     Im2col,
     /// src: column gradients; dst: input gradient [shape].
     Col2im,
@@ -76,26 +77,48 @@ impl ConvOp {
         }
     }
 
-    /// Elements written to dst.
-    fn outputs(self, s: Nhwc) -> usize {
+    /// Invocations: one per spatial position (of the pooled output for MaxPool), or per
+    /// (sample, channel) for GlobalMax.
+    fn invocations(self, s: Nhwc) -> usize {
+        let positions = |s: Nhwc| (s.batch * s.height * s.width) as usize;
         match self {
-            ConvOp::Im2col => s.len() * 9,
-            ConvOp::MaxPool => s.pooled().len(),
+            ConvOp::MaxPool => positions(s.pooled()),
             ConvOp::GlobalMax => (s.batch * s.channels) as usize,
-            ConvOp::Col2im | ConvOp::MaxPoolGrad | ConvOp::GlobalMaxGrad => s.len(),
+            ConvOp::Im2col | ConvOp::Col2im | ConvOp::MaxPoolGrad | ConvOp::GlobalMaxGrad => {
+                positions(s)
+            }
         }
     }
 }
 
-pub fn conv_op(
-    ctx: &GpuContext,
-    op: ConvOp,
-    shape: Nhwc,
-    src: Slice<'_>,
-    dst: Slice<'_>,
-    argmax: Option<Slice<'_>>,
-    mask: Option<Slice<'_>>,
-) -> Result<Dispatch> {
+/// The bindings of a conv kernel: `dst` is required by every op but im2col, which
+/// writes `dst` (row-major columns) and/or `dst_t` (transposed).
+#[derive(Clone, Copy)]
+pub struct ConvArgs<'a> {
+    pub src: Slice<'a>,
+    pub dst: Option<Slice<'a>>,
+    pub dst_t: Option<Slice<'a>>,
+    pub argmax: Option<Slice<'a>>,
+    pub mask: Option<Slice<'a>>,
+}
+
+impl<'a> ConvArgs<'a> {
+    /// `src` -> `dst`, nothing else.
+    pub fn new(src: Slice<'a>, dst: Slice<'a>) -> Self {
+        ConvArgs {
+            src,
+            dst: Some(dst),
+            dst_t: None,
+            argmax: None,
+            mask: None,
+        }
+    }
+}
+
+pub fn conv_op(ctx: &GpuContext, op: ConvOp, shape: Nhwc, args: &ConvArgs<'_>) -> Result<Dispatch> {
+    if args.dst.is_none() && (op != ConvOp::Im2col || args.dst_t.is_none()) {
+        anyhow::bail!("conv {}: needs a destination", op.entry());
+    }
     let kernel = simple_kernel(
         ctx,
         &format!("conv_{}", op.entry()),
@@ -107,20 +130,25 @@ pub fn conv_op(
             Binding::ReadWrite,
             Binding::ReadOnly,
             Binding::Uniform,
+            Binding::ReadWrite,
         ],
-        &[],
+        &[
+            ("WRITE_ROWS", args.dst.is_some() as u8 as f64),
+            ("WRITE_T", args.dst_t.is_some() as u8 as f64),
+        ],
     )?;
     let params = ctx.uniform("conv_params", &shape);
     ctx.dispatch(
         &kernel,
         &[
-            Some(src),
-            Some(dst),
-            argmax,
-            mask,
+            Some(args.src),
+            args.dst,
+            args.argmax,
+            args.mask,
             Some(Slice::whole(&params)),
+            args.dst_t,
         ],
-        ctx.grid_1d(op.outputs(shape), 64),
+        ctx.grid_1d(op.invocations(shape), 64),
     )
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::mlp::{ConvBlock, Dense, Mlp, MlpConfig};
-use crate::gpu::conv::{conv_op, ConvOp, Nhwc};
+use crate::gpu::conv::{conv_op, ConvArgs, ConvOp, Nhwc};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice};
@@ -95,8 +95,10 @@ pub enum Gradients {
 /// Buffers of one conv block for a batch.
 pub struct ConvWorkspace {
     pub block: ConvBlock,
-    /// im2col of the block's input: `[rows·H·W][9·in]`.
-    pub cols: wgpu::Buffer,
+    /// im2col of the block's input, `[9·in][rows·H·W]` (the forward matmul reads it
+    /// K-major) and, with gradients, `[rows·H·W][9·in]` (for dW = colsᵀ·dconv).
+    pub cols_t: wgpu::Buffer,
+    pub cols: Option<wgpu::Buffer>,
     /// Post-ReLU convolution output `[rows][H][W][out]`.
     pub conv: wgpu::Buffer,
     /// Which of the 2x2 inputs each pooled output took (u32).
@@ -187,7 +189,10 @@ impl GpuMlp {
                 let positions = b.height * b.width;
                 Ok(ConvWorkspace {
                     block: b,
-                    cols: zeros(&format!("cols{i}"), positions * 9 * b.in_channels)?,
+                    cols_t: zeros(&format!("cols_t{i}"), positions * 9 * b.in_channels)?,
+                    cols: grads
+                        .then(|| zeros(&format!("cols{i}"), positions * 9 * b.in_channels))
+                        .transpose()?,
                     conv: zeros(&format!("conv{i}"), positions * b.out_channels)?,
                     argmax: zeros(&format!("argmax{i}"), b.pooled_dim())?,
                     dconv: grads
@@ -286,12 +291,14 @@ impl GpuMlp {
                 ctx,
                 ConvOp::Im2col,
                 shape,
-                whole(input),
-                whole(&cw.cols),
-                None,
-                None,
+                &ConvArgs {
+                    dst: cw.cols.as_ref().map(whole),
+                    dst_t: Some(whole(&cw.cols_t)),
+                    ..ConvArgs::new(whole(input), whole(&cw.cols_t))
+                },
             )?);
             let flags = MatmulFlags {
+                a_kmajor: true,
                 bias: true,
                 relu: true,
                 ..Default::default()
@@ -304,7 +311,7 @@ impl GpuMlp {
                     m: rows * b.height * b.width,
                     n: b.out_channels,
                     k: 9 * b.in_channels,
-                    a: whole(&cw.cols),
+                    a: whole(&cw.cols_t),
                     b: self.kernel_slice(i),
                     c: whole(&cw.conv),
                     bias: Some(self.bias_slice(i)),
@@ -312,31 +319,21 @@ impl GpuMlp {
                 },
             )?);
             let out = Nhwc::new(rows, b.height, b.width, b.out_channels);
-            let argmax = Some(whole(&cw.argmax));
-            ops.push(conv_op(
-                ctx,
-                ConvOp::MaxPool,
-                out,
-                whole(&cw.conv),
-                whole(&ws.hidden[i]),
-                argmax,
-                None,
-            )?);
+            let args = ConvArgs {
+                argmax: Some(whole(&cw.argmax)),
+                ..ConvArgs::new(whole(&cw.conv), whole(&ws.hidden[i]))
+            };
+            ops.push(conv_op(ctx, ConvOp::MaxPool, out, &args)?);
         }
         let n_conv = self.num_conv();
         if let (Some((global, argmax, _)), Some(cw)) = (&ws.global, ws.conv.last()) {
             let b = cw.block;
             let shape = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
-            let src = whole(&ws.hidden[n_conv - 1]);
-            ops.push(conv_op(
-                ctx,
-                ConvOp::GlobalMax,
-                shape,
-                src,
-                whole(global),
-                Some(whole(argmax)),
-                None,
-            )?);
+            let args = ConvArgs {
+                argmax: Some(whole(argmax)),
+                ..ConvArgs::new(whole(&ws.hidden[n_conv - 1]), whole(global))
+            };
+            ops.push(conv_op(ctx, ConvOp::GlobalMax, shape, &args)?);
         }
         let dense = &self.layout.layers[n_conv..];
         for (l, s) in dense.iter().enumerate() {
@@ -520,15 +517,11 @@ impl GpuMlp {
         let b = last.block;
         let pooled = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
         let dlast = last.dpooled.as_ref().ok_or_else(missing)?;
-        let mut ops = vec![conv_op(
-            ctx,
-            ConvOp::GlobalMaxGrad,
-            pooled,
-            whole(dglobal),
-            whole(dlast),
-            Some(whole(argmax)),
-            None,
-        )?];
+        let args = ConvArgs {
+            argmax: Some(whole(argmax)),
+            ..ConvArgs::new(whole(dglobal), whole(dlast))
+        };
+        let mut ops = vec![conv_op(ctx, ConvOp::GlobalMaxGrad, pooled, &args)?];
         for (i, cw) in ws.conv.iter().enumerate().rev() {
             let b = cw.block;
             let positions = rows * b.height * b.width;
@@ -537,15 +530,12 @@ impl GpuMlp {
                 cw.dconv.as_ref().ok_or_else(missing)?,
             );
             let out = Nhwc::new(rows, b.height, b.width, b.out_channels);
-            ops.push(conv_op(
-                ctx,
-                ConvOp::MaxPoolGrad,
-                out,
-                whole(dpooled),
-                whole(dconv),
-                Some(whole(&cw.argmax)),
-                Some(whole(&cw.conv)),
-            )?);
+            let args = ConvArgs {
+                argmax: Some(whole(&cw.argmax)),
+                mask: Some(whole(&cw.conv)),
+                ..ConvArgs::new(whole(dpooled), whole(dconv))
+            };
+            ops.push(conv_op(ctx, ConvOp::MaxPoolGrad, out, &args)?);
             if let Some(grads) = grads {
                 let s = self.layout.layers[i];
                 ops.push(matmul(
@@ -559,7 +549,7 @@ impl GpuMlp {
                         m: 9 * b.in_channels,
                         n: b.out_channels,
                         k: positions,
-                        a: whole(&cw.cols),
+                        a: whole(cw.cols.as_ref().ok_or_else(missing)?),
                         b: whole(dconv),
                         c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
                         bias: None,
@@ -602,15 +592,8 @@ impl GpuMlp {
                 },
             )?);
             let input = Nhwc::new(rows, b.height, b.width, b.in_channels);
-            ops.push(conv_op(
-                ctx,
-                ConvOp::Col2im,
-                input,
-                Slice::new(dcols, 0, cols_len),
-                whole(target),
-                None,
-                None,
-            )?);
+            let args = ConvArgs::new(Slice::new(dcols, 0, cols_len), whole(target));
+            ops.push(conv_op(ctx, ConvOp::Col2im, input, &args)?);
         }
         Ok(ops)
     }
