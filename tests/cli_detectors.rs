@@ -402,6 +402,22 @@ fn abstraction_detector_from_the_command_line() {
         let auc = report["AUC_ROC"].as_f64().unwrap();
         assert!(auc >= 0.9, "{loss}: AUROC {auc}");
     }
+    // The axis-aligned abstraction trains with any size_reduction (0.0.1 crashed
+    // unless it was 1).
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --detector abstraction --detector.abstraction axis_aligned \
+             --detector.abstraction.size_reduction 4 --detector.train.num_epochs 2 {task} \
+             --dir.full logs/axis --quiet"
+        )),
+    );
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval_detector --detector from_run --detector.path logs/axis {task} --dir.full logs/axis --quiet"
+        )),
+    );
     // --debug: one step of batch 2, nothing written.
     let out = run_ok(
         cwd,

@@ -6,7 +6,9 @@ mod common;
 use common::{gpu, random};
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
-use cupbearer::detectors::abstraction::{Abstraction, AbstractionConfig, OutputLoss};
+use cupbearer::detectors::abstraction::{
+    Abstraction, AbstractionConfig, AbstractionKind, OutputLoss,
+};
 use cupbearer::detectors::linalg::{covariance, pinv_symmetric, regularize, Regularization};
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
@@ -367,8 +369,13 @@ fn abstraction_gradients_match_finite_differences() {
     let indices: Vec<u32> = (0..17).map(|i| (i * 4) % 23).collect();
     let (x, _) = gather_batch_reference(&data, &indices, None, 0, 0);
     let (hidden, logits) = mlp.forward_reference(&x, indices.len());
-    for output_loss_fn in [OutputLoss::Kl, OutputLoss::SingleClass] {
+    for (abstraction, output_loss_fn) in [
+        (AbstractionKind::Simple, OutputLoss::Kl),
+        (AbstractionKind::Simple, OutputLoss::SingleClass),
+        (AbstractionKind::AxisAligned, OutputLoss::Kl),
+    ] {
         let mut det = Abstraction::new(AbstractionConfig {
+            abstraction,
             size_reduction: 2.0,
             output_loss_fn,
             ..Default::default()
@@ -422,7 +429,7 @@ fn abstraction_gradients_match_finite_differences() {
                     let g = if is_bias { p.bias[i] } else { p.kernel[i] } as f64;
                     assert!(
                         (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
-                        "{output_loss_fn:?} layer {l} {} {i}: gpu {g}, finite difference {fd}",
+                        "{abstraction:?} {output_loss_fn:?} layer {l} {} {i}: gpu {g}, finite difference {fd}",
                         if is_bias { "bias" } else { "kernel" }
                     );
                     checked += 1;

@@ -589,3 +589,38 @@ fn conv_and_pool_kernels_match_reference() {
         "global_max_grad",
     );
 }
+
+#[test]
+fn gate_matches_reference() {
+    use cupbearer::gpu::gate::{gate, gate_grad, gate_grad_reference, gate_reference};
+    let Some(ctx) = gpu() else { return };
+    let (rows, dim) = (13, 70);
+    let a = random(rows * dim, 31);
+    let scores: Vec<f32> = random(dim, 32).iter().map(|v| 3.0 * v).collect();
+    let dz = random(rows * dim, 33);
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (ga, gs, gdz) = (
+        ctx.buffer_from("a", &a).unwrap(),
+        ctx.buffer_from("scores", &scores).unwrap(),
+        ctx.buffer_from("dz", &dz).unwrap(),
+    );
+    let z = ctx.zeros("z", rows * dim).unwrap();
+    let ds = ctx.zeros("ds", dim).unwrap();
+    let w = Slice::whole;
+    let ops = [
+        gate(&ctx, rows, dim, w(&ga), w(&gs), w(&z)).unwrap(),
+        gate_grad(&ctx, rows, dim, w(&ga), w(&gs), w(&gdz), w(&ds)).unwrap(),
+    ];
+    ctx.submit(&ops);
+    let got: Vec<f32> = ctx.read(w(&z)).unwrap();
+    assert_close(
+        &got,
+        &gate_reference(&to64(&a), &scores, dim),
+        1e-6,
+        1e-5,
+        "gate",
+    );
+    let got: Vec<f32> = ctx.read(w(&ds)).unwrap();
+    let want = gate_grad_reference(&to64(&a), &scores, &to64(&dz), dim);
+    assert_close(&got, &want, 1e-5, 1e-4, "gate_grad");
+}

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
-use crate::detectors::abstraction::{AbstractionConfig, OutputLoss};
+use crate::detectors::abstraction::{AbstractionConfig, AbstractionKind, OutputLoss};
 use crate::detectors::mahalanobis::MahalanobisConfig;
 use crate::model::attack::{AttackConfig, AttackMethod, DEFAULT_EPS, DEFAULT_PGD_STEPS};
 use crate::tasks::adversarial::AdversarialTaskConfig;
@@ -191,7 +191,11 @@ pub struct DetectorArgs {
     /// 2048 keeps peak memory under 300 MB on MNIST at the same speed), abstraction 128].
     #[arg(long, value_name = "N")]
     detector_train_batch_size: Option<usize>,
-    /// Abstraction: abstract state width = layer width / this.
+    /// Abstraction: the τ maps, simple (affine, reduced width) or axis_aligned
+    /// (elementwise gates, full width).
+    #[arg(long, value_enum, default_value = "simple", value_name = "KIND")]
+    detector_abstraction: AbstractionKind,
+    /// Abstraction: abstract state width = layer width / this (simple only).
     #[arg(long, default_value_t = 4.0, value_name = "R")]
     detector_abstraction_size_reduction: f64,
     /// Abstraction: output loss, kl or single_class.
@@ -261,6 +265,7 @@ impl DetectorArgs {
             }
             DetectorKind::Abstraction => {
                 let config = AbstractionConfig {
+                    abstraction: self.detector_abstraction,
                     size_reduction: self.detector_abstraction_size_reduction,
                     output_loss_fn: self.detector_abstraction_output_loss_fn,
                     batch_size: self.detector_train_batch_size.unwrap_or(128),

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{for_each_activation_batch, Detector, LayerScores, SampleSet};
 use crate::gpu::abstraction::{cosine_distance, kl_divergence, LossGrads};
 use crate::gpu::adam::adam;
+use crate::gpu::gate::{gate, gate_grad};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
 use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
@@ -43,10 +44,24 @@ pub enum OutputLoss {
     SingleClass,
 }
 
+/// The τ maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AbstractionKind {
+    /// Affine maps to states of width / size_reduction.
+    Simple,
+    /// Elementwise gates z = a · sigmoid(s) (the original's SoftmaxDrop, scores
+    /// initialised to 3): states keep the layer's width, so size_reduction does not
+    /// apply (0.0.1 crashed unless it was 1).
+    #[value(name = "axis_aligned", alias = "axis-aligned")]
+    AxisAligned,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AbstractionConfig {
-    /// Abstract state width = round(layer width / size_reduction).
+    pub abstraction: AbstractionKind,
+    /// Abstract state width = round(layer width / size_reduction) (simple τ only).
     pub size_reduction: f64,
     pub output_loss_fn: OutputLoss,
     pub batch_size: usize,
@@ -62,6 +77,7 @@ impl Default for AbstractionConfig {
     /// The original's defaults.
     fn default() -> Self {
         AbstractionConfig {
+            abstraction: AbstractionKind::Simple,
             size_reduction: 4.0,
             output_loss_fn: OutputLoss::Kl,
             batch_size: 128,
@@ -195,12 +211,18 @@ impl Abstraction {
         if self.config.output_loss_fn == OutputLoss::SingleClass && self.classes < 2 {
             bail!("single_class needs a model with at least 2 classes");
         }
+        let taus = self.num_hidden();
+        let axis = self.axis_aligned();
         self.layers = self
             .dims()
             .iter()
             .enumerate()
             .map(|(i, &(fan_in, fan_out))| {
-                Dense::lecun(fan_in, fan_out, seed, INIT_LAYER_KEY + i as u32)
+                let mut d = Dense::lecun(fan_in, fan_out, seed, INIT_LAYER_KEY + i as u32);
+                if axis && i < taus {
+                    d.kernel.fill(3.0);
+                }
+                d
             })
             .collect();
         Ok(())
@@ -291,7 +313,14 @@ impl Abstraction {
         use crate::gpu::abstraction::{cosine_distance_reference, kl_divergence_reference};
         let l_count = self.num_hidden();
         let z: Vec<Vec<f64>> = (0..l_count)
-            .map(|l| self.layers[l].forward_reference(&hidden[l], rows, false))
+            .map(|l| {
+                let tau = &self.layers[l];
+                if self.axis_aligned() {
+                    crate::gpu::gate::gate_reference(&hidden[l], &tau.kernel, tau.fan_out)
+                } else {
+                    tau.forward_reference(&hidden[l], rows, false)
+                }
+            })
             .collect();
         let mut consistency = 0.0;
         for j in 0..l_count {
@@ -350,18 +379,34 @@ impl Abstraction {
         }
     }
 
+    fn axis_aligned(&self) -> bool {
+        self.config.abstraction == AbstractionKind::AxisAligned
+    }
+
     /// Abstract state widths d_l.
     fn widths(&self) -> Vec<usize> {
         self.hidden_dims
             .iter()
-            .map(|&h| reduced(h, self.config.size_reduction))
+            .map(|&h| {
+                if self.axis_aligned() {
+                    h
+                } else {
+                    reduced(h, self.config.size_reduction)
+                }
+            })
             .collect()
     }
 
-    /// (fan_in, fan_out) of τ_0..τ_{L-1}, m_0..m_{L-1}.
+    /// (fan_in, fan_out) of τ_0..τ_{L-1}, m_0..m_{L-1}; an axis-aligned τ is stored as
+    /// a `[1, width]` kernel holding its gate scores (its bias is unused).
     fn dims(&self) -> Vec<(usize, usize)> {
         let d = self.widths();
-        let taus = self.hidden_dims.iter().zip(&d).map(|(&h, &w)| (h, w));
+        let axis = self.axis_aligned();
+        let taus = self
+            .hidden_dims
+            .iter()
+            .zip(&d)
+            .map(|(&h, &w)| if axis { (1, h) } else { (h, w) });
         let steps = (0..d.len()).map(|l| (d[l], d.get(l + 1).copied().unwrap_or(self.pred_dim())));
         taus.chain(steps).collect()
     }
@@ -457,11 +502,15 @@ impl Abstraction {
         let mut ops = Vec::new();
         // Forward: z_l = τ_l(a_l); ẑ_{l+1} = relu(m_l(z_l)); ŷ = m_L(z_L).
         for (l, &width) in d.iter().enumerate() {
+            let (h, a) = (self.hidden_dims[l], whole(&ws.hidden[l]));
+            if self.axis_aligned() {
+                ops.push(gate(ctx, rows, h, a, kernel(l), whole(&t.z[l]))?);
+                continue;
+            }
             let flags = MatmulFlags {
                 bias: true,
                 ..Default::default()
             };
-            let (h, a) = (self.hidden_dims[l], whole(&ws.hidden[l]));
             let (kz, bz) = (kernel(l), bias(l));
             ops.push(mm(flags, (rows, width, h), a, kz, whole(&t.z[l]), bz)?);
         }
@@ -552,6 +601,20 @@ impl Abstraction {
         }
         if let Some(g) = grads {
             for (l, &width) in d.iter().enumerate() {
+                if self.axis_aligned() {
+                    let h = self.hidden_dims[l];
+                    let s = params.layout.layers[l];
+                    ops.push(gate_grad(
+                        ctx,
+                        rows,
+                        h,
+                        whole(&ws.hidden[l]),
+                        kernel(l),
+                        whole(&t.gz[l]),
+                        Slice::new(g, s.kernel, h),
+                    )?);
+                    continue;
+                }
                 let dims = (rows, self.hidden_dims[l], width);
                 dense_param_grads(
                     ctx,

@@ -7,6 +7,7 @@ pub mod attack;
 pub mod batch;
 pub mod context;
 pub mod conv;
+pub mod gate;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;
