@@ -21,8 +21,9 @@ struct ConvParams {
 @group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(3) var<storage, read> mask: array<f32>;
 @group(0) @binding(4) var<uniform> params: ConvParams;
-// im2col's columns transposed, [9·C][batch·H·W]: the forward matmul reads its A
-// operand fastest K-major, the weight gradient reads the row-major copy.
+// A transposed copy of the output, [columns][batch·H·W]: im2col's columns (the forward
+// matmul reads its A operand fastest K-major; dW reads the row-major copy) and
+// max_pool_grad's conv gradient (for the columns' gradient, which it multiplies).
 @group(0) @binding(5) var<storage, read_write> dst_t: array<f32>;
 
 override WRITE_ROWS: bool = true;
@@ -141,6 +142,9 @@ fn max_pool_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
                 g = src[o + c];
             }
             dst[i * params.channels + c] = g;
+            if (WRITE_T) {
+                dst_t[c * total + i] = g;
+            }
         }
     }
 }

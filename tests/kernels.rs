@@ -572,6 +572,23 @@ fn conv_and_pool_kernels_match_reference() {
     );
     let want = max_pool_grad_reference(&to64(&dpool), &want_arg, &x64, s);
     assert_close(&grad, &want, 0.0, 0.0, "max_pool_grad");
+    // With its transposed copy, [C][positions].
+    let gdpool = ctx.buffer_from("dpool", &dpool).unwrap();
+    let (rows_g, grad_t) = (
+        ctx.zeros("g", s.len()).unwrap(),
+        ctx.zeros("gt", s.len()).unwrap(),
+    );
+    let args = ConvArgs {
+        argmax: Some(Slice::whole(&argmax)),
+        mask: Some(Slice::whole(&mask)),
+        dst_t: Some(Slice::whole(&grad_t)),
+        ..ConvArgs::new(Slice::whole(&gdpool), Slice::whole(&rows_g))
+    };
+    ctx.submit([&conv_op(&ctx, ConvOp::MaxPoolGrad, s, &args).unwrap()]);
+    let got: Vec<f32> = ctx.read(Slice::whole(&grad_t)).unwrap();
+    let (n, c) = (s.len() / s.channels as usize, s.channels as usize);
+    let want_t: Vec<f64> = (0..n * c).map(|i| want[(i % n) * c + i / n]).collect();
+    assert_close(&got[..n * c], &want_t, 0.0, 0.0, "max_pool_grad transposed");
     assert!(want.iter().filter(|&&g| g != 0.0).count() > p.len() / 4);
 
     let g = (s.batch * s.channels) as usize;

@@ -56,8 +56,8 @@ pub enum ConvOp {
     Col2im,
     /// src: [shape]; dst: [shape.pooled()]; argmax written.
     MaxPool,
-    /// src: pooled gradient; dst: [shape], masked where `mask` (the pre-pool ReLU
-    /// output) is not positive.
+    /// src: pooled gradient; dst: [shape] (and dst_t, transposed), masked where `mask`
+    /// (the pre-pool ReLU output) is not positive.
     MaxPoolGrad,
     /// src: [shape]; dst: [batch][channels]; argmax written.
     GlobalMax,
@@ -92,7 +92,8 @@ impl ConvOp {
 }
 
 /// The bindings of a conv kernel: `dst` is required by every op but im2col, which
-/// writes `dst` (row-major columns) and/or `dst_t` (transposed).
+/// writes `dst` (row-major columns) and/or `dst_t` (transposed); max_pool_grad also
+/// writes `dst_t` when given.
 #[derive(Clone, Copy)]
 pub struct ConvArgs<'a> {
     pub src: Slice<'a>,

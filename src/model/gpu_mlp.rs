@@ -103,8 +103,10 @@ pub struct ConvWorkspace {
     pub conv: wgpu::Buffer,
     /// Which of the 2x2 inputs each pooled output took (u32).
     pub argmax: wgpu::Buffer,
-    /// With gradients: dL/d(pre-ReLU conv output), and dL/d(pooled output).
+    /// With gradients: dL/d(pre-ReLU conv output), row-major and transposed (the
+    /// columns' gradient matmul reads it K-major), and dL/d(pooled output).
     pub dconv: Option<wgpu::Buffer>,
+    pub dconv_t: Option<wgpu::Buffer>,
     pub dpooled: Option<wgpu::Buffer>,
 }
 
@@ -182,6 +184,8 @@ impl GpuMlp {
         let grads = gradients != Gradients::None;
         let zeros = |name: &str, len: usize| ctx.zeros(name, rows * len);
         let blocks = self.config.conv_blocks();
+        // Blocks whose input gradient is computed: all but the first, unless attacking.
+        let first = usize::from(gradients != Gradients::Input);
         let conv = blocks
             .iter()
             .enumerate()
@@ -197,6 +201,9 @@ impl GpuMlp {
                     argmax: zeros(&format!("argmax{i}"), b.pooled_dim())?,
                     dconv: grads
                         .then(|| zeros(&format!("dconv{i}"), positions * b.out_channels))
+                        .transpose()?,
+                    dconv_t: (grads && i >= first)
+                        .then(|| zeros(&format!("dconv_t{i}"), positions * b.out_channels))
                         .transpose()?,
                     dpooled: grads
                         .then(|| zeros(&format!("dpooled{i}"), b.pooled_dim()))
@@ -215,8 +222,6 @@ impl GpuMlp {
                 ))
             })
             .transpose()?;
-        // Blocks whose input gradient is computed: all but the first, unless attacking.
-        let first = usize::from(gradients != Gradients::Input);
         let dcols = blocks
             .iter()
             .skip(first)
@@ -530,9 +535,16 @@ impl GpuMlp {
                 cw.dconv.as_ref().ok_or_else(missing)?,
             );
             let out = Nhwc::new(rows, b.height, b.width, b.out_channels);
+            let target = match i {
+                0 if to_input => ws.dx.as_ref(),
+                0 => None,
+                _ => ws.conv[i - 1].dpooled.as_ref(),
+            };
             let args = ConvArgs {
                 argmax: Some(whole(&cw.argmax)),
                 mask: Some(whole(&cw.conv)),
+                // The transposed copy only feeds the input gradient.
+                dst_t: cw.dconv_t.as_ref().filter(|_| target.is_some()).map(whole),
                 ..ConvArgs::new(whole(dpooled), whole(dconv))
             };
             ops.push(conv_op(ctx, ConvOp::MaxPoolGrad, out, &args)?);
@@ -565,17 +577,14 @@ impl GpuMlp {
                     Slice::new(grads, s.bias, s.fan_out),
                 )?);
             }
-            let target = match i {
-                0 if to_input => ws.dx.as_ref(),
-                0 => None,
-                _ => ws.conv[i - 1].dpooled.as_ref(),
-            };
             let Some(target) = target else { continue };
             let dcols = ws.dcols.as_ref().ok_or_else(missing)?;
+            let dconv_t = cw.dconv_t.as_ref().ok_or_else(missing)?;
             let cols_len = positions * 9 * b.in_channels;
             ops.push(matmul(
                 ctx,
                 MatmulFlags {
+                    a_kmajor: true,
                     b_nmajor: true,
                     ..Default::default()
                 },
@@ -584,7 +593,7 @@ impl GpuMlp {
                     m: positions,
                     n: 9 * b.in_channels,
                     k: b.out_channels,
-                    a: whole(dconv),
+                    a: whole(dconv_t),
                     b: self.kernel_slice(i),
                     c: Slice::new(dcols, 0, cols_len),
                     bias: None,
