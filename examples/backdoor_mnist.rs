@@ -13,7 +13,7 @@ use clap::Parser;
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::{download, resolve_data_dir, Dataset, DatasetName, Split};
 use cupbearer::detectors::mahalanobis::MahalanobisConfig;
-use cupbearer::detectors::pipeline::{eval_detector, train_detector, EvalReport};
+use cupbearer::detectors::pipeline::{eval_detector, train_detector, DetectorSource, EvalReport};
 use cupbearer::model::classifier::{train_classifier, RunOptions};
 use cupbearer::model::MlpConfig;
 use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
@@ -120,11 +120,12 @@ fn main() -> Result<()> {
         true,
     )?;
     let fit_seconds = start.elapsed().as_secs_f64();
+    let detector = DetectorSource::Run(det_dir.clone());
     let evaluate = |task: &dyn cupbearer::tasks::Task, out: &str| -> Result<(EvalReport, f64)> {
         let start = Instant::now();
         let r = eval_detector(
             task,
-            &det_dir,
+            &detector,
             2048,
             args.seed,
             Some(&args.out.join(out)),

@@ -402,6 +402,39 @@ fn abstraction_detector_from_the_command_line() {
         let auc = report["AUC_ROC"].as_f64().unwrap();
         assert!(auc >= 0.9, "{loss}: AUROC {auc}");
     }
+    // The adversarial abstraction finetunes the trained one per test batch, clipped or
+    // not (0.0.1 crashed with clip false); it is evaluation-only.
+    for (dir, clip) in [("logs/adv", "true"), ("logs/adv_noclip", "false")] {
+        run_ok(
+            cwd,
+            &words(&format!(
+                "eval_detector --detector adversarial_abstraction --detector.load_path logs/kl \
+                 --detector.num_train_samples 64 --detector.num_steps 2 --detector.clip {clip} \
+                 --detector.max_batch_size 256 {task} --dir.full {dir} --quiet"
+            )),
+        );
+        let report = eval_json(&cwd.join(dir).join("eval.json"));
+        assert_eq!(
+            (
+                report["num_normal"].as_u64(),
+                report["num_anomalous"].as_u64()
+            ),
+            (Some(400), Some(400))
+        );
+        let auc = report["AUC_ROC"].as_f64().unwrap();
+        assert!(auc >= 0.8, "clip {clip}: AUROC {auc}");
+    }
+    let train = cupbearer(
+        cwd,
+        &words(&format!(
+            "train_detector --detector adversarial_abstraction {task} --dir.full logs/x"
+        )),
+    );
+    assert!(
+        stderr(&train).contains("evaluation-only"),
+        "{}",
+        stderr(&train)
+    );
     // The axis-aligned abstraction trains with any size_reduction (0.0.1 crashed
     // unless it was 1).
     run_ok(

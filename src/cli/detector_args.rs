@@ -7,7 +7,9 @@ use clap::ValueEnum;
 
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::detectors::abstraction::{AbstractionConfig, AbstractionKind, OutputLoss};
+use crate::detectors::adversarial_abstraction::AdversarialAbstractionConfig;
 use crate::detectors::mahalanobis::MahalanobisConfig;
+use crate::detectors::pipeline::DetectorSource;
 use crate::model::attack::{AttackConfig, AttackMethod, DEFAULT_EPS, DEFAULT_PGD_STEPS};
 use crate::tasks::adversarial::AdversarialTaskConfig;
 use crate::tasks::backdoor::{AnomalousSplit, BackdoorTaskConfig};
@@ -160,12 +162,15 @@ impl TaskArgs {
 pub enum DetectorKind {
     Mahalanobis,
     Abstraction,
+    /// Evaluation only: finetunes an abstraction (--detector.load_path) per test batch.
+    #[value(name = "adversarial_abstraction", alias = "adversarial-abstraction")]
+    AdversarialAbstraction,
     /// A detector trained earlier (--detector.path).
     #[value(name = "from_run", alias = "from-run")]
     FromRun,
 }
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct DetectorArgs {
     #[arg(long, value_enum)]
     pub detector: DetectorKind,
@@ -228,14 +233,31 @@ pub struct DetectorArgs {
     /// each layer's score on trusted data. `false` reproduces cupbearer 0.0.1.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     detector_normalize: bool,
-    /// Samples per GPU batch while scoring.
+    /// Samples per GPU batch while scoring (adversarial_abstraction: per finetuned
+    /// test batch).
     #[arg(long, default_value_t = 2048, value_name = "N")]
     detector_max_batch_size: usize,
+    /// Adversarial abstraction: a trained abstraction detector run [default: random].
+    #[arg(long, value_name = "DIR")]
+    detector_load_path: Option<PathBuf>,
+    /// Adversarial abstraction: trusted samples per finetuning step.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    detector_num_train_samples: usize,
+    /// Adversarial abstraction: finetuning steps per test batch.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    detector_num_steps: usize,
+    /// Adversarial abstraction: weight of the trusted loss.
+    #[arg(long, default_value_t = 0.5, value_name = "W")]
+    detector_normal_weight: f64,
+    /// Adversarial abstraction: no trusted gradient below the trusted loss's level.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    detector_clip: bool,
 }
 
 impl DetectorArgs {
     /// `--debug`: batches of 2, one fitting batch.
     pub fn debug(&mut self) {
+        (self.detector_num_train_samples, self.detector_num_steps) = (1, 1);
         (
             self.detector_train_batch_size,
             self.detector_train_max_batches,
@@ -276,19 +298,45 @@ impl DetectorArgs {
                 };
                 Ok(("abstraction", serde_json::to_value(config)?))
             }
+            DetectorKind::AdversarialAbstraction => {
+                let (_, abstraction) = Self {
+                    detector: DetectorKind::Abstraction,
+                    ..self.clone()
+                }
+                .resolve()?;
+                let config = AdversarialAbstractionConfig {
+                    load_path: self.detector_load_path.clone(),
+                    num_train_samples: self.detector_num_train_samples,
+                    num_steps: self.detector_num_steps,
+                    normal_weight: self.detector_normal_weight,
+                    clip: self.detector_clip,
+                    learning_rate: self.detector_train_optimizer_learning_rate as f64,
+                    abstraction: serde_json::from_value(abstraction)?,
+                };
+                Ok(("adversarial_abstraction", serde_json::to_value(config)?))
+            }
             DetectorKind::FromRun => {
                 bail!("--detector from_run loads a trained detector; train-detector needs a detector type such as mahalanobis")
             }
         }
     }
 
-    /// The trained detector's directory for eval-detector.
-    pub fn stored(&self) -> Result<&PathBuf> {
+    /// What eval-detector scores with: a trained detector's directory, or an
+    /// evaluation-only detector.
+    pub fn source(&self) -> Result<DetectorSource> {
         match self.detector {
-            DetectorKind::FromRun => self
-                .detector_path
-                .as_ref()
-                .context("--detector from_run needs --detector.path DIR"),
+            DetectorKind::FromRun => {
+                Ok(DetectorSource::Run(self.detector_path.clone().context(
+                    "--detector from_run needs --detector.path DIR",
+                )?))
+            }
+            DetectorKind::AdversarialAbstraction => {
+                let (kind, config) = self.resolve()?;
+                Ok(DetectorSource::Config {
+                    kind: kind.into(),
+                    config,
+                })
+            }
             _ => bail!(
                 "eval-detector evaluates a trained detector: use --detector from_run \
                  --detector.path DIR (train one with train-detector)"

@@ -11,7 +11,7 @@ pub type Args = DetectorCommandArgs;
 pub fn run(mut args: Args) -> Result<()> {
     args.apply_debug();
     let (task_kind, task_config) = args.task.resolve(args.common.seed)?;
-    let detector_dir = args.detector.stored()?;
+    let source = args.detector.source()?;
     let c = &args.common;
     // Like the original, eval writes nothing by default: only with --dir.full/--dir.base.
     let out = c.output_dir(None);
@@ -22,7 +22,7 @@ pub fn run(mut args: Args) -> Result<()> {
     let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
     let r = eval_detector(
         task.as_ref(),
-        detector_dir,
+        &source,
         args.detector.eval_batch_size(),
         c.seed,
         out.as_deref(),

@@ -101,6 +101,7 @@ struct Stored {
     score_stats: Vec<(f64, f64)>,
 }
 
+#[derive(Clone)]
 pub struct Abstraction {
     pub config: AbstractionConfig,
     /// The model's hidden widths and classes the abstraction was built for.
@@ -179,6 +180,11 @@ impl Abstraction {
     }
 
     pub fn load(config: &serde_json::Value, path: &Path) -> Result<Box<dyn Detector>> {
+        Ok(Box::new(Self::load_trained(config, path)?))
+    }
+
+    /// A trained abstraction from its config and `detector.safetensors`.
+    pub fn load_trained(config: &serde_json::Value, path: &Path) -> Result<Self> {
         let mut det = Abstraction::new(serde_json::from_value(config.clone())?)?;
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let stored: Stored =
@@ -195,7 +201,7 @@ impl Abstraction {
                 load_layer(&st, path, &name, &[fan_in, fan_out], fan_in, fan_out)
             })
             .collect::<Result<_>>()?;
-        Ok(Box::new(det))
+        Ok(det)
     }
 
     /// Fresh (untrained) parameters for `model`: LeCun-normal kernels, zero biases.
@@ -250,6 +256,87 @@ impl Abstraction {
         let grads = pass.grads.expect("requested");
         let flat: Vec<f32> = ctx.read(Slice::whole(&grads))?;
         Ok(pass.layout.unflatten(&flat))
+    }
+
+    /// The parameters as one flat vector, and the length of its τ part (the steps'
+    /// parameters follow).
+    pub(crate) fn flat_params(&self) -> (Vec<f32>, usize) {
+        let layout = ParamLayout::for_dims(&self.dims());
+        let taus = layout.layers[self.num_hidden()].kernel;
+        (layout.flatten(&self.layers), taus)
+    }
+
+    pub(crate) fn set_flat_params(&mut self, flat: &[f32]) {
+        self.layers = ParamLayout::for_dims(&self.dims()).unflatten(flat);
+    }
+
+    /// Per-layer losses of `samples` (in batches of `batch_size`) and, with
+    /// `gradients`, the flat parameter gradients of the training loss (meaningful when
+    /// the samples fit one batch).
+    pub(crate) fn losses_and_gradients(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+        gradients: bool,
+    ) -> Result<(LayerScores, Option<Vec<f32>>)> {
+        let n = samples.indices.len();
+        let pass = self.pass(ctx, model, samples, batch_size, gradients)?;
+        let grads = pass
+            .grads
+            .as_ref()
+            .map(|g| ctx.read::<f32>(Slice::whole(g)))
+            .transpose()?;
+        Ok((self.read_scores(ctx, &pass.losses, n)?, grads))
+    }
+
+    /// The training loss of per-sample losses: mean output loss plus the mean of the
+    /// layers' mean consistency losses.
+    pub(crate) fn training_loss(raw: &LayerScores) -> f64 {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (output, consistency) = raw.scores.split_last().expect("at least the output loss");
+        let cons: f64 = consistency.iter().map(|v| mean(v)).sum::<f64>();
+        mean(output) + cons / consistency.len().max(1) as f64
+    }
+
+    /// Standardises raw layer scores with the trusted statistics (when configured).
+    pub(crate) fn standardize(&self, scores: &mut LayerScores) -> Result<()> {
+        if !self.config.normalize {
+            return Ok(());
+        }
+        if self.score_stats.len() != scores.scores.len() {
+            bail!("the abstraction detector has no score statistics: refit it");
+        }
+        for (layer, &(mean, std)) in scores.scores.iter_mut().zip(&self.score_stats) {
+            for v in layer.iter_mut() {
+                *v = (*v - mean) / std.max(1e-12);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_scores(
+        &self,
+        ctx: &GpuContext,
+        losses: &[wgpu::Buffer],
+        n: usize,
+    ) -> Result<LayerScores> {
+        let scores = losses
+            .iter()
+            .map(|b| {
+                let s: Vec<f32> = ctx.read(Slice::new(b, 0, n))?;
+                Ok(s.into_iter().map(f64::from).collect())
+            })
+            .collect::<Result<_>>()?;
+        let last = self.num_hidden() - 1;
+        Ok(LayerScores {
+            names: (1..=last)
+                .map(|l| format!("layer{l}"))
+                .chain(["output".to_string()])
+                .collect(),
+            scores,
+        })
     }
 
     /// Runs the abstraction over `samples` (forward and losses; with `gradients`, the
@@ -349,23 +436,9 @@ impl Abstraction {
         samples: &SampleSet<'_>,
         batch_size: usize,
     ) -> Result<LayerScores> {
-        let n = samples.indices.len();
-        let losses = self.pass(ctx, model, samples, batch_size, false)?.losses;
-        let scores = losses
-            .iter()
-            .map(|b| {
-                let s: Vec<f32> = ctx.read(Slice::new(b, 0, n))?;
-                Ok(s.into_iter().map(f64::from).collect())
-            })
-            .collect::<Result<_>>()?;
-        let last = self.num_hidden() - 1;
-        Ok(LayerScores {
-            names: (1..=last)
-                .map(|l| format!("layer{l}"))
-                .chain(["output".to_string()])
-                .collect(),
-            scores,
-        })
+        Ok(self
+            .losses_and_gradients(ctx, model, samples, batch_size, false)?
+            .0)
     }
 
     fn num_hidden(&self) -> usize {
@@ -861,16 +934,7 @@ impl Detector for Abstraction {
         batch_size: usize,
     ) -> Result<LayerScores> {
         let mut scores = self.raw_scores(ctx, model, samples, batch_size)?;
-        if self.config.normalize {
-            if self.score_stats.len() != scores.scores.len() {
-                bail!("the abstraction detector has no score statistics: refit it");
-            }
-            for (layer, &(mean, std)) in scores.scores.iter_mut().zip(&self.score_stats) {
-                for v in layer.iter_mut() {
-                    *v = (*v - mean) / std.max(1e-12);
-                }
-            }
-        }
+        self.standardize(&mut scores)?;
         Ok(scores)
     }
 

@@ -5,6 +5,7 @@
 //! trait impl, and add one line to [`REGISTRY`] (see the README's worked example).
 
 pub mod abstraction;
+pub mod adversarial_abstraction;
 pub mod linalg;
 pub mod mahalanobis;
 pub mod pipeline;
@@ -59,6 +60,32 @@ pub trait Detector {
     ) -> Result<LayerScores>;
     /// Writes the fitted state as safetensors.
     fn save(&self, path: &Path) -> Result<()>;
+    /// Whether [`Detector::score_mix`] uses the task's trusted samples.
+    fn needs_trusted(&self) -> bool {
+        false
+    }
+    /// Scores a test mix: (normal, anomalous). Detectors whose scores depend on the
+    /// batch (the adversarial abstraction finetunes on each) see both sets together;
+    /// the default scores each on its own.
+    fn score_mix(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        mix: &MixSamples<'_>,
+        batch_size: usize,
+    ) -> Result<(LayerScores, LayerScores)> {
+        Ok((
+            self.layer_scores(ctx, model, mix.normal, batch_size)?,
+            self.layer_scores(ctx, model, mix.anomalous, batch_size)?,
+        ))
+    }
+}
+
+/// The samples of a test mix, and the trusted ones for detectors that need them.
+pub struct MixSamples<'a> {
+    pub normal: &'a SampleSet<'a>,
+    pub anomalous: &'a SampleSet<'a>,
+    pub trusted: Option<&'a SampleSet<'a>>,
 }
 
 /// Builds an unfitted detector from its JSON config.
@@ -77,6 +104,11 @@ pub const REGISTRY: &[(&str, BuildFn, LoadFn)] = &[
         "abstraction",
         abstraction::Abstraction::build,
         abstraction::Abstraction::load,
+    ),
+    (
+        "adversarial_abstraction",
+        adversarial_abstraction::AdversarialAbstraction::build,
+        |_, _| bail!("adversarial_abstraction is evaluation-only: nothing is stored"),
     ),
 ];
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{Detector, LayerScores, SampleSet};
+use super::{Detector, LayerScores, MixSamples, SampleSet};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_svg};
 use crate::gpu::batch::GpuDataset;
@@ -190,9 +190,20 @@ pub struct LayerMetrics {
 /// Scores the task's test mix with a trained detector and writes the eval files, if
 /// `out` is given. Adds files to `out` (which may be the detector's own dir); an
 /// existing `eval.json` is refused unless `overwrite`.
+/// The detector eval-detector scores with.
+pub enum DetectorSource {
+    /// A detector run dir from train-detector.
+    Run(PathBuf),
+    /// An evaluation-only detector built from its config (adversarial_abstraction).
+    Config {
+        kind: String,
+        config: serde_json::Value,
+    },
+}
+
 pub fn eval_detector(
     task: &dyn Task,
-    detector_dir: &Path,
+    source: &DetectorSource,
     batch_size: usize,
     seed: u32,
     out: Option<&Path>,
@@ -204,19 +215,39 @@ pub fn eval_detector(
     if let Some(out) = out {
         refuse_overwrite(out, &outputs, overwrite)?;
     }
-    let run = DetectorRunConfig::load(detector_dir)?;
-    let detector = super::load(
-        &run.detector_kind,
-        &run.detector,
-        &detector_dir.join(DETECTOR_FILE),
-    )?;
+    let (detector, detector_path) = match source {
+        DetectorSource::Run(dir) => {
+            let run = DetectorRunConfig::load(dir)?;
+            let det = super::load(&run.detector_kind, &run.detector, &dir.join(DETECTOR_FILE))?;
+            (det, dir.clone())
+        }
+        DetectorSource::Config { kind, config } => (super::build(kind, config)?, PathBuf::new()),
+    };
     let mix = task.test_mix()?;
-    let gpu = Loaded::new(task, &[&mix.normal, &mix.anomalous], progress)?;
+    let trusted = if detector.needs_trusted() {
+        Some(task.trusted()?)
+    } else {
+        None
+    };
+    let mut specs = vec![&mix.normal, &mix.anomalous];
+    specs.extend(trusted.as_ref());
+    let gpu = Loaded::new(task, &specs, progress)?;
     let start = Instant::now();
-    let score =
-        |spec| detector.layer_scores(&gpu.ctx, &gpu.model, &gpu.samples(spec, seed), batch_size);
-    let normal = score(&mix.normal)?;
-    let anomalous = score(&mix.anomalous)?;
+    let (normal_set, anomalous_set) = (
+        gpu.samples(&mix.normal, seed),
+        gpu.samples(&mix.anomalous, seed),
+    );
+    let trusted_set = trusted.as_ref().map(|t| gpu.samples(t, seed));
+    let (normal, anomalous) = detector.score_mix(
+        &gpu.ctx,
+        &gpu.model,
+        &MixSamples {
+            normal: &normal_set,
+            anomalous: &anomalous_set,
+            trusted: trusted_set.as_ref(),
+        },
+        batch_size,
+    )?;
     let score_seconds = start.elapsed().as_secs_f64();
 
     let labels: Vec<bool> = std::iter::repeat_n(false, mix.normal.indices.len())
@@ -263,7 +294,7 @@ pub fn eval_detector(
         num_normal,
         num_anomalous,
         layers,
-        detector: detector_dir.to_path_buf(),
+        detector: detector_path,
         adapter: gpu.ctx.adapter_name(),
         score_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
@@ -287,7 +318,7 @@ pub fn eval_detector(
     }
     write_atomic(&out.join(SCORES_FILE), csv.as_bytes())?;
     let (n, a) = total.split_at(num_normal);
-    let title = format!("{} detector, {} task", run.detector_kind, task.kind());
+    let title = format!("{} detector, {} task", detector.kind(), task.kind());
     histogram_svg(&out.join(HISTOGRAM_FILE), &title, n, a, 100, false)?;
     roc_svg(&out.join(ROC_FILE), &title, &curves)?;
     write_json(&out.join(EVAL_FILE), &report)?;
