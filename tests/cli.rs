@@ -91,41 +91,12 @@ fn train_args<'a>(data: &'a str, run: &'a str) -> Vec<&'a str> {
     ]
 }
 
-#[test]
-fn train_classifier_writes_a_loadable_run_dir() {
-    if common::gpu().is_none() {
-        return;
-    }
-    let data = generated_data_dir();
-    let out_dir = tempfile::tempdir().unwrap();
-    let run = out_dir.path().join("classifier");
-    let out = cupbearer(&train_args(s(data.path()), s(&run)));
-    assert!(out.status.success(), "{}", stderr(&out));
-
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
-    let acc = metrics["clean_test_accuracy"].as_f64().unwrap();
-    let asr = metrics["attack_success_rate"].as_f64().unwrap();
-    assert!(acc >= 0.95, "clean accuracy {acc}");
-    assert!(asr >= 0.9, "attack success {asr}");
-    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 4);
-    assert!(metrics["samples_per_second"].as_f64().unwrap() > 0.0);
-
-    let loaded = ClassifierRun::load(&run).unwrap();
-    let c = &loaded.config;
-    assert_eq!(c.train_data.backdoor.unwrap().p_backdoor, 0.2);
-    assert_eq!(c.training.num_epochs, 4);
-    assert_eq!(loaded.model.config.hidden_dims, vec![48, 32]);
-    assert_eq!(loaded.model.config.input_shape, [12, 10, 1]);
-
-    // The same model, evaluated in numpy from the safetensors file, gives our logits.
+/// Evaluates the run's `model.safetensors` in numpy (`tests/python/check_forward.py`)
+/// on 100 test images and compares with our logits.
+fn check_with_numpy(run: &Path, data_dir: &Path, scratch: &Path) {
+    let loaded = cupbearer::run::ClassifierRun::load(run).unwrap();
     let ctx = common::gpu().unwrap();
-    let test = Dataset::load(
-        cupbearer::data::DatasetName::Mnist,
-        Split::Test,
-        data.path(),
-    )
-    .unwrap();
+    let test = Dataset::load(cupbearer::data::DatasetName::Mnist, Split::Test, data_dir).unwrap();
     let indices: Vec<u32> = (0..100).collect();
     let model = GpuMlp::upload(&ctx, &loaded.model).unwrap();
     let logits = predict_logits(
@@ -159,7 +130,7 @@ fn train_classifier_writes_a_loadable_run_dir() {
             .unwrap(),
         ),
     ];
-    let reference = out_dir.path().join("reference.safetensors");
+    let reference = scratch.join("reference.safetensors");
     std::fs::write(&reference, safetensors::serialize(views, None).unwrap()).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_forward.py");
     let py = Command::new("python3")
@@ -185,6 +156,37 @@ fn train_classifier_writes_a_loadable_run_dir() {
             "python3 missing under CI: {e}"
         ),
     }
+}
+
+#[test]
+fn train_classifier_writes_a_loadable_run_dir() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let data = generated_data_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("classifier");
+    let out = cupbearer(&train_args(s(data.path()), s(&run)));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    let acc = metrics["clean_test_accuracy"].as_f64().unwrap();
+    let asr = metrics["attack_success_rate"].as_f64().unwrap();
+    assert!(acc >= 0.95, "clean accuracy {acc}");
+    assert!(asr >= 0.9, "attack success {asr}");
+    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 4);
+    assert!(metrics["samples_per_second"].as_f64().unwrap() > 0.0);
+
+    let loaded = ClassifierRun::load(&run).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.train_data.backdoor.unwrap().p_backdoor, 0.2);
+    assert_eq!(c.training.num_epochs, 4);
+    assert_eq!(loaded.model.config.hidden_dims, vec![48, 32]);
+    assert_eq!(loaded.model.config.input_shape, [12, 10, 1]);
+
+    // The same model, evaluated in numpy from the safetensors file, gives our logits.
+    check_with_numpy(&run, data.path(), out_dir.path());
 
     // A second run into the same dir is refused and leaves the first run intact.
     let before = std::fs::read(run.join("model.safetensors")).unwrap();
@@ -357,4 +359,36 @@ fn download_from_a_dead_mirror_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(err.contains("127.0.0.1:9"), "{err}");
     assert!(!dir.path().join("mnist").exists(), "nothing left behind");
+}
+
+/// A CNN's model.safetensors (Conv_{i}.kernel in HWIO) gives our logits in numpy.
+#[test]
+fn cnn_safetensors_match_numpy() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let data = generated_data_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("cnn");
+    let out = cupbearer(&[
+        "train_classifier",
+        "--train_data",
+        "mnist",
+        "--model",
+        "cnn",
+        "--model.channels",
+        "3",
+        "5",
+        "--model.dense_dims",
+        "8",
+        "--num_epochs",
+        "1",
+        "--data-dir",
+        s(data.path()),
+        "--dir.full",
+        s(&run),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    check_with_numpy(&run, data.path(), out_dir.path());
 }
