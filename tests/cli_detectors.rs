@@ -451,11 +451,14 @@ fn abstraction_detector_from_the_command_line() {
             "eval_detector --detector from_run --detector.path logs/axis {task} --dir.full logs/axis --quiet"
         )),
     );
-    // --debug: one step of batch 2, nothing written.
+    // --debug: one step of batch 2, nothing written; the original's other training
+    // flags parse.
     let out = run_ok(
         cwd,
         &words(&format!(
-            "train_detector --debug --detector abstraction {task} --quiet"
+            "train_detector --debug --detector abstraction {task} --quiet \
+             --detector.train.check_val_every_n_epoch 1 --detector.train.enable_progress_bar false \
+             --detector.abstraction.cls cupbearer.detectors.abstraction.abstraction.Abstraction"
         )),
     );
     assert!(out.contains("abstraction detector fitted"), "{out}");

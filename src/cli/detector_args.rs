@@ -223,6 +223,16 @@ pub struct DetectorArgs {
     /// Accepted for compatibility: Adam is the only optimiser.
     #[arg(long, value_enum, value_name = "OPT")]
     detector_train_optimizer: Option<super::Optimizer>,
+    /// Accepted for compatibility (the original's validation sets never worked).
+    #[arg(long, value_name = "N")]
+    detector_train_check_val_every_n_epoch: Option<usize>,
+    /// Accepted for compatibility (progress bars follow --quiet).
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    detector_train_enable_progress_bar: Option<bool>,
+    /// Accepted for compatibility: the original's class path of the abstraction; use
+    /// --detector.abstraction simple|axis_aligned.
+    #[arg(long, value_name = "CLASS")]
+    detector_abstraction_cls: Option<String>,
     /// Fit on at most this many batches (0 = all).
     #[arg(long, default_value_t = 0, value_name = "N")]
     detector_train_max_batches: usize,
