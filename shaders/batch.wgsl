@@ -58,8 +58,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     if (lid.x == 0u) {
         y[r] = select(labels_all[sample], params.target_class, poisoned);
     }
+    // Where the sample lives, decoded once per row (not per pixel).
+    let chunk = sample / params.samples_per_chunk;
+    let base = (sample % params.samples_per_chunk) * params.sample_dim;
     for (var p = lid.x; p < params.sample_dim; p += 64u) {
-        let v = pixel(sample, p, poisoned);
+        let v = pixel(sample, chunk, base + p, p, poisoned);
         x[r * params.sample_dim + p] = v;
         if (WRITE_T) {
             xt[p * params.rows + r] = v;
@@ -67,9 +70,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     }
 }
 
-fn pixel(sample: u32, p: u32, poisoned: bool) -> f32 {
-    let index = (sample % params.samples_per_chunk) * params.sample_dim + p;
-    let chunk = sample / params.samples_per_chunk;
+// Pixel p of a sample stored at `index` of data{chunk}.
+fn pixel(sample: u32, chunk: u32, index: u32, p: u32, poisoned: bool) -> f32 {
     var v: f32;
     if (F32_PIXELS) {
         v = bitcast<f32>(word(chunk, index));
