@@ -61,13 +61,18 @@ fn mnist_cnn() -> MlpConfig {
 }
 
 fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    // (name, m, n, k, a_kmajor, b_nmajor): the MLP's forward, dW and dX shapes.
+    // (name, m, n, k, a_kmajor, b_nmajor): the MLP's forward, dW and dX shapes, and the
+    // CNN's (batch 128: conv 1 on 28x28x1, conv 2 on 14x14x32) as the step runs them.
     let cases = [
         ("fwd 128x784.784x256", 128, 256, 784, false, false),
         ("fwd 128x256.256x256", 128, 256, 256, false, false),
         ("dW 784x128.128x256", 784, 256, 128, true, false),
         ("dW 256x128.128x256", 256, 256, 128, true, false),
         ("dX 128x256.(256x256)T", 128, 256, 256, false, true),
+        ("conv1 fwd 100352x9.9x32", 100352, 32, 9, true, false),
+        ("conv2 fwd 25088x288.288x64", 25088, 64, 288, true, false),
+        ("conv2 dW 288x25088.25088x64", 288, 64, 25088, true, false),
+        ("conv2 dcols 25088x64.(288x64)T", 25088, 288, 64, true, true),
         ("512^3", 512, 512, 512, true, false),
         ("1024^3", 1024, 1024, 1024, true, false),
     ];
