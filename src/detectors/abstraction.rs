@@ -22,10 +22,9 @@ use crate::gpu::abstraction::{cosine_distance, kl_divergence, LossGrads};
 use crate::gpu::adam::adam;
 use crate::gpu::gate::{gate, gate_grad};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
-use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::model::batches::{BatchInputs, BatchPlans};
-use crate::model::gpu_mlp::{ParamLayout, Workspace};
+use crate::model::gpu_mlp::{weight_gradients, ParamLayout, Workspace};
 use crate::model::mlp::{load_layer, save_layers, Dense};
 use crate::model::train::{run_epochs, EpochSchedule};
 use crate::model::{GpuMlp, Gradients, MlpConfig};
@@ -673,7 +672,7 @@ impl Abstraction {
             }
         }
         if let Some(g) = grads {
-            for (l, &width) in d.iter().enumerate() {
+            for (l, gz) in t.gz.iter().enumerate() {
                 if self.axis_aligned() {
                     let h = self.hidden_dims[l];
                     let s = params.layout.layers[l];
@@ -683,74 +682,31 @@ impl Abstraction {
                         h,
                         whole(&ws.hidden[l]),
                         kernel(l),
-                        whole(&t.gz[l]),
+                        whole(gz),
                         Slice::new(g, s.kernel, h),
                     )?);
                     continue;
                 }
-                let dims = (rows, self.hidden_dims[l], width);
-                dense_param_grads(
+                let s = params.layout.layers[l];
+                let x = whole(&ws.hidden[l]);
+                ops.extend(weight_gradients(
                     ctx,
-                    model,
-                    dims,
-                    &ws.hidden[l],
-                    &t.gz[l],
-                    l,
-                    params.layout,
+                    model.schedule,
+                    s,
+                    rows,
+                    x,
+                    whole(gz),
                     g,
-                    &mut ops,
-                )?;
+                    false,
+                )?);
             }
         }
         Ok(ops)
     }
 }
 
-/// Gradients of dense layer `i` (kernel and bias, into `grads`) from its input `x`
-/// (rows x fan_in) and output gradient `g` (rows x fan_out).
-#[allow(clippy::too_many_arguments)]
-fn dense_param_grads(
-    ctx: &GpuContext,
-    model: &GpuMlp,
-    (rows, fan_in, fan_out): (usize, usize, usize),
-    x: &wgpu::Buffer,
-    g: &wgpu::Buffer,
-    i: usize,
-    layout: &ParamLayout,
-    grads: &wgpu::Buffer,
-    ops: &mut Vec<Dispatch>,
-) -> Result<()> {
-    let s = layout.layers[i];
-    ops.push(matmul(
-        ctx,
-        MatmulFlags {
-            a_kmajor: true,
-            ..Default::default()
-        },
-        model.schedule,
-        &MatmulArgs {
-            m: fan_in,
-            n: fan_out,
-            k: rows,
-            a: Slice::whole(x),
-            b: Slice::whole(g),
-            c: Slice::new(grads, s.kernel, fan_in * fan_out),
-            bias: None,
-            mask: None,
-        },
-    )?);
-    ops.push(column_sums(
-        ctx,
-        rows,
-        fan_out,
-        1.0,
-        Slice::whole(g),
-        Slice::new(grads, s.bias, fan_out),
-    )?);
-    Ok(())
-}
-
-/// [`dense_param_grads`] plus the input gradient `gx = g · Wᵀ` (written).
+/// [`weight_gradients`] of dense layer `i` plus its input gradient `gx = g · Wᵀ`
+/// (written).
 #[allow(clippy::too_many_arguments)]
 fn backward_dense(
     ctx: &GpuContext,
@@ -764,18 +720,18 @@ fn backward_dense(
     gx: &wgpu::Buffer,
     ops: &mut Vec<Dispatch>,
 ) -> Result<()> {
-    dense_param_grads(
-        ctx,
-        model,
-        (rows, fan_in, fan_out),
-        x,
-        g,
-        i,
-        params.layout,
-        grads,
-        ops,
-    )?;
     let s = params.layout.layers[i];
+    let (xs, gs) = (Slice::whole(x), Slice::whole(g));
+    ops.extend(weight_gradients(
+        ctx,
+        model.schedule,
+        s,
+        rows,
+        xs,
+        gs,
+        grads,
+        false,
+    )?);
     ops.push(matmul(
         ctx,
         MatmulFlags {

@@ -441,34 +441,18 @@ impl GpuMlp {
         for (l, s) in self.layout.layers[n_conv..].iter().enumerate().rev() {
             let g = self.output_gradient(ws, l);
             if let Some(grads) = grads {
-                // dW = inputᵀ · g: a row-major input is exactly Aᵀ stored K-major.
                 let (input, _) = self.dense_input(ws, l, false);
-                ops.push(matmul(
+                let sparse = l == 0 && ws.sparse_input;
+                let (x, g) = (Slice::whole(input), Slice::whole(g));
+                ops.extend(weight_gradients(
                     ctx,
-                    MatmulFlags {
-                        a_kmajor: true,
-                        skip_zero_a: l == 0 && ws.sparse_input,
-                        ..Default::default()
-                    },
                     self.schedule,
-                    &MatmulArgs {
-                        m: s.fan_in,
-                        n: s.fan_out,
-                        k: ws.rows,
-                        a: Slice::whole(input),
-                        b: Slice::whole(g),
-                        c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
-                        bias: None,
-                        mask: None,
-                    },
-                )?);
-                ops.push(column_sums(
-                    ctx,
+                    *s,
                     ws.rows,
-                    s.fan_out,
-                    1.0,
-                    Slice::whole(g),
-                    Slice::new(grads, s.bias, s.fan_out),
+                    x,
+                    g,
+                    grads,
+                    sparse,
                 )?);
             }
             // dz = (g · Wᵀ) ⊙ (hidden > 0), the mask fused into the matmul epilogue.
@@ -549,32 +533,17 @@ impl GpuMlp {
             };
             ops.push(conv_op(ctx, ConvOp::MaxPoolGrad, out, &args)?);
             if let Some(grads) = grads {
+                let cols = whole(cw.cols.as_ref().ok_or_else(missing)?);
                 let s = self.layout.layers[i];
-                ops.push(matmul(
+                ops.extend(weight_gradients(
                     ctx,
-                    MatmulFlags {
-                        a_kmajor: true,
-                        ..Default::default()
-                    },
                     self.schedule,
-                    &MatmulArgs {
-                        m: 9 * b.in_channels,
-                        n: b.out_channels,
-                        k: positions,
-                        a: whole(cw.cols.as_ref().ok_or_else(missing)?),
-                        b: whole(dconv),
-                        c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
-                        bias: None,
-                        mask: None,
-                    },
-                )?);
-                ops.push(column_sums(
-                    ctx,
+                    s,
                     positions,
-                    b.out_channels,
-                    1.0,
+                    cols,
                     whole(dconv),
-                    Slice::new(grads, s.bias, s.fan_out),
+                    grads,
+                    false,
                 )?);
             }
             let Some(target) = target else { continue };
@@ -606,4 +575,47 @@ impl GpuMlp {
         }
         Ok(ops)
     }
+}
+
+/// Parameter gradients of one dense (or im2col'd conv) layer at slot `s` of `grads`:
+/// dW = xᵀ·g (the row-major input is exactly xᵀ stored K-major) and db = column sums
+/// of g, for `rows` inputs `x` (rows x fan_in) and output gradients `g` (rows x fan_out).
+/// `skip_zero_x` skips all-zero input blocks (sparse inputs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_gradients(
+    ctx: &GpuContext,
+    schedule: Schedule,
+    s: LayerSlot,
+    rows: usize,
+    x: Slice<'_>,
+    g: Slice<'_>,
+    grads: &wgpu::Buffer,
+    skip_zero_x: bool,
+) -> Result<[Dispatch; 2]> {
+    let flags = MatmulFlags {
+        a_kmajor: true,
+        skip_zero_a: skip_zero_x,
+        ..Default::default()
+    };
+    let args = MatmulArgs {
+        m: s.fan_in,
+        n: s.fan_out,
+        k: rows,
+        a: x,
+        b: g,
+        c: Slice::new(grads, s.kernel, s.fan_in * s.fan_out),
+        bias: None,
+        mask: None,
+    };
+    Ok([
+        matmul(ctx, flags, schedule, &args)?,
+        column_sums(
+            ctx,
+            rows,
+            s.fan_out,
+            1.0,
+            g,
+            Slice::new(grads, s.bias, s.fan_out),
+        )?,
+    ])
 }

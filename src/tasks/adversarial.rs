@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{mix_sizes, SampleSpec, Source, Task, TestMix};
+use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
 use crate::data::adversarial::{AdversarialExamples, AdversarialMeta};
 use crate::data::{Dataset, Split};
 use crate::eval::images::write_pairs_png;
@@ -177,20 +177,17 @@ pub struct AdversarialTaskConfig {
 pub struct AdversarialTask {
     config: AdversarialTaskConfig,
     run: ClassifierRun,
-    data_dir: PathBuf,
-    train: OnceLock<Dataset>,
-    test: OnceLock<Dataset>,
+    splits: Splits,
     examples: OnceLock<AdversarialExamples>,
 }
 
 impl AdversarialTask {
     pub fn new(config: AdversarialTaskConfig, data_dir: &Path) -> Result<Self> {
+        let run = ClassifierRun::load(&config.run_path)?;
         Ok(AdversarialTask {
-            run: ClassifierRun::load(&config.run_path)?,
+            splits: Splits::new(run.config.train_data.dataset, data_dir),
+            run,
             config,
-            data_dir: data_dir.to_path_buf(),
-            train: OnceLock::new(),
-            test: OnceLock::new(),
             examples: OnceLock::new(),
         })
     }
@@ -273,15 +270,7 @@ impl Task for AdversarialTask {
     }
 
     fn dataset(&self, split: Split) -> Result<&Dataset> {
-        let cell = match split {
-            Split::Train => &self.train,
-            Split::Test => &self.test,
-        };
-        if cell.get().is_none() {
-            let name = self.run.config.train_data.dataset;
-            let _ = cell.set(Dataset::load(name, split, &self.data_dir)?);
-        }
-        Ok(cell.get().expect("initialised above"))
+        self.splits.get(split)
     }
 
     fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {

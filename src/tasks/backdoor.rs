@@ -6,12 +6,11 @@
 //! fitting data (`anomalous_split: train` reproduces that).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{mix_sizes, SampleSpec, Source, Task, TestMix};
+use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
 use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
 use crate::run::ClassifierRun;
@@ -39,9 +38,7 @@ pub struct BackdoorTaskConfig {
 pub struct BackdoorTask {
     config: BackdoorTaskConfig,
     run: ClassifierRun,
-    data_dir: PathBuf,
-    train: OnceLock<Dataset>,
-    test: OnceLock<Dataset>,
+    splits: Splits,
 }
 
 impl BackdoorTask {
@@ -52,11 +49,9 @@ impl BackdoorTask {
             .validate(run.model.config.output_dim)
             .context("task backdoor")?;
         Ok(BackdoorTask {
+            splits: Splits::new(run.config.train_data.dataset, data_dir),
             config,
             run,
-            data_dir: data_dir.to_path_buf(),
-            train: OnceLock::new(),
-            test: OnceLock::new(),
         })
     }
 
@@ -80,15 +75,7 @@ impl Task for BackdoorTask {
     }
 
     fn dataset(&self, split: Split) -> Result<&Dataset> {
-        let cell = match split {
-            Split::Train => &self.train,
-            Split::Test => &self.test,
-        };
-        if cell.get().is_none() {
-            let name = self.run.config.train_data.dataset;
-            let _ = cell.set(Dataset::load(name, split, &self.data_dir)?);
-        }
-        Ok(cell.get().expect("initialised above"))
+        self.splits.get(split)
     }
 
     fn trusted(&self) -> Result<SampleSpec> {

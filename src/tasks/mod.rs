@@ -7,15 +7,46 @@
 pub mod adversarial;
 pub mod backdoor;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Result};
 
 use crate::data::backdoor::Backdoor;
-use crate::data::{Dataset, Split};
+use crate::data::{Dataset, DatasetName, Split};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
 use crate::run::ClassifierRun;
+
+/// A task data set's splits, each loaded on first use (commands need only some).
+pub struct Splits {
+    name: DatasetName,
+    data_dir: PathBuf,
+    train: OnceLock<Dataset>,
+    test: OnceLock<Dataset>,
+}
+
+impl Splits {
+    pub fn new(name: DatasetName, data_dir: &Path) -> Self {
+        Splits {
+            name,
+            data_dir: data_dir.to_path_buf(),
+            train: OnceLock::new(),
+            test: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self, split: Split) -> Result<&Dataset> {
+        let cell = match split {
+            Split::Train => &self.train,
+            Split::Test => &self.test,
+        };
+        if cell.get().is_none() {
+            let _ = cell.set(Dataset::load(self.name, split, &self.data_dir)?);
+        }
+        Ok(cell.get().expect("initialised above"))
+    }
+}
 
 /// Where samples come from: a split of the task's data set, or images the task
 /// computed (adversarial examples).
