@@ -14,7 +14,7 @@ use cupbearer::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
-use cupbearer::model::train::{train, TrainOptions};
+use cupbearer::model::train::{train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 use serde_json::json;
 
@@ -225,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         epochs: 1,
         batch_size: 128,
         learning_rate: 1e-3,
+        lr_schedule: LrSchedule::Constant,
         seed: 0,
         max_steps: None,
         backdoor: None,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::backdoor::Backdoor;
 use crate::data::DatasetName;
+use crate::model::train::LrSchedule;
 use crate::model::{Mlp, MlpConfig};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -58,6 +59,9 @@ impl ModelConfig {
 pub struct TrainingConfig {
     pub optimizer: String,
     pub learning_rate: f32,
+    /// Absent in run dirs written before schedules existed: constant.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     pub num_epochs: usize,
     pub batch_size: usize,
     pub max_steps: Option<usize>,
@@ -70,6 +74,7 @@ impl Default for TrainingConfig {
         TrainingConfig {
             optimizer: "adam".into(),
             learning_rate: 1e-3,
+            lr_schedule: LrSchedule::Constant,
             num_epochs: 10,
             batch_size: 128,
             max_steps: None,

@@ -7,7 +7,7 @@ use common::gpu;
 use cupbearer::data::Dataset;
 use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::model::attack::{attack, AttackConfig, AttackMethod};
-use cupbearer::model::train::{evaluate, train, TrainOptions};
+use cupbearer::model::train::{evaluate, train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 
 #[test]
@@ -28,6 +28,7 @@ fn fgsm_and_pgd_raise_the_loss_within_eps() {
         epochs: 20,
         batch_size: 32,
         learning_rate: 3e-3,
+        lr_schedule: LrSchedule::Constant,
         seed: 0,
         max_steps: None,
         backdoor: None,

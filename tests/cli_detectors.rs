@@ -544,7 +544,7 @@ fn cnn_runs_end_to_end() {
             "train_classifier --train_data backdoor --train_data.original mnist \
              --train_data.backdoor corner --train_data.backdoor.p_backdoor 0.2 --model cnn \
              --model.channels 8 16 --model.dense_dims 32 32 --num_epochs 8 --batch_size 32 \
-             --optim.learning_rate 0.003 --dir.full logs/c --quiet",
+             --optim.learning_rate 0.003 --optim.schedule cosine --dir.full logs/c --quiet",
         ),
     );
     let metrics = eval_json(&cwd.join("logs/c/metrics.json"));
@@ -555,6 +555,7 @@ fn cnn_runs_end_to_end() {
     assert!(acc >= 0.95 && asr >= 0.9, "{out}");
     let config = eval_json(&cwd.join("logs/c/config.json"));
     assert_eq!(config["model"]["kind"], "cnn");
+    assert_eq!(config["training"]["lr_schedule"], "cosine");
     let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
     run_ok(
         cwd,
@@ -583,12 +584,24 @@ fn cnn_runs_end_to_end() {
         ),
     );
     assert!(out.contains("200 examples"), "{out}");
-    // The abstraction detector is MLP-only for now: a clear error.
-    let abs = cupbearer(
+    // Conv abstraction maps: τ_0 is a 3x3 conv from 8 to 8/4 channels, stored HWIO.
+    run_ok(
         cwd,
         &words(&format!(
-            "train_detector --detector abstraction {task} --dir.full logs/a"
+            "train_detector --detector abstraction {task} --detector.train.num_epochs 2 \
+             --dir.full logs/a --quiet"
         )),
     );
-    assert!(stderr(&abs).contains("MLPs only"), "{}", stderr(&abs));
+    let bytes = std::fs::read(cwd.join("logs/a/detector.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("tau_0.kernel").unwrap().shape(), [3, 3, 8, 2]);
+    assert_eq!(st.tensor("step_0.kernel").unwrap().shape(), [3, 3, 2, 4]);
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval_detector --detector from_run --detector.path logs/a {task} --dir.full logs/a --quiet"
+        )),
+    );
+    let report = eval_json(&cwd.join("logs/a/eval.json"));
+    assert!(report["AUC_ROC"].as_f64().unwrap() >= 0.7, "{report}");
 }

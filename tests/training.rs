@@ -12,7 +12,7 @@ use cupbearer::gpu::batch::{
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use cupbearer::model::gpu_mlp::{ParamLayout, Workspace};
-use cupbearer::model::train::{evaluate, predict_logits, train, TrainOptions};
+use cupbearer::model::train::{evaluate, predict_logits, train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 
 fn corner(corner: Corner, p: f32) -> Backdoor {
@@ -400,6 +400,7 @@ fn small_options(seed: u32, backdoor: Option<Backdoor>) -> TrainOptions {
         epochs: 4,
         batch_size: 50,
         learning_rate: 3e-3,
+        lr_schedule: LrSchedule::Constant,
         seed,
         max_steps: None,
         backdoor,

@@ -292,6 +292,7 @@ impl DetectorArgs {
                     normalize: self.detector_normalize,
                     batch_size: self.detector_train_batch_size.unwrap_or(2048),
                     max_batches: self.detector_train_max_batches,
+                    ..Default::default()
                 };
                 Ok(("mahalanobis", serde_json::to_value(config)?))
             }

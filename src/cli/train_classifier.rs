@@ -8,6 +8,7 @@ use clap::ValueEnum;
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::data::{resolve_data_dir, DatasetName};
 use crate::model::classifier::{train_classifier, RunOptions};
+use crate::model::train::LrSchedule;
 use crate::model::MlpConfig;
 use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
 
@@ -90,6 +91,9 @@ pub struct Args {
     optim: Optimizer,
     #[arg(long, default_value_t = 1e-3, value_name = "LR")]
     optim_learning_rate: f32,
+    /// Learning-rate schedule over the planned steps (ours; the original's is constant).
+    #[arg(long, value_enum, default_value = "constant", value_name = "SCHEDULE")]
+    optim_schedule: LrSchedule,
     #[command(flatten)]
     common: super::CommonArgs,
 }
@@ -158,6 +162,7 @@ impl Args {
             TrainingConfig {
                 optimizer: "adam".into(),
                 learning_rate: self.optim_learning_rate,
+                lr_schedule: self.optim_schedule,
                 num_epochs: self.num_epochs,
                 batch_size: self.batch_size,
                 max_steps: self.max_steps,

@@ -17,16 +17,15 @@ use anyhow::{bail, Context, Result};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
+use super::abstraction_maps::{self as maps, BatchMap, Map, MapBuffers, MapParams, State};
 use super::{for_each_activation_batch, Detector, LayerScores, SampleSet};
 use crate::gpu::abstraction::{cosine_distance, kl_divergence, LossGrads};
 use crate::gpu::adam::adam;
-use crate::gpu::gate::{gate, gate_grad};
-use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::model::batches::{BatchInputs, BatchPlans};
-use crate::model::gpu_mlp::{weight_gradients, ParamLayout, Workspace};
+use crate::model::gpu_mlp::{ParamLayout, Workspace};
 use crate::model::mlp::{load_layer, save_layers, Dense};
-use crate::model::train::{run_epochs, EpochSchedule};
+use crate::model::train::{run_epochs, EpochSchedule, LrSchedule};
 use crate::model::{GpuMlp, Gradients, MlpConfig};
 
 const METADATA_KEY: &str = "cupbearer.detector";
@@ -97,15 +96,19 @@ struct Stored {
     config: AbstractionConfig,
     hidden_dims: Vec<usize>,
     classes: usize,
+    /// A CNN's conv channels and input shape (absent for MLPs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    conv_channels: Vec<usize>,
+    #[serde(default)]
+    input_shape: [usize; 3],
     score_stats: Vec<(f64, f64)>,
 }
 
 #[derive(Clone)]
 pub struct Abstraction {
     pub config: AbstractionConfig,
-    /// The model's hidden widths and classes the abstraction was built for.
-    hidden_dims: Vec<usize>,
-    classes: usize,
+    /// The model the abstraction was built for.
+    model: MlpConfig,
     /// τ_0..τ_{L-1}, then m_0..m_{L-1}.
     layers: Vec<Dense>,
     /// (mean, standard deviation) of each layer's score on trusted data.
@@ -136,6 +139,8 @@ struct Tensors {
     /// dL/d(pre-ReLU ẑ_l), l = 1..L (index l - 1).
     gpre: Vec<wgpu::Buffer>,
     gyhat: wgpu::Buffer,
+    /// Each map's own batch buffers (im2col columns, pooling state).
+    maps: Vec<MapBuffers>,
 }
 
 /// What [`Abstraction::pass`] leaves on the GPU: per-layer losses of every sample and,
@@ -166,8 +171,12 @@ impl Abstraction {
         }
         Ok(Abstraction {
             config,
-            hidden_dims: Vec::new(),
-            classes: 0,
+            model: MlpConfig {
+                input_shape: [0; 3],
+                conv_channels: Vec::new(),
+                hidden_dims: Vec::new(),
+                output_dim: 0,
+            },
             layers: Vec::new(),
             score_stats: Vec::new(),
         })
@@ -190,14 +199,20 @@ impl Abstraction {
             crate::io::safetensors_metadata(&bytes, path, METADATA_KEY, "an abstraction detector")?;
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
-        (det.hidden_dims, det.classes) = (stored.hidden_dims, stored.classes);
+        det.model = MlpConfig {
+            input_shape: stored.input_shape,
+            conv_channels: stored.conv_channels,
+            hidden_dims: stored.hidden_dims,
+            output_dim: stored.classes,
+        };
         det.score_stats = stored.score_stats;
         det.layers = det
-            .dims()
+            .maps()?
             .into_iter()
             .zip(det.layer_names())
-            .map(|((fan_in, fan_out), name)| {
-                load_layer(&st, path, &name, &[fan_in, fan_out], fan_in, fan_out)
+            .map(|(map, name)| {
+                let (fan_in, fan_out) = map.dims();
+                load_layer(&st, path, &name, &map.kernel_shape(), fan_in, fan_out)
             })
             .collect::<Result<_>>()?;
         Ok(det)
@@ -205,21 +220,17 @@ impl Abstraction {
 
     /// Fresh (untrained) parameters for `model`: LeCun-normal kernels, zero biases.
     pub fn init(&mut self, model: &MlpConfig, seed: u32) -> Result<()> {
-        if model.is_cnn() {
-            bail!("the abstraction detector supports MLPs only (conv abstractions are not implemented)");
-        }
-        self.hidden_dims = model.hidden_dims.clone();
-        self.classes = model.output_dim;
-        if self.hidden_dims.is_empty() {
+        self.model = model.clone();
+        if self.num_hidden() == 0 {
             bail!("the abstraction detector needs a model with hidden layers");
         }
-        if self.config.output_loss_fn == OutputLoss::SingleClass && self.classes < 2 {
+        if self.config.output_loss_fn == OutputLoss::SingleClass && self.model.output_dim < 2 {
             bail!("single_class needs a model with at least 2 classes");
         }
         let taus = self.num_hidden();
         let axis = self.axis_aligned();
         self.layers = self
-            .dims()
+            .dims()?
             .iter()
             .enumerate()
             .map(|(i, &(fan_in, fan_out))| {
@@ -260,13 +271,25 @@ impl Abstraction {
     /// The parameters as one flat vector, and the length of its τ part (the steps'
     /// parameters follow).
     pub(crate) fn flat_params(&self) -> (Vec<f32>, usize) {
-        let layout = ParamLayout::for_dims(&self.dims());
+        let layout = self.layout();
         let taus = layout.layers[self.num_hidden()].kernel;
         (layout.flatten(&self.layers), taus)
     }
 
     pub(crate) fn set_flat_params(&mut self, flat: &[f32]) {
-        self.layers = ParamLayout::for_dims(&self.dims()).unflatten(flat);
+        self.layers = self.layout().unflatten(flat);
+    }
+
+    /// Where each map's parameters sit in the flat buffer (the layers exist, so the
+    /// maps are known to be valid).
+    fn layout(&self) -> ParamLayout {
+        ParamLayout::for_dims(
+            &self
+                .layers
+                .iter()
+                .map(|d| (d.fan_in, d.fan_out))
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Per-layer losses of `samples` (in batches of `batch_size`) and, with
@@ -353,7 +376,13 @@ impl Abstraction {
         }
         self.check_model(model)?;
         let n = samples.indices.len();
-        let layout = ParamLayout::for_dims(&self.dims());
+        let max_rows = self.max_rows(ctx)?;
+        let batch = batch_size.min(n.max(1));
+        if gradients && batch > max_rows {
+            bail!("gradients over {batch} samples at once exceed the storage binding limit ({max_rows} fit)");
+        }
+        let batch = batch.min(max_rows);
+        let layout = self.layout();
         let values = ctx.buffer_from("abstraction params", &layout.flatten(&self.layers))?;
         let grads = gradients
             .then(|| ctx.zeros("abstraction grads", layout.total))
@@ -371,7 +400,7 @@ impl Abstraction {
             ctx,
             model,
             samples,
-            batch_size.min(n.max(1)),
+            batch,
             &|ws| {
                 let t = self.tensors(ctx, ws.rows, gradients)?;
                 self.record(ctx, model, ws, &params, &t, &losses, &step)
@@ -395,35 +424,31 @@ impl Abstraction {
     /// f64 reference of the training loss of a batch: the mean output KL plus the mean
     /// over samples and layers of the cosine distances. `hidden[l]` and `logits` are
     /// the model's (rows x width, row-major).
-    pub fn loss_reference(&self, hidden: &[Vec<f64>], logits: &[f64], rows: usize) -> f64 {
+    pub fn loss_reference(&self, hidden: &[Vec<f64>], logits: &[f64], rows: usize) -> Result<f64> {
         use crate::gpu::abstraction::{cosine_distance_reference, kl_divergence_reference};
         let l_count = self.num_hidden();
+        let maps = self.maps()?;
+        let widths = self.widths();
         let z: Vec<Vec<f64>> = (0..l_count)
-            .map(|l| {
-                let tau = &self.layers[l];
-                if self.axis_aligned() {
-                    crate::gpu::gate::gate_reference(&hidden[l], &tau.kernel, tau.fan_out)
-                } else {
-                    tau.forward_reference(&hidden[l], rows, false)
-                }
-            })
+            .map(|l| maps::forward_reference(maps[l], &self.layers[l], &hidden[l], rows))
             .collect();
         let mut consistency = 0.0;
         for j in 0..l_count {
-            let last = j + 1 == l_count;
-            let out = self.layers[l_count + j].forward_reference(&z[j], rows, !last);
+            let i = l_count + j;
+            let out = maps::forward_reference(maps[i], &self.layers[i], &z[j], rows);
             let mean = |v: Vec<f64>| v.iter().sum::<f64>() / rows as f64;
-            if last {
+            if j + 1 == l_count {
                 let single = self.config.output_loss_fn == OutputLoss::SingleClass;
-                let (kl, _) = kl_divergence_reference(&out, logits, self.classes, single, 0.0);
+                let classes = self.model.output_dim;
+                let (kl, _) = kl_divergence_reference(&out, logits, classes, single, 0.0);
                 consistency += mean(kl);
             } else {
                 let (cos, ..) =
-                    cosine_distance_reference(&out, &z[j + 1], self.widths()[j + 1], true, 0.0);
+                    cosine_distance_reference(&out, &z[j + 1], widths[j + 1], true, 0.0);
                 consistency += mean(cos) / (l_count - 1) as f64;
             }
         }
-        consistency
+        Ok(consistency)
     }
 
     /// Per-layer losses of every sample: the consistency of hidden layers 1..L, then
@@ -441,12 +466,12 @@ impl Abstraction {
     }
 
     fn num_hidden(&self) -> usize {
-        self.hidden_dims.len()
+        self.model.activation_dims().len()
     }
 
     fn pred_dim(&self) -> usize {
         match self.config.output_loss_fn {
-            OutputLoss::Kl => self.classes,
+            OutputLoss::Kl => self.model.output_dim,
             OutputLoss::SingleClass => 2,
         }
     }
@@ -455,32 +480,75 @@ impl Abstraction {
         self.config.abstraction == AbstractionKind::AxisAligned
     }
 
-    /// Abstract state widths d_l.
-    fn widths(&self) -> Vec<usize> {
-        self.hidden_dims
-            .iter()
-            .map(|&h| {
-                if self.axis_aligned() {
-                    h
-                } else {
-                    reduced(h, self.config.size_reduction)
-                }
+    /// The model's activations: each conv block's pooled output, then each dense layer.
+    fn activations(&self) -> Vec<State> {
+        let convs = self
+            .model
+            .conv_blocks()
+            .into_iter()
+            .map(|b| State::Spatial {
+                height: b.height / 2,
+                width: b.width / 2,
+                channels: b.out_channels,
+            });
+        convs
+            .chain(self.model.hidden_dims.iter().map(|&d| State::Flat(d)))
+            .collect()
+    }
+
+    /// The abstract states z_l: channels or widths reduced by size_reduction (the
+    /// axis-aligned τ keeps them).
+    fn states(&self) -> Vec<State> {
+        let reduce = |n: usize| {
+            if self.axis_aligned() {
+                n
+            } else {
+                reduced(n, self.config.size_reduction)
+            }
+        };
+        self.activations()
+            .into_iter()
+            .map(|a| match a {
+                State::Spatial {
+                    height,
+                    width,
+                    channels,
+                } => State::Spatial {
+                    height,
+                    width,
+                    channels: reduce(channels),
+                },
+                State::Flat(d) => State::Flat(reduce(d)),
             })
             .collect()
     }
 
-    /// (fan_in, fan_out) of τ_0..τ_{L-1}, m_0..m_{L-1}; an axis-aligned τ is stored as
-    /// a `[1, width]` kernel holding its gate scores (its bias is unused).
-    fn dims(&self) -> Vec<(usize, usize)> {
-        let d = self.widths();
-        let axis = self.axis_aligned();
-        let taus = self
-            .hidden_dims
-            .iter()
-            .zip(&d)
-            .map(|(&h, &w)| if axis { (1, h) } else { (h, w) });
-        let steps = (0..d.len()).map(|l| (d[l], d.get(l + 1).copied().unwrap_or(self.pred_dim())));
+    /// Abstract state widths d_l (flattened).
+    fn widths(&self) -> Vec<usize> {
+        self.states().into_iter().map(State::width).collect()
+    }
+
+    /// τ_0..τ_{L-1}, then m_0..m_{L-1}: each step has the type of the model's step
+    /// between the same shapes (conv block, global pool + dense, dense).
+    fn maps(&self) -> Result<Vec<Map>> {
+        let (acts, z) = (self.activations(), self.states());
+        let taus = acts.iter().zip(&z).map(|(&a, &s)| {
+            if self.axis_aligned() {
+                Ok(Map::Gate { width: a.width() })
+            } else {
+                Map::between(a, s, false, false)
+            }
+        });
+        let steps = (0..z.len()).map(|j| match z.get(j + 1) {
+            Some(&next) => Map::between(z[j], next, true, true),
+            None => Map::between(z[j], State::Flat(self.pred_dim()), true, false),
+        });
         taus.chain(steps).collect()
+    }
+
+    /// (fan_in, fan_out) of every map's parameters.
+    fn dims(&self) -> Result<Vec<(usize, usize)>> {
+        Ok(self.maps()?.into_iter().map(Map::dims).collect())
     }
 
     fn layer_names(&self) -> Vec<String> {
@@ -492,17 +560,28 @@ impl Abstraction {
     }
 
     fn check_model(&self, model: &GpuMlp) -> Result<()> {
-        if model.config.hidden_dims != self.hidden_dims || model.config.output_dim != self.classes {
+        if model.config != self.model {
             bail!(
-                "the abstraction was trained for hidden widths {:?} and {} classes, but the model \
-                 has {:?} and {}: detector and model do not match",
-                self.hidden_dims,
-                self.classes,
-                model.config.hidden_dims,
-                model.config.output_dim
+                "the abstraction was trained for the model {:?}, but this model is {:?}: \
+                 detector and model do not match",
+                self.model,
+                model.config
             );
         }
         Ok(())
+    }
+
+    /// The largest batch whose buffers each fit one storage binding.
+    fn max_rows(&self, ctx: &GpuContext) -> Result<usize> {
+        let per_sample = self
+            .maps()?
+            .into_iter()
+            .map(Map::largest_buffer)
+            .chain(self.widths())
+            .max()
+            .unwrap_or(1);
+        let limit = ctx.limits.max_storage_buffer_binding_size as usize;
+        Ok((limit / (4 * per_sample.max(1))).max(1))
     }
 
     fn tensors(&self, ctx: &GpuContext, rows: usize, gradients: bool) -> Result<Tensors> {
@@ -518,6 +597,12 @@ impl Abstraction {
             };
         let l = d.len();
         let q = self.pred_dim();
+        let maps = self
+            .maps()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, map)| MapBuffers::new(ctx, map, rows, gradients, i >= l))
+            .collect::<Result<_>>()?;
         Ok(Tensors {
             z: per("z", 0..l, true)?,
             zhat: per("zhat", 1..l, true)?,
@@ -525,6 +610,7 @@ impl Abstraction {
             gz: per("gz", 0..l, gradients)?,
             gpre: per("gpre", 1..l, gradients)?,
             gyhat: ctx.zeros("gyhat", if gradients { rows * q } else { 1 })?,
+            maps,
         })
     }
 
@@ -545,68 +631,42 @@ impl Abstraction {
         let rows = ws.rows;
         let l_count = self.num_hidden();
         let d = self.widths();
-        let q = self.pred_dim();
-        let slot = |i: usize| params.layout.layers[i];
-        let values = params.values;
-        let kernel = |i: usize| {
-            let s = slot(i);
-            Slice::new(values, s.kernel, s.fan_in * s.fan_out)
-        };
-        let bias = |i: usize| Some(Slice::new(values, slot(i).bias, slot(i).fan_out));
-        let mm = |flags: MatmulFlags, (m, n, k): (usize, usize, usize), a, b, c, bias| {
-            matmul(
-                ctx,
-                flags,
-                model.schedule,
-                &MatmulArgs {
-                    m,
-                    n,
-                    k,
-                    a,
-                    b,
-                    c,
-                    bias,
-                    mask: None,
-                },
-            )
+        let maps = self.maps()?;
+        let batch_map = |i: usize| BatchMap {
+            map: maps[i],
+            rows,
+            params: MapParams {
+                slot: params.layout.layers[i],
+                values: params.values,
+            },
+            buffers: &t.maps[i],
         };
         let whole = Slice::whole;
+        let schedule = model.schedule;
         let mut ops = Vec::new();
-        // Forward: z_l = τ_l(a_l); ẑ_{l+1} = relu(m_l(z_l)); ŷ = m_L(z_L).
-        for (l, &width) in d.iter().enumerate() {
-            let (h, a) = (self.hidden_dims[l], whole(&ws.hidden[l]));
-            if self.axis_aligned() {
-                ops.push(gate(ctx, rows, h, a, kernel(l), whole(&t.z[l]))?);
-                continue;
-            }
-            let flags = MatmulFlags {
-                bias: true,
-                ..Default::default()
-            };
-            let (kz, bz) = (kernel(l), bias(l));
-            ops.push(mm(flags, (rows, width, h), a, kz, whole(&t.z[l]), bz)?);
+        // Forward: z_l = τ_l(a_l); ẑ_{l+1} = m_l(z_l); ŷ = m_L(z_L).
+        for (l, (a, z)) in ws.hidden.iter().zip(&t.z).enumerate() {
+            ops.extend(maps::forward(
+                ctx,
+                schedule,
+                &batch_map(l),
+                whole(a),
+                whole(z),
+            )?);
         }
         for j in 0..l_count {
-            let last = j + 1 == l_count;
-            let flags = MatmulFlags {
-                bias: true,
-                relu: !last,
-                ..Default::default()
-            };
-            let (out, width) = if last {
-                (&t.yhat, q)
+            let out = if j + 1 == l_count {
+                &t.yhat
             } else {
-                (&t.zhat[j], d[j + 1])
+                &t.zhat[j]
             };
-            let i = l_count + j;
-            let (kz, bz) = (kernel(i), bias(i));
-            ops.push(mm(
-                flags,
-                (rows, width, d[j]),
+            let m = batch_map(l_count + j);
+            ops.extend(maps::forward(
+                ctx,
+                schedule,
+                &m,
                 whole(&t.z[j]),
-                kz,
                 whole(out),
-                bz,
             )?);
         }
         // Losses, and the backward pass interleaved with them: the cosine loss of layer
@@ -616,7 +676,7 @@ impl Abstraction {
         ops.push(kl_divergence(
             ctx,
             rows,
-            self.classes,
+            self.model.output_dim,
             self.config.output_loss_fn == OutputLoss::SingleClass,
             whole(&t.yhat),
             whole(&ws.logits),
@@ -632,24 +692,14 @@ impl Abstraction {
         )?);
         for j in (0..l_count).rev() {
             if let Some(g) = grads {
-                let i = l_count + j;
-                let (g_out, width) = if j + 1 == l_count {
-                    (&t.gyhat, q)
+                let g_out = if j + 1 == l_count {
+                    &t.gyhat
                 } else {
-                    (&t.gpre[j], d[j + 1])
+                    &t.gpre[j]
                 };
-                backward_dense(
-                    ctx,
-                    model,
-                    (rows, d[j], width),
-                    &t.z[j],
-                    g_out,
-                    i,
-                    params,
-                    g,
-                    &t.gz[j],
-                    &mut ops,
-                )?;
+                let (x, g_out, gz) = (whole(&t.z[j]), whole(g_out), whole(&t.gz[j]));
+                let m = batch_map(l_count + j);
+                ops.extend(maps::backward(ctx, schedule, &m, x, g_out, g, Some(gz))?);
             }
             if j >= 1 {
                 ops.push(cosine_distance(
@@ -673,84 +723,20 @@ impl Abstraction {
         }
         if let Some(g) = grads {
             for (l, gz) in t.gz.iter().enumerate() {
-                if self.axis_aligned() {
-                    let h = self.hidden_dims[l];
-                    let s = params.layout.layers[l];
-                    ops.push(gate_grad(
-                        ctx,
-                        rows,
-                        h,
-                        whole(&ws.hidden[l]),
-                        kernel(l),
-                        whole(gz),
-                        Slice::new(g, s.kernel, h),
-                    )?);
-                    continue;
-                }
-                let s = params.layout.layers[l];
-                let x = whole(&ws.hidden[l]);
-                ops.extend(weight_gradients(
+                let (x, gz) = (whole(&ws.hidden[l]), whole(gz));
+                ops.extend(maps::backward(
                     ctx,
-                    model.schedule,
-                    s,
-                    rows,
+                    schedule,
+                    &batch_map(l),
                     x,
-                    whole(gz),
+                    gz,
                     g,
-                    false,
+                    None,
                 )?);
             }
         }
         Ok(ops)
     }
-}
-
-/// [`weight_gradients`] of dense layer `i` plus its input gradient `gx = g · Wᵀ`
-/// (written).
-#[allow(clippy::too_many_arguments)]
-fn backward_dense(
-    ctx: &GpuContext,
-    model: &GpuMlp,
-    (rows, fan_in, fan_out): (usize, usize, usize),
-    x: &wgpu::Buffer,
-    g: &wgpu::Buffer,
-    i: usize,
-    params: &Params<'_>,
-    grads: &wgpu::Buffer,
-    gx: &wgpu::Buffer,
-    ops: &mut Vec<Dispatch>,
-) -> Result<()> {
-    let s = params.layout.layers[i];
-    let (xs, gs) = (Slice::whole(x), Slice::whole(g));
-    ops.extend(weight_gradients(
-        ctx,
-        model.schedule,
-        s,
-        rows,
-        xs,
-        gs,
-        grads,
-        false,
-    )?);
-    ops.push(matmul(
-        ctx,
-        MatmulFlags {
-            b_nmajor: true,
-            ..Default::default()
-        },
-        model.schedule,
-        &MatmulArgs {
-            m: rows,
-            n: fan_in,
-            k: fan_out,
-            a: Slice::whole(g),
-            b: Slice::new(params.values, s.kernel, fan_in * fan_out),
-            c: Slice::whole(gx),
-            bias: None,
-            mask: None,
-        },
-    )?);
-    Ok(())
 }
 
 fn mean(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<f64> {
@@ -775,7 +761,15 @@ impl Detector for Abstraction {
         progress: bool,
     ) -> Result<()> {
         self.init(&model.config, trusted.seed)?;
-        let layout = ParamLayout::for_dims(&self.dims());
+        let max_rows = self.max_rows(ctx)?;
+        if self.config.batch_size > max_rows {
+            bail!(
+                "a training batch of {} exceeds the storage binding limit for this model's \
+                 abstraction; use --detector.train.batch_size {max_rows} or less",
+                self.config.batch_size
+            );
+        }
+        let layout = self.layout();
         let values = ctx.buffer_from("abstraction params", &layout.flatten(&self.layers))?;
         let total = layout.total;
         let (grads, m, v) = (
@@ -829,6 +823,7 @@ impl Detector for Abstraction {
             epochs: self.config.num_epochs,
             max_steps: self.config.max_steps,
             learning_rate: self.config.learning_rate,
+            lr_schedule: LrSchedule::Constant,
             seed: trusted.seed,
             progress,
         };
@@ -898,13 +893,16 @@ impl Detector for Abstraction {
         let named: Vec<(String, Vec<usize>, &Dense)> = self
             .layer_names()
             .into_iter()
+            .zip(self.maps()?)
             .zip(&self.layers)
-            .map(|(name, d)| (name, vec![d.fan_in, d.fan_out], d))
+            .map(|((name, map), d)| (name, map.kernel_shape(), d))
             .collect();
         let stored = Stored {
             config: self.config.clone(),
-            hidden_dims: self.hidden_dims.clone(),
-            classes: self.classes,
+            hidden_dims: self.model.hidden_dims.clone(),
+            classes: self.model.output_dim,
+            conv_channels: self.model.conv_channels.clone(),
+            input_shape: self.model.input_shape,
             score_stats: self.score_stats.clone(),
         };
         save_layers(path, &named, METADATA_KEY, serde_json::to_string(&stored)?)

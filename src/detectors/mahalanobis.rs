@@ -3,10 +3,12 @@
 //! the layer's width unless `normalize` is false (cupbearer 0.0.1 did not divide, so
 //! wide layers dominated the mean over layers).
 //!
-//! Fitting streams batches on the GPU: per batch a column mean, a centred Gram matrix
-//! through the matmul kernel, and Chan's merge into running statistics. The host then
-//! forms Σ = C/(n−1) in f64, regularises it and pseudo-inverts it by eigendecomposition.
-//! Scoring is one GEMM (δ·P) and one row-dot (δ) per layer on the GPU.
+//! Fitting streams batches on the GPU ([`StreamingCovariance`]: per batch a column mean,
+//! a centred Gram matrix through the matmul kernel, and Chan's merge into running
+//! statistics). The host then forms Σ = C/(n−1) in f64, regularises it and
+//! pseudo-inverts it by eigendecomposition. Scoring is one GEMM (δ·P) and one row-dot
+//! (with δ) per layer on the GPU. Matrices wider than one storage binding (a CNN's
+//! 6272-wide first conv layer) go through both in column blocks.
 //!
 //! `detector.safetensors`: for each fitted layer `l` (index into the hidden layers),
 //! `layer{l}.mean` f32 [d], `layer{l}.covariance` f32 [d, d] (Bessel-corrected,
@@ -14,18 +16,19 @@
 //! `layer{l}.count` i64 [1]; metadata `cupbearer.detector` holds the config as JSON.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use nalgebra::DMatrix;
+use faer::Mat;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use super::linalg::{covariance, pinv_symmetric, regularize, Regularization};
+use super::linalg::{covariance, pinv_symmetric, regularize, to_f32_row_major, Regularization};
 use super::{for_each_activation_batch, Detector, LayerScores, SampleSet};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
-use crate::gpu::reduce::column_sums;
-use crate::gpu::stats::{center, merge_gram, merge_mean, row_dot, StatsParams};
+use crate::gpu::stats::{center, column_blocks, row_dot, StatsParams, StreamingCovariance};
 use crate::gpu::{GpuContext, Slice};
 use crate::model::GpuMlp;
 
@@ -46,6 +49,9 @@ pub struct MahalanobisConfig {
     pub batch_size: usize,
     /// Fit on at most this many batches (0 = all).
     pub max_batches: usize,
+    /// Columns per GPU block of a covariance or precision matrix (0 = as many as one
+    /// storage binding holds; a CNN's first conv layer needs two blocks).
+    pub block_columns: usize,
 }
 
 impl Default for MahalanobisConfig {
@@ -59,6 +65,7 @@ impl Default for MahalanobisConfig {
             normalize: true,
             batch_size: 2048,
             max_batches: 0,
+            block_columns: 0,
         }
     }
 }
@@ -88,13 +95,11 @@ impl Mahalanobis {
         if config.batch_size < 2 || config.batch_size > 65535 {
             bail!("batch_size must be in 2..=65535, got {}", config.batch_size);
         }
-        regularize(
-            DMatrix::zeros(1, 1),
-            Regularization {
-                shrinkage: config.shrinkage,
-                ridge: config.ridge,
-            },
-        )?;
+        Regularization {
+            shrinkage: config.shrinkage,
+            ridge: config.ridge,
+        }
+        .validate()?;
         Ok(Mahalanobis {
             config,
             stats: Vec::new(),
@@ -168,8 +173,8 @@ impl Mahalanobis {
     }
 
     /// The matrix scores use: pinv(Σ), minus diag(1/Σ_ii) for the relative variant.
-    fn precision(&self, sigma_raw: DMatrix<f64>) -> Result<DMatrix<f64>> {
-        let diag: Vec<f64> = sigma_raw.diagonal().iter().copied().collect();
+    fn precision(&self, sigma_raw: Mat<f64>) -> Result<Mat<f64>> {
+        let diag: Vec<f64> = (0..sigma_raw.nrows()).map(|i| sigma_raw[(i, i)]).collect();
         let sigma = regularize(
             sigma_raw,
             Regularization {
@@ -203,7 +208,7 @@ impl Detector for Mahalanobis {
         ctx: &GpuContext,
         model: &GpuMlp,
         trusted: &SampleSet<'_>,
-        _progress: bool,
+        progress: bool,
     ) -> Result<()> {
         let layers = self.layers(model)?;
         let batch = self.config.batch_size;
@@ -218,130 +223,64 @@ impl Detector for Mahalanobis {
             indices: &trusted.indices[..n],
             ..*trusted
         };
-        // Per layer: running mean | batch mean | running Gram | batch Gram | centred batch.
-        struct Bufs {
-            d: usize,
-            mean: wgpu::Buffer,
-            bmean: wgpu::Buffer,
-            gram: wgpu::Buffer,
-            bgram: wgpu::Buffer,
-            centred: wgpu::Buffer,
-            params: wgpu::Buffer,
-        }
-        let bufs = layers
+        let dims = model.config.activation_dims();
+        let streams = layers
             .iter()
             .map(|&l| {
-                let d = model.config.activation_dims()[l];
-                let limit = ctx.limits.max_storage_buffer_binding_size as usize;
-                if d * d * 4 > limit {
-                    bail!(
-                        "layer {l} has {d} dimensions: its {d}x{d} covariance ({} MiB) exceeds \
-                         this adapter's storage binding limit of {} MiB; pick smaller layers \
-                         with --detector.layers (a CNN's dense layers, e.g. the last two)",
-                        (d * d * 4) >> 20,
-                        limit >> 20
-                    );
-                }
-                Ok(Bufs {
-                    d,
-                    mean: ctx.zeros("mean", d)?,
-                    bmean: ctx.zeros("batch_mean", d)?,
-                    gram: ctx.zeros("gram", d * d)?,
-                    bgram: ctx.zeros("batch_gram", d * d)?,
-                    centred: ctx.zeros("centred", batch.min(n) * d)?,
-                    params: ctx.uniform("chan", &StatsParams::default()),
-                })
+                StreamingCovariance::new(ctx, dims[l], batch.min(n), self.config.block_columns)
             })
             .collect::<Result<Vec<_>>>()?;
+        let start = Instant::now();
+        let bar = crate::progress::bar(progress, n as u64, "covariance");
         for_each_activation_batch(
             ctx,
             model,
             &samples,
             batch,
             &|ws| {
-                let rows = ws.rows;
                 let mut ops = Vec::new();
-                for (b, &l) in bufs.iter().zip(&layers) {
-                    let d = b.d;
+                for (s, &l) in streams.iter().zip(&layers) {
                     let act = Slice::whole(&ws.hidden[l]);
-                    let centred = Slice::new(&b.centred, 0, rows * d);
-                    ops.push(column_sums(
-                        ctx,
-                        rows,
-                        d,
-                        1.0 / rows as f32,
-                        act,
-                        Slice::whole(&b.bmean),
-                    )?);
-                    ops.push(center(ctx, rows, d, act, Slice::whole(&b.bmean), centred)?);
-                    // (X−x̄)ᵀ(X−x̄): the row-major centred batch is Aᵀ stored K-major.
-                    ops.push(matmul(
-                        ctx,
-                        MatmulFlags {
-                            a_kmajor: true,
-                            ..Default::default()
-                        },
-                        model.schedule,
-                        &MatmulArgs {
-                            m: d,
-                            n: d,
-                            k: rows,
-                            a: centred,
-                            b: centred,
-                            c: Slice::whole(&b.bgram),
-                            bias: None,
-                            mask: None,
-                        },
-                    )?);
-                    ops.push(merge_gram(
-                        ctx,
-                        d,
-                        Slice::whole(&b.bgram),
-                        Slice::whole(&b.bmean),
-                        Slice::whole(&b.mean),
-                        Slice::whole(&b.gram),
-                        &b.params,
-                    )?);
-                    ops.push(merge_mean(
-                        ctx,
-                        d,
-                        Slice::whole(&b.bmean),
-                        Slice::whole(&b.mean),
-                        &b.params,
-                    )?);
+                    ops.extend(s.record(ctx, model.schedule, ws.rows, act)?);
                 }
                 Ok(ops)
             },
             |offset, rows| {
-                for b in &bufs {
-                    let p = StatsParams::chan(b.d, offset as u64, rows as u64);
-                    ctx.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+                for s in &streams {
+                    s.prepare(ctx, offset as u64, rows as u64);
                 }
+                bar.inc(rows as u64);
                 Ok(())
             },
         )?;
-        self.stats = bufs
-            .iter()
-            .zip(&layers)
-            .map(|(b, &layer)| {
-                let mean: Vec<f32> = ctx.read(Slice::new(&b.mean, 0, b.d))?;
-                let gram: Vec<f32> = ctx.read(Slice::new(&b.gram, 0, b.d * b.d))?;
-                let gram: Vec<f64> = gram.iter().map(|&v| v as f64).collect();
-                let sigma = covariance(&gram, b.d, n as u64)?;
-                let precision = self.precision(sigma.clone())?;
-                let to_f32 = |m: &DMatrix<f64>| -> Vec<f32> {
-                    // Row-major (nalgebra is column-major; both are symmetric anyway).
-                    m.transpose().iter().map(|&v| v as f32).collect()
-                };
-                Ok(LayerStats {
-                    layer,
-                    count: n as u64,
-                    mean,
-                    covariance: to_f32(&sigma),
-                    precision: to_f32(&precision),
-                })
-            })
-            .collect::<Result<_>>()?;
+        bar.finish_and_clear();
+        let note = |msg: String| crate::progress::note(progress, &msg);
+        note(format!(
+            "statistics of {n} samples in {:.1} s",
+            start.elapsed().as_secs_f64()
+        ));
+        self.stats.clear();
+        for (stream, layer) in streams.into_iter().zip(layers) {
+            let (mean, gram) = stream.read(ctx)?;
+            drop(stream);
+            let d = mean.len();
+            let sigma = covariance(&gram, d, n as u64)?;
+            drop(gram);
+            let covariance = to_f32_row_major(&sigma);
+            let start = Instant::now();
+            let precision = to_f32_row_major(&self.precision(sigma)?);
+            note(format!(
+                "layer {layer}: {d}x{d} covariance inverted in {:.1} s",
+                start.elapsed().as_secs_f64()
+            ));
+            self.stats.push(LayerStats {
+                layer,
+                count: n as u64,
+                mean,
+                covariance,
+                precision,
+            });
+        }
         Ok(())
     }
 
@@ -371,28 +310,51 @@ impl Detector for Mahalanobis {
         }
         let n = samples.indices.len();
         let batch = batch_size.min(n.max(1));
+        let limit = ctx.limits.max_storage_buffer_binding_size as usize;
+        // δ·P a block of P's columns at a time, each block followed by its row dots.
+        struct Block {
+            columns: Range<usize>,
+            /// P[:, columns], row-major d x w.
+            precision: wgpu::Buffer,
+            params: wgpu::Buffer,
+        }
         struct Bufs {
             d: usize,
             mean: wgpu::Buffer,
-            precision: wgpu::Buffer,
+            blocks: Vec<Block>,
             delta: wgpu::Buffer,
             t: wgpu::Buffer,
             scores: wgpu::Buffer,
-            params: wgpu::Buffer,
         }
         let bufs = self
             .stats
             .iter()
             .map(|s| {
                 let d = s.mean.len();
+                let columns = column_blocks(d, limit, self.config.block_columns);
+                let blocks = columns
+                    .into_iter()
+                    .map(|columns| {
+                        let p: Vec<f32> = s
+                            .precision
+                            .chunks_exact(d)
+                            .flat_map(|row| &row[columns.clone()])
+                            .copied()
+                            .collect();
+                        Ok(Block {
+                            precision: ctx.buffer_from("precision", &p)?,
+                            params: ctx.uniform("row_dot", &StatsParams::default()),
+                            columns,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(Bufs {
                     d,
                     mean: ctx.buffer_from("mean", &s.mean)?,
-                    precision: ctx.buffer_from("precision", &s.precision)?,
                     delta: ctx.zeros("delta", batch * d)?,
-                    t: ctx.zeros("delta_p", batch * d)?,
+                    t: ctx.zeros("delta_p", batch * blocks[0].columns.len())?,
                     scores: ctx.zeros("scores", n)?,
-                    params: ctx.uniform("row_dot", &StatsParams::default()),
+                    blocks,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -408,51 +370,36 @@ impl Detector for Mahalanobis {
                 for (b, s) in bufs.iter().zip(&self.stats) {
                     let d = b.d;
                     let delta = Slice::new(&b.delta, 0, rows * d);
-                    let t = Slice::new(&b.t, 0, rows * d);
-                    ops.push(center(
-                        ctx,
-                        rows,
-                        d,
-                        Slice::whole(&ws.hidden[s.layer]),
-                        Slice::whole(&b.mean),
-                        delta,
-                    )?);
-                    ops.push(matmul(
-                        ctx,
-                        MatmulFlags::default(),
-                        model.schedule,
-                        &MatmulArgs {
+                    let act = Slice::whole(&ws.hidden[s.layer]);
+                    let mean = Slice::whole(&b.mean);
+                    ops.push(center(ctx, rows, d, 0..d, act, mean, delta)?);
+                    for block in &b.blocks {
+                        let t = Slice::new(&b.t, 0, rows * block.columns.len());
+                        let args = MatmulArgs {
                             m: rows,
-                            n: d,
+                            n: block.columns.len(),
                             k: d,
                             a: delta,
-                            b: Slice::whole(&b.precision),
+                            b: Slice::whole(&block.precision),
                             c: t,
                             bias: None,
                             mask: None,
-                        },
-                    )?);
-                    ops.push(row_dot(
-                        ctx,
-                        rows,
-                        t,
-                        delta,
-                        Slice::whole(&b.scores),
-                        &b.params,
-                    )?);
+                        };
+                        ops.push(matmul(ctx, MatmulFlags::default(), model.schedule, &args)?);
+                        let scores = Slice::whole(&b.scores);
+                        ops.push(row_dot(ctx, rows, t, delta, scores, &block.params)?);
+                    }
                 }
                 Ok(ops)
             },
             |offset, rows| {
                 for b in &bufs {
-                    let p = StatsParams {
-                        rows: rows as u32,
-                        cols: b.d as u32,
-                        scale: if normalize { 1.0 / b.d as f32 } else { 1.0 },
-                        out_offset: offset as u32,
-                        ..Default::default()
-                    };
-                    ctx.queue.write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+                    let scale = if normalize { 1.0 / b.d as f32 } else { 1.0 };
+                    for block in &b.blocks {
+                        let p = StatsParams::row_dot(rows, &block.columns, b.d, scale, offset);
+                        ctx.queue
+                            .write_buffer(&block.params, 0, bytemuck::bytes_of(&p));
+                    }
                 }
                 Ok(())
             },

@@ -5,6 +5,7 @@
 //! trait impl, and add one line to [`REGISTRY`] (see the README's worked example).
 
 pub mod abstraction;
+mod abstraction_maps;
 pub mod adversarial_abstraction;
 pub mod linalg;
 pub mod mahalanobis;

@@ -101,6 +101,7 @@ pub fn train_classifier(
             epochs: t.num_epochs,
             batch_size: t.batch_size,
             learning_rate: t.learning_rate,
+            lr_schedule: t.lr_schedule,
             seed: t.seed,
             max_steps: t.max_steps,
             backdoor: config.train_data.backdoor,

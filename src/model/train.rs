@@ -23,12 +23,36 @@ pub struct TrainOptions {
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f32,
+    pub lr_schedule: LrSchedule,
     pub seed: u32,
     /// Cap on the total number of optimisation steps.
     pub max_steps: Option<usize>,
     /// Poisoning applied to the training batches.
     pub backdoor: Option<Backdoor>,
     pub progress: bool,
+}
+
+/// How the learning rate changes over the planned steps. The original had no schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Half a cosine from the base rate down to zero at the last planned step.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The rate of 0-based step `step` out of `total` planned steps.
+    pub fn rate(self, base: f32, step: usize, total: usize) -> f32 {
+        match self {
+            LrSchedule::Constant => base,
+            LrSchedule::Cosine => {
+                let progress = step as f64 / total.max(1) as f64;
+                (base as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,6 +188,7 @@ pub fn train(
         epochs: opts.epochs,
         max_steps: opts.max_steps,
         learning_rate: opts.learning_rate,
+        lr_schedule: opts.lr_schedule,
         seed: opts.seed,
         progress: opts.progress,
     };
@@ -198,6 +223,7 @@ pub(crate) struct EpochSchedule {
     /// Cap on the total number of steps.
     pub max_steps: Option<usize>,
     pub learning_rate: f32,
+    pub lr_schedule: LrSchedule,
     /// Seeds the per-epoch shuffles.
     pub seed: u32,
     pub progress: bool,
@@ -234,6 +260,7 @@ pub(crate) fn run_epochs(
     let n = samples.len();
     let batch = plans.batch_size();
     let steps_per_epoch = n.div_ceil(batch);
+    let planned = (schedule.epochs * steps_per_epoch).min(schedule.max_steps.unwrap_or(usize::MAX));
     let (mut total_steps, mut total_samples) = (0, 0);
     for epoch in 0..schedule.epochs {
         if schedule.max_steps.is_some_and(|m| total_steps >= m) {
@@ -259,13 +286,16 @@ pub(crate) fn run_epochs(
             }
             let offset = s * batch;
             let plan = plans.pick(n - offset);
+            let lr = schedule
+                .lr_schedule
+                .rate(schedule.learning_rate, total_steps, planned);
             total_steps += 1;
             let mut params = StepParams {
                 epoch: epoch as u32,
                 batch_offset: offset as u32,
                 ..Default::default()
             };
-            set_adam_step(&mut params, schedule.learning_rate, total_steps as u32);
+            set_adam_step(&mut params, lr, total_steps as u32);
             ctx.queue.write_buffer(step, 0, bytemuck::bytes_of(&params));
             in_flight.push_back(ctx.submit(&plan.ops));
             if in_flight.len() > MAX_IN_FLIGHT {
@@ -387,4 +417,19 @@ pub fn predict_logits(
         Ok(())
     })?;
     Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LrSchedule;
+
+    #[test]
+    fn cosine_decays_from_the_base_rate_to_zero() {
+        let rate = |step| LrSchedule::Cosine.rate(0.01, step, 100);
+        assert_eq!(rate(0), 0.01);
+        assert!((rate(50) - 0.005).abs() < 1e-9);
+        assert!(rate(99) > 0.0 && rate(99) < 1e-5);
+        assert!((1..100).all(|s| rate(s) < rate(s - 1)));
+        assert_eq!(LrSchedule::Constant.rate(0.01, 99, 100), 0.01);
+    }
 }
