@@ -69,17 +69,25 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
         ("dW 784x128.128x256", 784, 256, 128, true, false),
         ("dW 256x128.128x256", 256, 256, 128, true, false),
         ("dX 128x256.(256x256)T", 128, 256, 256, false, true),
+        ("out fwd 128x256.256x10", 128, 10, 256, false, false),
+        ("out dW 256x128.128x10", 256, 10, 128, true, false),
         ("conv1 fwd 100352x9.9x32", 100352, 32, 9, true, false),
         ("conv2 fwd 25088x288.288x64", 25088, 64, 288, true, false),
         ("conv2 dW 288x25088.25088x64", 288, 64, 25088, true, false),
         ("conv2 dcols 25088x64.(288x64)T", 25088, 288, 64, true, true),
+        ("conv1 dW 9x100352.100352x32", 9, 32, 100352, true, false),
+        // The CNN abstraction's conv-block step (8 -> 16 channels on 14x14): dW.
+        ("abs dW 72x25088.25088x16", 72, 16, 25088, true, false),
         ("512^3", 512, 512, 512, true, false),
         ("1024^3", 1024, 1024, 1024, true, false),
     ];
+    // Also the other register-blocked shape: 4x4 blocks keep more lanes busy on
+    // skinny products.
     let mut schedules = vec![Schedule::for_context(ctx)];
     if !ctx.is_cpu() {
         schedules.push(Schedule::RegisterBlocked { bm: 16, bn4: 4 });
     }
+    schedules.push(Schedule::RegisterBlocked { bm: 4, bn4: 1 });
     let mut rows = Vec::new();
     println!(
         "\n{:<24} {:<36} {:>9} {:>9}",

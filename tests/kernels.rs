@@ -9,14 +9,17 @@ use cupbearer::gpu::matmul::{matmul, matmul_reference, MatmulArgs, MatmulFlags, 
 use cupbearer::gpu::reduce::{column_sums, column_sums_reference};
 use cupbearer::gpu::{GpuContext, Slice, StepParams};
 
-// Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths).
-const SHAPES: [(usize, usize, usize); 6] = [
+// Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths); the
+// last two span several 16x16 blocks in both directions.
+const SHAPES: [(usize, usize, usize); 8] = [
     (1, 1, 1),
     (37, 29, 53),
     (130, 70, 33),
     (5, 3, 0),
     (36, 28, 53),
     (132, 44, 7),
+    (67, 131, 19),
+    (132, 136, 9),
 ];
 const SCHEDULES: [Schedule; 3] = [
     Schedule::RegisterBlocked { bm: 16, bn4: 4 },
