@@ -60,6 +60,45 @@ fn mnist_cnn() -> MlpConfig {
     }
 }
 
+/// Random operands of an m x n x k product and its output buffer.
+struct Operands {
+    dims: (usize, usize, usize),
+    a: wgpu::Buffer,
+    b: wgpu::Buffer,
+    c: wgpu::Buffer,
+}
+
+impl Operands {
+    fn new(ctx: &GpuContext, m: usize, n: usize, k: usize) -> anyhow::Result<Self> {
+        Ok(Operands {
+            dims: (m, n, k),
+            a: ctx.buffer_from("a", &random(m * k, 1))?,
+            b: ctx.buffer_from("b", &random(k * n, 2))?,
+            c: ctx.zeros("c", m * n)?,
+        })
+    }
+
+    fn dispatch(
+        &self,
+        ctx: &GpuContext,
+        flags: MatmulFlags,
+        schedule: Schedule,
+    ) -> anyhow::Result<Dispatch> {
+        let (m, n, k) = self.dims;
+        let args = MatmulArgs {
+            m,
+            n,
+            k,
+            a: Slice::whole(&self.a),
+            b: Slice::whole(&self.b),
+            c: Slice::whole(&self.c),
+            bias: None,
+            mask: None,
+        };
+        matmul(ctx, flags, schedule, &args)
+    }
+}
+
 fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     // (name, m, n, k, a_kmajor, b_nmajor): the MLP's forward, dW and dX shapes, and the
     // CNN's (batch 128: conv 1 on 28x28x1, conv 2 on 14x14x32) as the step runs them.
@@ -97,29 +136,17 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
         if !name.contains(filter) {
             continue;
         }
-        let a = ctx.buffer_from("a", &random(m * k, 1))?;
-        let b = ctx.buffer_from("b", &random(k * n, 2))?;
-        let c = ctx.zeros("c", m * n)?;
+        let operands = Operands::new(ctx, m, n, k)?;
         for &schedule in &schedules {
             let flags = MatmulFlags {
                 a_kmajor,
                 b_nmajor,
                 ..Default::default()
             };
-            let args = MatmulArgs {
-                m,
-                n,
-                k,
-                a: Slice::whole(&a),
-                b: Slice::whole(&b),
-                c: Slice::whole(&c),
-                bias: None,
-                mask: None,
-            };
             // The first dispatch of a new pipeline includes the driver's shader compile
             // (lavapipe JIT-compiles at first use; Mesa caches it on disk afterwards).
             let first = Instant::now();
-            let op = matmul(ctx, flags, schedule, &args)?;
+            let op = operands.dispatch(ctx, flags, schedule)?;
             ctx.submit([&op]);
             ctx.wait(None)?;
             let first_ms = first.elapsed().as_secs_f64() * 1e3;
@@ -135,6 +162,46 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
         }
     }
     Ok(rows)
+}
+
+/// Whether a second device adds throughput (issue: lavapipe might run one queue on one
+/// core): `reps` MLP-layer matmuls on this device, then the same work split over this
+/// device and a second one, each driven from its own thread. Returns the JSON row.
+fn bench_two_devices(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
+    let (m, n, k, reps) = (512, 256, 784, 40);
+    let work = |ctx: &GpuContext, reps: usize| -> anyhow::Result<()> {
+        let operands = Operands::new(ctx, m, n, k)?;
+        let op = operands.dispatch(ctx, MatmulFlags::default(), Schedule::for_context(ctx))?;
+        for _ in 0..reps {
+            ctx.submit([&op]);
+        }
+        ctx.wait(None)
+    };
+    work(ctx, 1)?;
+    let second = GpuContext::new()?;
+    work(&second, 1)?;
+    let t = Instant::now();
+    work(ctx, reps)?;
+    let one = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let other = s.spawn(|| work(&second, reps / 2));
+        work(ctx, reps - reps / 2)?;
+        other.join().expect("second device thread panicked")
+    })?;
+    let two = t.elapsed().as_secs_f64();
+    let gflop = 2.0 * (m * n * k * reps) as f64 / 1e9;
+    println!(
+        "\n{:<40} {:>12}",
+        "one vs two devices (same work)", "GFLOP/s"
+    );
+    println!("{:<40} {:>12.2}", "one device", gflop / one);
+    println!(
+        "{:<40} {:>12.2}",
+        "two devices, one thread each",
+        gflop / two
+    );
+    Ok(json!({"one_device_gflops": gflop / one, "two_devices_gflops": gflop / two}))
 }
 
 /// Per-kernel milliseconds of one training step (batch 128) of an MNIST model.
@@ -223,6 +290,7 @@ fn main() -> anyhow::Result<()> {
     let matmuls = bench_matmul(&ctx, &filter)?;
     let step = bench_step(&ctx, "MLP", &mnist_mlp())?;
     let cnn_step = bench_step(&ctx, "CNN", &mnist_cnn())?;
+    let devices = bench_two_devices(&ctx)?;
 
     // End to end: training, detector fit and scoring on MNIST-shaped synthetic data.
     let n = 20_000;
@@ -283,6 +351,7 @@ fn main() -> anyhow::Result<()> {
         "matmul": matmuls,
         "training_step": step,
         "cnn_training_step": cnn_step,
+        "devices": devices,
         "training_samples_per_second": report.samples_per_second,
         "detector_fit_samples_per_second": n as f64 / fit,
         "covariance_gb_per_second": cov_gb / fit,
