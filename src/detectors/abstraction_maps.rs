@@ -38,6 +38,23 @@ impl State {
         }
     }
 
+    fn channels(self) -> usize {
+        self.nhwc(1).channels as usize
+    }
+
+    /// Spatial positions per sample (1 for a flat state).
+    fn positions(self) -> usize {
+        self.width() / self.channels()
+    }
+
+    /// A batch of this state's spatial size with `channels` channels (a conv's output).
+    fn with_channels(self, rows: usize, channels: usize) -> Nhwc {
+        Nhwc {
+            channels: channels as u32,
+            ..self.nhwc(rows)
+        }
+    }
+
     fn nhwc(self, rows: usize) -> Nhwc {
         match self {
             State::Spatial {
@@ -112,8 +129,8 @@ impl Map {
                 input,
                 out_channels,
                 ..
-            } => (9 * input.nhwc(1).channels as usize, out_channels),
-            Map::PoolDense { input, fan_out, .. } => (input.nhwc(1).channels as usize, fan_out),
+            } => (9 * input.channels(), out_channels),
+            Map::PoolDense { input, fan_out, .. } => (input.channels(), fan_out),
             Map::Gate { width } => (1, width),
         }
     }
@@ -136,19 +153,12 @@ impl Map {
                 out_channels,
                 block: true,
             } => {
-                let s = input.nhwc(1);
-                let conv = Nhwc {
-                    channels: out_channels as u32,
-                    ..s
-                };
-                let positions = (s.height * s.width) as usize;
-                (positions * self.dims().0, conv.len(), conv.pooled().len())
+                let conv = input.with_channels(1, out_channels);
+                let cols = input.positions() * self.dims().0;
+                (cols, conv.len(), conv.pooled().len())
             }
-            Map::Conv { input, .. } => {
-                let s = input.nhwc(1);
-                ((s.height * s.width) as usize * self.dims().0, 0, 0)
-            }
-            Map::PoolDense { input, .. } => (0, 0, input.nhwc(1).channels as usize),
+            Map::Conv { input, .. } => (input.positions() * self.dims().0, 0, 0),
+            Map::PoolDense { input, .. } => (0, 0, input.channels()),
             Map::Dense { .. } | Map::Gate { .. } => (0, 0, 0),
         }
     }
@@ -323,7 +333,7 @@ pub(crate) fn forward(
             block,
         } => {
             let shape = input.nhwc(rows);
-            let positions = rows * input.width() / shape.channels as usize;
+            let positions = rows * input.positions();
             let cols = whole(b.cols.as_ref().ok_or_else(missing)?);
             let mut ops = vec![conv_op(
                 ctx,
@@ -331,7 +341,7 @@ pub(crate) fn forward(
                 shape,
                 &ConvArgs::new(x, cols),
             )?];
-            let dims = (positions, out_channels, 9 * shape.channels as usize);
+            let dims = (positions, out_channels, 9 * input.channels());
             if !block {
                 ops.push(affine(ctx, schedule, dims, cols, p, false, out)?);
                 return Ok(ops);
@@ -342,10 +352,7 @@ pub(crate) fn forward(
                 argmax: Some(whole(b.argmax.as_ref().ok_or_else(missing)?)),
                 ..ConvArgs::new(conv, out)
             };
-            let conv_shape = Nhwc {
-                channels: out_channels as u32,
-                ..shape
-            };
+            let conv_shape = input.with_channels(rows, out_channels);
             ops.push(conv_op(ctx, ConvOp::MaxPool, conv_shape, &args)?);
             ops
         }
@@ -360,10 +367,10 @@ pub(crate) fn forward(
                 argmax: Some(whole(b.argmax.as_ref().ok_or_else(missing)?)),
                 ..ConvArgs::new(x, pooled)
             };
-            let c = shape.channels as usize;
+            let dims = (rows, fan_out, input.channels());
             vec![
                 conv_op(ctx, ConvOp::GlobalMax, shape, &args)?,
-                affine(ctx, schedule, (rows, fan_out, c), pooled, p, relu, out)?,
+                affine(ctx, schedule, dims, pooled, p, relu, out)?,
             ]
         }
     })
@@ -404,7 +411,7 @@ pub(crate) fn backward(
             block,
         } => {
             let shape = input.nhwc(rows);
-            let positions = rows * input.width() / shape.channels as usize;
+            let positions = rows * input.positions();
             let g_conv = if block {
                 let dconv = whole(b.dconv.as_ref().ok_or_else(missing)?);
                 let args = ConvArgs {
@@ -412,10 +419,7 @@ pub(crate) fn backward(
                     mask: Some(whole(b.conv.as_ref().ok_or_else(missing)?)),
                     ..ConvArgs::new(g, dconv)
                 };
-                let conv_shape = Nhwc {
-                    channels: out_channels as u32,
-                    ..shape
-                };
+                let conv_shape = input.with_channels(rows, out_channels);
                 ops.push(conv_op(ctx, ConvOp::MaxPoolGrad, conv_shape, &args)?);
                 dconv
             } else {
@@ -471,17 +475,12 @@ pub(crate) fn forward_reference(map: Map, layer: &Dense, x: &[f64], rows: usize)
             out_channels,
             block,
         } => {
-            let shape = input.nhwc(rows);
-            let positions = rows * input.width() / shape.channels as usize;
-            let cols = im2col_reference(x, shape);
-            let conv = layer.forward_reference(&cols, positions, block);
+            let cols = im2col_reference(x, input.nhwc(rows));
+            let conv = layer.forward_reference(&cols, rows * input.positions(), block);
             if !block {
                 return conv;
             }
-            let conv_shape = Nhwc {
-                channels: out_channels as u32,
-                ..shape
-            };
+            let conv_shape = input.with_channels(rows, out_channels);
             max_pool_reference(&conv, conv_shape).0
         }
         Map::PoolDense { input, relu, .. } => {
