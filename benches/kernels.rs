@@ -10,7 +10,7 @@ use cupbearer::data::Dataset;
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
 use cupbearer::gpu::adam::{adam, set_adam_step};
-use cupbearer::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
+use cupbearer::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
@@ -211,7 +211,7 @@ fn bench_step(
     config: &MlpConfig,
 ) -> anyhow::Result<serde_json::Value> {
     let data = Dataset::synthetic(1024, 28, 28, 1);
-    let gdata = GpuDataset::upload(ctx, &data)?;
+    let gdata = GpuDataset::upload(ctx, &data.as_images())?;
     let model = GpuMlp::upload(ctx, &Mlp::init(config, 0)?)?;
     let rows = 128;
     let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
@@ -225,17 +225,19 @@ fn bench_step(
     let metrics = ctx.zeros("metrics", 1024)?;
     let mut ops = vec![gather_batch(
         ctx,
-        &gdata,
-        rows,
-        Slice::whole(&indices),
+        &Gather {
+            data: &gdata,
+            rows,
+            indices: Slice::whole(&indices),
+            poison: None,
+            seed: 0,
+            step: &step,
+        },
         &BatchOutputs {
             x: Slice::whole(&ws.x),
             xt: (!config.is_cnn()).then(|| Slice::whole(&ws.xt)),
             labels: Slice::whole(&ws.labels),
         },
-        None,
-        0,
-        &step,
     )?];
     ops.extend(model.forward(ctx, &ws)?);
     ops.push(softmax_cross_entropy(
@@ -295,7 +297,7 @@ fn main() -> anyhow::Result<()> {
     // End to end: training, detector fit and scoring on MNIST-shaped synthetic data.
     let n = 20_000;
     let data = Dataset::synthetic(n, 28, 28, 7);
-    let gdata = GpuDataset::upload(&ctx, &data)?;
+    let gdata = GpuDataset::upload(&ctx, &data.as_images())?;
     let model = GpuMlp::upload(&ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
     let opts = TrainOptions {
         epochs: 1,

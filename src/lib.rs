@@ -12,6 +12,8 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod progress;
+pub mod registry;
 pub mod rng;
 pub mod run;
 pub mod tasks;
+pub mod workflows;

@@ -1,7 +1,9 @@
 //! Run directories: what `train-classifier` writes and later commands read.
 //!
 //! A classifier run dir holds `config.json` ([`ClassifierRunConfig`]),
-//! `model.safetensors` (see [`crate::model::mlp`]) and `metrics.json`.
+//! `model.safetensors` (see [`crate::model::mlp`]) and `metrics.json`. A detector run dir
+//! holds `config.json` ([`DetectorRunConfig`]) and `detector.safetensors`; evaluation
+//! adds `eval.json`, `scores.csv`, `histogram.svg` and `roc.svg` to its output dir.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,12 @@ use crate::model::{Mlp, MlpConfig};
 pub const CONFIG_FILE: &str = "config.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const METRICS_FILE: &str = "metrics.json";
+pub const DETECTOR_CONFIG_FILE: &str = "config.json";
+pub const DETECTOR_FILE: &str = "detector.safetensors";
+pub const EVAL_FILE: &str = "eval.json";
+pub const SCORES_FILE: &str = "scores.csv";
+pub const HISTOGRAM_FILE: &str = "histogram.svg";
+pub const ROC_FILE: &str = "roc.svg";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainDataConfig {
@@ -149,6 +157,41 @@ impl ClassifierRun {
             config,
             model,
         })
+    }
+}
+
+/// `config.json` of a detector run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DetectorRunConfig {
+    pub command: String,
+    pub cupbearer_version: String,
+    pub task_kind: String,
+    pub task: serde_json::Value,
+    pub detector_kind: String,
+    pub detector: serde_json::Value,
+    pub seed: u32,
+}
+
+impl DetectorRunConfig {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(DETECTOR_CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a detector run ({DETECTOR_CONFIG_FILE} missing; create one with \
+                 `cupbearer train-detector`)",
+                dir.display()
+            )
+        })?;
+        let config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a detector run config", path.display()))?;
+        if config.command != "train-detector" {
+            bail!(
+                "{} was written by `{}`, not train-detector",
+                path.display(),
+                config.command
+            );
+        }
+        Ok(config)
     }
 }
 

@@ -23,7 +23,7 @@ fn fgsm_and_pgd_raise_the_loss_within_eps() {
     // An odd count: a partial last batch.
     let indices: Vec<u32> = (0..77).map(|i| (i * 3) % 300).collect();
     let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 1).unwrap()).unwrap();
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let opts = TrainOptions {
         epochs: 20,
         batch_size: 32,

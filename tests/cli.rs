@@ -6,8 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cupbearer::data::backdoor::batch_reference;
 use cupbearer::data::{idx, Dataset, Split};
-use cupbearer::gpu::batch::{gather_batch_reference, GpuDataset};
+use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::model::train::predict_logits;
 use cupbearer::model::GpuMlp;
 use cupbearer::run::ClassifierRun;
@@ -24,31 +25,9 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Writes a synthetic data set as MNIST-named IDX files under `dir/mnist/`.
-fn write_mnist_like(dir: &Path, train: &Dataset, test: &Dataset) {
-    let d = dir.join("mnist");
-    std::fs::create_dir_all(&d).unwrap();
-    for (prefix, set) in [("train", train), ("t10k", test)] {
-        idx::write_images(
-            &d.join(format!("{prefix}-images-idx3-ubyte.gz")),
-            set.height,
-            set.width,
-            &set.images,
-            true,
-        )
-        .unwrap();
-        idx::write_labels(
-            &d.join(format!("{prefix}-labels-idx1-ubyte.gz")),
-            &set.labels,
-            true,
-        )
-        .unwrap();
-    }
-}
-
 fn generated_data_dir() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    write_mnist_like(
+    common::write_mnist_like(
         tmp.path(),
         &Dataset::synthetic(900, 12, 10, 1),
         &Dataset::synthetic(300, 12, 10, 2),
@@ -102,12 +81,12 @@ fn check_with_numpy(run: &Path, data_dir: &Path, scratch: &Path) {
     let logits = predict_logits(
         &ctx,
         &model,
-        &GpuDataset::upload(&ctx, &test).unwrap(),
+        &GpuDataset::upload(&ctx, &test.as_images()).unwrap(),
         &indices,
         64,
     )
     .unwrap();
-    let (x, _) = gather_batch_reference(&test, &indices, None, 0, 0);
+    let (x, _) = batch_reference(&test, &indices, None, (0, 0));
     let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
     let dim = test.sample_dim();
     let views = vec![
@@ -286,6 +265,133 @@ fn help_documents_both_spellings() {
     assert!(help.contains("--train-data-original"), "{help}");
     assert!(help.contains("--train_data.original"), "{help}");
     assert!(help.contains("0.05"), "{help}");
+}
+
+#[test]
+fn detector_help_lists_every_registered_option_with_its_default() {
+    for command in ["train-detector", "eval-detector"] {
+        let out = cupbearer(&[command, "-h"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        for line in [
+            "mahalanobis:",
+            "--detector.train.rcond",
+            "[default: 0.00001]",
+            "--detector.train.optimizer.learning_rate      Adam learning rate. [default: 0.001]",
+            "adversarial_abstraction:",
+            "--task.backdoor.std",
+            "[default: 0.3]",
+            "--task.run_path",
+            "[default: required]",
+        ] {
+            assert!(help.contains(line), "{command} -h lacks {line:?}:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn unknown_or_bad_detector_and_task_options_are_clear_errors() {
+    // Options are checked before any run dir or data is read.
+    let base = [
+        "train-detector",
+        "--task",
+        "backdoor",
+        "--task.run_path",
+        "/nonexistent/run",
+        "--task.backdoor",
+        "corner",
+    ];
+    let fails = |extra: &[&str], want: &[&str]| {
+        let out = cupbearer(&[&base[..], extra].concat());
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        let err = stderr(&out);
+        for w in want {
+            assert!(err.contains(w), "{extra:?}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    fails(
+        &[
+            "--detector",
+            "mahalanobis",
+            "--detector.train.num_epochs",
+            "3",
+        ],
+        &[
+            "detector mahalanobis has no option \"train.num_epochs\"",
+            "--detector.train.rcond",
+        ],
+    );
+    fails(
+        &["--detector", "mahalanobis", "--detector.train.rcond", "abc"],
+        &["detector mahalanobis: option train.rcond: expected a number, got \"abc\""],
+    );
+    fails(
+        &["--detector", "mahalanobis", "--detector.layers", "0", "x"],
+        &["option layers: expected a non-negative integer, got \"x\""],
+    );
+    fails(
+        &["--detector", "abstraction", "--detector.normalize", "maybe"],
+        &["option normalize: expected true or false"],
+    );
+    fails(
+        &[
+            "--detector",
+            "abstraction",
+            "--detector.abstraction",
+            "diagonal",
+        ],
+        &["unknown variant `diagonal`", "axis_aligned"],
+    );
+    fails(
+        &["--detector", "mahalanobs"],
+        &[
+            "unknown detector \"mahalanobs\"",
+            "mahalanobis, abstraction",
+        ],
+    );
+    fails(
+        &["--detector", "adversarial_abstraction"],
+        &["adversarial_abstraction is evaluation-only"],
+    );
+    fails(
+        &["--detector", "mahalanobis", "--task.eps", "0.1"],
+        &["task backdoor has no option \"eps\"", "--task.backdoor.std"],
+    );
+    // Dashed and underscored spellings of a valid key reach the same option.
+    fails(
+        &["--detector", "mahalanobis", "--detector-train-rcond=2"],
+        &["rcond must be in [0, 1), got 2"],
+    );
+    // The task's required options are named.
+    let out = cupbearer(&[
+        "train-detector",
+        "--task",
+        "backdoor",
+        "--task.backdoor",
+        "corner",
+        "--detector",
+        "mahalanobis",
+    ]);
+    assert!(
+        stderr(&out).contains("task backdoor needs --task.run_path"),
+        "{}",
+        stderr(&out)
+    );
+    // Commands without tasks refuse task options instead of ignoring them.
+    let out = cupbearer(&[
+        "train-classifier",
+        "--train_data",
+        "mnist",
+        "--task.backdoor",
+        "corner",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unexpected option \"backdoor\""),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Full MNIST, one epoch, when the shared copy is present.

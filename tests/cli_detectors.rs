@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cupbearer::data::{idx, Dataset};
+use cupbearer::data::Dataset;
 
 fn cupbearer(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cupbearer"))
@@ -29,23 +29,11 @@ fn stderr(out: &Output) -> String {
 /// A work dir with generated MNIST-like data in `data/mnist/`.
 fn workdir() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().join("data/mnist");
-    std::fs::create_dir_all(&d).unwrap();
-    for (prefix, set) in [
-        ("train", Dataset::synthetic(1000, 12, 10, 1)),
-        ("t10k", Dataset::synthetic(400, 12, 10, 2)),
-    ] {
-        let f = |kind: &str| d.join(format!("{prefix}-{kind}.gz"));
-        idx::write_images(
-            &f("images-idx3-ubyte"),
-            set.height,
-            set.width,
-            &set.images,
-            true,
-        )
-        .unwrap();
-        idx::write_labels(&f("labels-idx1-ubyte"), &set.labels, true).unwrap();
-    }
+    common::write_mnist_like(
+        &tmp.path().join("data"),
+        &Dataset::synthetic(1000, 12, 10, 1),
+        &Dataset::synthetic(400, 12, 10, 2),
+    );
     tmp
 }
 

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{gpu, random};
+use cupbearer::data::backdoor::batch_reference;
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
 use cupbearer::detectors::abstraction::{
@@ -12,12 +13,13 @@ use cupbearer::detectors::abstraction::{
 use cupbearer::detectors::linalg::{covariance, pinv_symmetric, regularize, trace, Regularization};
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
-use cupbearer::gpu::batch::{gather_batch_reference, GpuDataset};
+use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::gpu::matmul::Schedule;
 use cupbearer::gpu::stats::{column_blocks, mean_and_gram_reference, StreamingCovariance};
 use cupbearer::gpu::{GpuContext, Slice};
 use cupbearer::model::train::{train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
+use cupbearer::registry::Registry;
 use faer::Mat;
 
 /// Streams `x` (rows x d) through [`StreamingCovariance`] in batches of the given sizes,
@@ -164,7 +166,7 @@ fn trained_network(
         output_dim: 10,
     };
     let model = GpuMlp::upload(ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
-    let data = GpuDataset::upload(ctx, train_set).unwrap();
+    let data = GpuDataset::upload(ctx, &train_set.as_images()).unwrap();
     let opts = TrainOptions {
         epochs: if cnn { 8 } else { 4 },
         batch_size: 50,
@@ -189,7 +191,7 @@ fn mahalanobis_matches_a_cpu_reference() {
     let train_set = Dataset::synthetic(500, 10, 9, 1);
     let model = trained_model(&ctx, &train_set, None);
     let mlp = model.download(&ctx).unwrap();
-    let data = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let data = GpuDataset::upload(&ctx, &train_set.as_images()).unwrap();
     let fit_idx: Vec<u32> = (0..300).collect();
     // Whole matrices, and uneven column blocks as for layers wider than a binding.
     for block_columns in [0, 7] {
@@ -233,7 +235,7 @@ fn check_mahalanobis(
     )
     .unwrap();
 
-    let (x, _) = gather_batch_reference(train_set, fit_idx, None, 0, 0);
+    let (x, _) = batch_reference(train_set, fit_idx, None, (0, 0));
     let (hidden, _) = mlp.forward_reference(&x, 300);
     for (s, h) in det.stats.iter().zip(&hidden) {
         let d = s.mean.len();
@@ -258,7 +260,7 @@ fn check_mahalanobis(
             64,
         )
         .unwrap();
-    let (x, _) = gather_batch_reference(train_set, &score_idx, None, 0, 0);
+    let (x, _) = batch_reference(train_set, &score_idx, None, (0, 0));
     let (hidden, _) = mlp.forward_reference(&x, 200);
     for ((s, h), got) in det.stats.iter().zip(&hidden).zip(&scores.scores) {
         let d = s.mean.len();
@@ -302,8 +304,8 @@ fn check_planted_trigger(ctx: &GpuContext, conv_channels: Vec<usize>) {
         target_class: 0,
     };
     let model = trained_network(ctx, &train_set, Some(backdoor), conv_channels);
-    let gtrain = GpuDataset::upload(ctx, &train_set).unwrap();
-    let gtest = GpuDataset::upload(ctx, &test_set).unwrap();
+    let gtrain = GpuDataset::upload(ctx, &train_set.as_images()).unwrap();
+    let gtest = GpuDataset::upload(ctx, &test_set.as_images()).unwrap();
     let all_train: Vec<u32> = (0..1200).collect();
     let all_test: Vec<u32> = (0..400).collect();
     let always = Backdoor {
@@ -377,7 +379,9 @@ fn check_planted_trigger(ctx: &GpuContext, conv_channels: Vec<usize>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("detector.safetensors");
         det.save(&path).unwrap();
-        let loaded = cupbearer::detectors::load(kind, &det.config(), &path).unwrap();
+        let loaded = Registry::builtin()
+            .load_detector(kind, &det.config(), &path)
+            .unwrap();
         assert_eq!(score(loaded.as_ref(), None), normal, "{kind}");
     }
 }
@@ -409,9 +413,9 @@ fn check_abstraction_gradients(ctx: &GpuContext, config: &MlpConfig) {
     let data = Dataset::synthetic(23, height, width, 4);
     let mlp = Mlp::init(config, 3).unwrap();
     let model = GpuMlp::upload(ctx, &mlp).unwrap();
-    let gdata = GpuDataset::upload(ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(ctx, &data.as_images()).unwrap();
     let indices: Vec<u32> = (0..17).map(|i| (i * 4) % 23).collect();
-    let (x, _) = gather_batch_reference(&data, &indices, None, 0, 0);
+    let (x, _) = batch_reference(&data, &indices, None, (0, 0));
     let (hidden, logits) = mlp.forward_reference(&x, indices.len());
     for (abstraction, output_loss_fn) in [
         (AbstractionKind::Simple, OutputLoss::Kl),
@@ -510,7 +514,7 @@ fn layer_subsets_and_unnormalised_scores() {
     let Some(ctx) = gpu() else { return };
     let train_set = Dataset::synthetic(300, 8, 8, 4);
     let model = trained_model(&ctx, &train_set, None);
-    let data = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let data = GpuDataset::upload(&ctx, &train_set.as_images()).unwrap();
     let idx: Vec<u32> = (0..300).collect();
     let set = SampleSet {
         data: &data,

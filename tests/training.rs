@@ -4,11 +4,9 @@
 mod common;
 
 use common::gpu;
-use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+use cupbearer::data::backdoor::{batch_reference, Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
-use cupbearer::gpu::batch::{
-    gather_batch, gather_batch_reference, BatchOutputs, FloatImages, GpuDataset,
-};
+use cupbearer::gpu::batch::{gather_batch, BatchOutputs, FloatImages, Gather, GpuDataset};
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use cupbearer::model::gpu_mlp::{ParamLayout, Workspace};
@@ -47,21 +45,21 @@ fn gpu_batch(
             ..Default::default()
         },
     );
-    let op = gather_batch(
-        ctx,
+    let poison = backdoor.map(|b| b.poison(data.height, data.width, data.num_classes).unwrap());
+    let gather = Gather {
         data,
         rows,
-        Slice::whole(&idx),
-        &BatchOutputs {
-            x: Slice::whole(&x),
-            xt: Some(Slice::whole(&xt)),
-            labels: Slice::whole(&y),
-        },
-        backdoor,
+        indices: Slice::whole(&idx),
+        poison,
         seed,
-        &step,
-    )
-    .unwrap();
+        step: &step,
+    };
+    let outputs = BatchOutputs {
+        x: Slice::whole(&x),
+        xt: Some(Slice::whole(&xt)),
+        labels: Slice::whole(&y),
+    };
+    let op = gather_batch(ctx, &gather, &outputs).unwrap();
     ctx.submit([&op]);
     let x: Vec<f32> = ctx.read(Slice::new(&x, 0, rows * dim)).unwrap();
     let xt: Vec<f32> = ctx.read(Slice::new(&xt, 0, rows * dim)).unwrap();
@@ -77,7 +75,7 @@ fn gpu_batch(
 fn gather_matches_reference_with_and_without_triggers() {
     let Some(ctx) = gpu() else { return };
     let data = Dataset::synthetic(53, 9, 7, 5);
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
     let noise = Backdoor {
         trigger: Trigger::Noise {
@@ -101,7 +99,7 @@ fn gather_matches_reference_with_and_without_triggers() {
         Some(unclipped),
     ] {
         let (x, y) = gpu_batch(&ctx, &gdata, &indices, backdoor.as_ref(), 7, 2);
-        let (want_x, want_y) = gather_batch_reference(&data, &indices, backdoor.as_ref(), 7, 2);
+        let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
         common::assert_close(&x, &want_x, 1e-5, 1e-5, &format!("batch {backdoor:?}"));
         assert_eq!(y, want_y, "labels {backdoor:?}");
     }
@@ -118,16 +116,18 @@ fn data_sets_split_over_several_bindings_gather_the_same() {
     // 63-byte samples: chunks must hold a multiple of 4 samples to start on a word.
     let data = Dataset::synthetic(53, 9, 7, 5);
     let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
-    let (want_x, want_y) = gather_batch_reference(&data, &indices, None, 0, 0);
+    let (want_x, want_y) = batch_reference(&data, &indices, None, (0, 0));
     // 4 chunks of 16 samples (1008 B) for 53 samples; one chunk; too many chunks.
     for (limit, chunks) in [(1100, 4), (1 << 20, 1)] {
-        let gdata = GpuDataset::upload_chunked(&ctx, &data, limit).unwrap();
+        let gdata = GpuDataset::upload_chunked(&ctx, &data.as_images(), limit).unwrap();
         assert_eq!(gdata.chunks.len(), chunks);
         let (x, y) = gpu_batch(&ctx, &gdata, &indices, None, 0, 0);
         common::assert_close(&x, &want_x, 1e-6, 0.0, &format!("{chunks} chunks"));
         assert_eq!(y, want_y);
     }
-    let err = GpuDataset::upload_chunked(&ctx, &data, 700).err().unwrap();
+    let err = GpuDataset::upload_chunked(&ctx, &data.as_images(), 700)
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("storage bindings"), "{err:#}");
     // Float pixels take the same path.
     let pixels: Vec<f32> = data.images.iter().map(|&p| p as f32 / 255.0).collect();
@@ -153,7 +153,7 @@ fn corner_names_mean_what_they_say() {
     let Some(ctx) = gpu() else { return };
     let (h, w) = (6, 5);
     let data = Dataset::synthetic(4, h, w, 1);
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     for (c, (row, col)) in [
         (Corner::TopLeft, (0, 0)),
         (Corner::TopRight, (0, w - 1)),
@@ -178,7 +178,7 @@ fn coin_flips_are_seeded_per_epoch_and_at_the_requested_rate() {
     let Some(ctx) = gpu() else { return };
     let n = 4000;
     let data = Dataset::synthetic(n, 4, 4, 2);
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let idx: Vec<u32> = (0..n as u32).collect();
     let b = corner(Corner::TopLeft, 0.05);
     // Poisoned = top-left pixel 1.0 (synthetic images keep corners at 0).
@@ -260,24 +260,26 @@ impl GradientCase {
     ) -> (GpuMlp, Workspace) {
         let rows = self.indices.len();
         let model = GpuMlp::upload(ctx, &self.mlp).unwrap();
-        let gdata = GpuDataset::upload(ctx, &self.data).unwrap();
+        let gdata = GpuDataset::upload(ctx, &self.data.as_images()).unwrap();
         let ws = model.workspace(ctx, rows, true, gradients).unwrap();
         let idx = ctx.buffer_from("idx", &self.indices).unwrap();
         let step = ctx.uniform("step", &StepParams::default());
         let metrics = ctx.zeros("metrics", rows).unwrap();
         let mut ops = vec![gather_batch(
             ctx,
-            &gdata,
-            rows,
-            Slice::whole(&idx),
+            &Gather {
+                data: &gdata,
+                rows,
+                indices: Slice::whole(&idx),
+                poison: None,
+                seed: 0,
+                step: &step,
+            },
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
                 xt: (!self.mlp.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
-            None,
-            0,
-            &step,
         )
         .unwrap()];
         ops.extend(model.forward(ctx, &ws).unwrap());
@@ -317,7 +319,7 @@ fn mlp_and_cnn_gradients_match_finite_differences() {
         let got = model.layout.unflatten(&flat);
 
         let (data, indices) = (&case.data, &case.indices);
-        let (x, labels) = gather_batch_reference(data, indices, None, 0, 0);
+        let (x, labels) = batch_reference(data, indices, None, (0, 0));
         let h = 1e-4;
         let mut checked = 0;
         for (l, got_l) in got.iter().enumerate() {
@@ -368,7 +370,7 @@ fn mlp_and_cnn_input_gradients_match_finite_differences() {
             model.input_gradient(&ctx, ws).unwrap()
         });
         let got: Vec<f32> = ctx.read(Slice::whole(ws.dx.as_ref().unwrap())).unwrap();
-        let (x, labels) = gather_batch_reference(&case.data, &case.indices, None, 0, 0);
+        let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
         assert_eq!(got.len(), x.len());
         let h = 1e-5;
         let mut nonzero = 0;
@@ -421,12 +423,12 @@ fn training_learns_synthetic_data_and_the_backdoor() {
     };
     let backdoor = corner(Corner::BottomRight, 0.1);
     let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
-    let gtrain = GpuDataset::upload(&ctx, &train_set).unwrap();
+    let gtrain = GpuDataset::upload(&ctx, &train_set.as_images()).unwrap();
     let report = train(&ctx, &model, &gtrain, &small_options(0, Some(backdoor))).unwrap();
     assert_eq!(report.epochs.len(), 4);
     assert_eq!(report.samples, 4 * 1234);
     assert!(report.epochs[3].train_loss < report.epochs[0].train_loss);
-    let gtest = GpuDataset::upload(&ctx, &test_set).unwrap();
+    let gtest = GpuDataset::upload(&ctx, &test_set.as_images()).unwrap();
     let all: Vec<u32> = (0..300).collect();
     let clean = evaluate(&ctx, &model, &gtest, &all, None, 0, 64).unwrap();
     assert!(clean.accuracy >= 0.95, "clean accuracy {}", clean.accuracy);
@@ -445,7 +447,7 @@ fn training_learns_synthetic_data_and_the_backdoor() {
     // The GPU forward pass agrees with the f64 reference of the downloaded weights.
     let mlp = model.download(&ctx).unwrap();
     let logits = predict_logits(&ctx, &model, &gtest, &all[..37], 16).unwrap();
-    let (x, _) = gather_batch_reference(&test_set, &all[..37], None, 0, 0);
+    let (x, _) = batch_reference(&test_set, &all[..37], None, (0, 0));
     let (_, want) = mlp.forward_reference(&x, 37);
     common::assert_close(&logits, &want, 1e-4, 1e-4, "logits");
 }
@@ -460,7 +462,7 @@ fn same_seed_gives_bit_identical_weights() {
         hidden_dims: vec![17],
         output_dim: 10,
     };
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let run = |seed| {
         let model = GpuMlp::upload(&ctx, &Mlp::init(&config, seed).unwrap()).unwrap();
         let opts = TrainOptions {
@@ -485,7 +487,7 @@ fn max_steps_caps_training() {
         hidden_dims: vec![5],
         output_dim: 10,
     };
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
     let opts = TrainOptions {
         batch_size: 30,
@@ -509,7 +511,7 @@ fn divergence_and_oversized_buffers_are_errors() {
         hidden_dims: vec![8],
         output_dim: 10,
     };
-    let gdata = GpuDataset::upload(&ctx, &data).unwrap();
+    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
     let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
     let opts = TrainOptions {
         learning_rate: 1e30,
@@ -541,8 +543,8 @@ fn cnn_learns_synthetic_data_and_the_backdoor() {
         output_dim: 10,
     };
     let model = GpuMlp::upload(&ctx, &Mlp::init(&config, 0).unwrap()).unwrap();
-    let gtrain = GpuDataset::upload(&ctx, &train_set).unwrap();
-    let gtest = GpuDataset::upload(&ctx, &test_set).unwrap();
+    let gtrain = GpuDataset::upload(&ctx, &train_set.as_images()).unwrap();
+    let gtest = GpuDataset::upload(&ctx, &test_set.as_images()).unwrap();
     let backdoor = corner(Corner::TopLeft, 0.1);
     let mut opts = small_options(0, Some(backdoor));
     opts.epochs = 8;

@@ -3,32 +3,32 @@
 use anyhow::{bail, Result};
 
 use super::detector_args::DetectorCommandArgs;
-use crate::data::resolve_data_dir;
-use crate::detectors::pipeline::eval_detector;
+use crate::registry::Registry;
+use crate::workflows::detector::{eval_detector, EvalOptions};
+use crate::workflows::Output;
 
 pub type Args = DetectorCommandArgs;
 
-pub fn run(mut args: Args) -> Result<()> {
-    args.apply_debug();
-    let (task_kind, task_config) = args.task.resolve(args.common.seed)?;
-    let source = args.detector.source()?;
+pub fn run(args: Args, registry: &Registry) -> Result<()> {
+    let source = args.source(registry)?;
     let c = &args.common;
     // Like the original, eval writes nothing by default: only with --dir.full/--dir.base.
     let out = c.output_dir(None);
     if out.is_none() && !c.debug {
         bail!("eval-detector needs --dir.full DIR (or --dir.base) for its outputs");
     }
-    let data_dir = resolve_data_dir(c.data_dir.as_deref());
-    let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
-    let r = eval_detector(
-        task.as_ref(),
-        &source,
-        args.detector.eval_batch_size(),
-        c.seed,
-        out.as_deref(),
-        c.overwrite,
-        !c.quiet,
-    )?;
+    let task = args.task(registry)?;
+    let opts = EvalOptions {
+        registry,
+        batch_size: args.eval_batch_size(),
+        seed: c.seed,
+    };
+    let output = Output {
+        dir: out.as_deref(),
+        overwrite: c.overwrite,
+        progress: !c.quiet,
+    };
+    let r = eval_detector(task.as_ref(), &source, &opts, &output)?;
     let layers: Vec<String> = r
         .layers
         .iter()

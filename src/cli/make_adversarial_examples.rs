@@ -3,17 +3,18 @@
 
 use anyhow::{Context, Result};
 
-use super::detector_args::SplitArg;
 use crate::data::{resolve_data_dir, Dataset, Split};
 use crate::model::attack::{AttackConfig, AttackMethod, DEFAULT_EPS, DEFAULT_PGD_STEPS};
 use crate::run::ClassifierRun;
-use crate::tasks::adversarial::{make_adversarial_examples, AdversarialOptions};
+use crate::tasks::adversarial::AdversarialOptions;
+use crate::workflows::adversarial::make_adversarial_examples;
+use crate::workflows::Output;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// fgsm (one step of size eps, the original) or pgd (projected steps from a random
     /// start).
-    #[arg(long, value_enum, default_value = "fgsm", value_name = "METHOD")]
+    #[arg(long, value_parser = super::serde_enum::<AttackMethod>, default_value = "fgsm", value_name = "METHOD")]
     attack: AttackMethod,
     /// L∞ radius in pixel units [0, 1]; the original's default 8/255 is too small to
     /// fool an MNIST MLP (try 0.25, or pgd).
@@ -32,8 +33,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     max_examples: Option<usize>,
     /// The split to attack (the original: the training data).
-    #[arg(long, value_enum, default_value = "test", value_name = "SPLIT")]
-    split: SplitArg,
+    #[arg(long, value_parser = super::serde_enum::<Split>, default_value = "test", value_name = "SPLIT")]
+    split: Split,
     /// Fail when the accuracy after the attack is above this.
     #[arg(long, default_value_t = 0.1, value_name = "ACC")]
     success_threshold: f64,
@@ -57,10 +58,7 @@ pub fn run(mut args: Args) -> Result<()> {
         .as_deref()
         .context("make-adversarial-examples needs --dir.full RUN: the classifier run to attack")?;
     let run = ClassifierRun::load(run_dir)?;
-    let split = match args.split {
-        SplitArg::Test => Split::Test,
-        SplitArg::Train => Split::Train,
-    };
+    let split = args.split;
     let data_dir = resolve_data_dir(c.data_dir.as_deref());
     let data = Dataset::load(run.config.train_data.dataset, split, &data_dir)?;
     let mut attack = AttackConfig::new(args.attack, args.eps, args.steps, args.step_size);
@@ -73,7 +71,12 @@ pub fn run(mut args: Args) -> Result<()> {
         success_threshold: args.success_threshold,
         only_successful: args.only_successful,
     };
-    let (_, r) = make_adversarial_examples(&run, &data, &opts, c.overwrite, true, !c.quiet)?;
+    let out = Output {
+        dir: Some(run_dir),
+        overwrite: c.overwrite,
+        progress: !c.quiet,
+    };
+    let (_, r) = make_adversarial_examples(&run, &data, &opts, &out)?;
     println!(
         "{:?} eps {}: {} examples; accuracy {:.4} -> {:.4}, loss {:.4} -> {:.4} in {:.2} s -> {}",
         opts.attack.method,

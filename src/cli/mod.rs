@@ -12,7 +12,9 @@ mod train_detector;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::registry::Registry;
 
 const AFTER_HELP: &str = "Flags also accept the original cupbearer's dotted spelling: \
 `--train_data.original mnist` is `--train-data-original mnist`, `--dir.full logs/x` is `--dir-full logs/x`.";
@@ -107,6 +109,13 @@ impl CommonArgs {
     }
 }
 
+/// Parses a library enum by its serde name (`axis_aligned`, also spelt `axis-aligned`),
+/// keeping the library free of clap; serde's error lists the valid names.
+fn serde_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.replace('-', "_")))
+        .map_err(|e| e.to_string())
+}
+
 /// `--a.b_c=v` -> `--a-b-c=v`; values and positional arguments are left alone.
 pub fn normalize_flag(arg: OsString) -> OsString {
     let Some(s) = arg.to_str() else { return arg };
@@ -125,12 +134,51 @@ pub fn normalize_flag(arg: OsString) -> OsString {
     out.into()
 }
 
+/// The `cupbearer` command with the built-in detectors and tasks.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse_from(std::env::args_os().map(normalize_flag));
+    main_with(&Registry::builtin())
+}
+
+/// The `cupbearer` command with the detectors and tasks of `registry`: a crate that
+/// registers its own gets the whole command line for them.
+pub fn main_with(registry: &Registry) -> ExitCode {
+    let (args, options) = detector_args::split_options(std::env::args_os());
+    let listing = format!(
+        "{}\n{}\n{AFTER_HELP}",
+        registry.detectors_help(),
+        registry.tasks_help()
+    );
+    let command = Cli::command()
+        .mut_subcommand("train-detector", |c| c.after_help(listing.clone()))
+        .mut_subcommand("eval-detector", |c| c.after_help(listing.clone()));
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(args)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let detector_command = matches!(
+        cli.command,
+        Command::TrainDetector(_) | Command::EvalDetector(_)
+    );
+    if let (false, Some((key, _))) = (
+        detector_command,
+        options.task.first().or(options.detector.first()),
+    ) {
+        eprintln!(
+            "error: unexpected option {key:?}: only train-detector and eval-detector take \
+             --task.* and --detector.* flags"
+        );
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::TrainClassifier(args) => train_classifier::run(args),
-        Command::TrainDetector(args) => train_detector::run(args),
-        Command::EvalDetector(args) => eval_detector::run(args),
+        Command::TrainDetector(mut args) => {
+            args.options = options;
+            train_detector::run(args, registry)
+        }
+        Command::EvalDetector(mut args) => {
+            args.options = options;
+            eval_detector::run(args, registry)
+        }
         Command::MakeAdversarialExamples(args) => make_adversarial_examples::run(args),
         Command::Download(args) => download::run(args),
     };

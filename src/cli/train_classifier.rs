@@ -5,12 +5,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
-use crate::data::backdoor::{Backdoor, Corner, Trigger};
+use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
 use crate::data::{resolve_data_dir, DatasetName};
-use crate::model::classifier::{train_classifier, RunOptions};
 use crate::model::train::LrSchedule;
 use crate::model::MlpConfig;
 use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+use crate::workflows::classifier::{train_classifier, RunOptions};
 
 use super::Optimizer;
 
@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_name = "CLASS")]
     train_data_backdoor_target_class: u32,
     /// Standard deviation of the noise trigger.
-    #[arg(long, default_value_t = 0.3, value_name = "STD")]
+    #[arg(long, default_value_t = DEFAULT_NOISE_STD, value_name = "STD")]
     train_data_backdoor_std: f32,
     /// Clip noisy images to [0, 1] (the original 0.0.1 did not).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -92,7 +92,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-3, value_name = "LR")]
     optim_learning_rate: f32,
     /// Learning-rate schedule over the planned steps (ours; the original's is constant).
-    #[arg(long, value_enum, default_value = "constant", value_name = "SCHEDULE")]
+    #[arg(long, value_parser = super::serde_enum::<LrSchedule>, default_value = "constant", value_name = "SCHEDULE")]
     optim_schedule: LrSchedule,
     #[command(flatten)]
     common: super::CommonArgs,

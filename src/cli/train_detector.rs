@@ -5,29 +5,25 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::detector_args::DetectorCommandArgs;
-use crate::data::resolve_data_dir;
-use crate::detectors::pipeline::train_detector;
+use crate::registry::Registry;
+use crate::workflows::detector::train_detector;
+use crate::workflows::Output;
 
 pub type Args = DetectorCommandArgs;
 
-pub fn run(mut args: Args) -> Result<()> {
-    args.apply_debug();
-    let (task_kind, task_config) = args.task.resolve(args.common.seed)?;
-    let (kind, config) = args.detector.resolve()?;
-    let detector = crate::detectors::build(kind, &config)?;
+pub fn run(args: Args, registry: &Registry) -> Result<()> {
+    let (kind, config) = args.new_detector(registry)?;
+    let detector = registry.build_detector(kind, &config)?;
+    let task = args.task(registry)?;
     let c = &args.common;
-    let out = c.output_dir(Some(Path::new("logs/train_detector")));
-    let data_dir = resolve_data_dir(c.data_dir.as_deref());
-    let task = crate::tasks::build(task_kind, &task_config, &data_dir)?;
-    let report = train_detector(
-        task.as_ref(),
-        detector,
-        c.seed,
-        out.as_deref(),
-        c.overwrite,
-        !c.quiet,
-    )?;
-    let target = out.map_or("(debug: nothing written)".into(), |d| {
+    let dir = c.output_dir(Some(Path::new("logs/train_detector")));
+    let out = Output {
+        dir: dir.as_deref(),
+        overwrite: c.overwrite,
+        progress: !c.quiet,
+    };
+    let report = train_detector(task.as_ref(), detector, c.seed, &out)?;
+    let target = dir.map_or("(debug: nothing written)".into(), |d| {
         d.display().to_string()
     });
     println!(

@@ -6,14 +6,28 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Dataset;
+use crate::gpu::batch::{Mark, Poison};
 use crate::rng;
+
+/// The RNG key of one sample's trigger draws: run seed, epoch, data set index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Draw {
+    pub seed: u32,
+    pub epoch: u32,
+    pub sample: u32,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Corner {
+    #[serde(alias = "top_left")]
     TopLeft,
+    #[serde(alias = "top_right")]
     TopRight,
+    #[serde(alias = "bottom_left")]
     BottomLeft,
+    #[serde(alias = "bottom_right")]
     BottomRight,
 }
 
@@ -44,6 +58,9 @@ impl FromStr for Corner {
         })
     }
 }
+
+/// The noise trigger's standard deviation when none is given (the original's).
+pub const DEFAULT_NOISE_STD: f32 = 0.3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -89,17 +106,36 @@ impl Backdoor {
         rng::rand_unit(h) < self.p_backdoor
     }
 
-    /// CPU reference of the shader: poisons one image (values in [0, 1], HWC) in place
-    /// and returns the new label.
-    #[allow(clippy::too_many_arguments)]
+    /// The trigger as the gather kernel takes it, for `height` x `width` images of
+    /// `num_classes` classes (checked here).
+    pub fn poison(&self, height: usize, width: usize, num_classes: usize) -> Result<Poison> {
+        self.validate(num_classes)?;
+        let mark = match self.trigger {
+            Trigger::Corner { corner } => {
+                let (row, col) = corner.pixel(height, width);
+                Mark::Pixel { row, col }
+            }
+            Trigger::Noise { std, clip } => Mark::Noise { std, clip },
+        };
+        Ok(Poison {
+            mark,
+            p: self.p_backdoor,
+            target_class: self.target_class,
+        })
+    }
+
+    /// CPU reference of the shader: poisons one image (values in [0, 1], HWC) of data
+    /// set sample `sample` in place and returns the new label.
     pub fn apply_reference(
         &self,
         image: &mut [f64],
         (height, width, channels): (usize, usize, usize),
         label: u32,
-        seed: u32,
-        epoch: u32,
-        sample: u32,
+        Draw {
+            seed,
+            epoch,
+            sample,
+        }: Draw,
     ) -> u32 {
         if !self.is_poisoned(seed, epoch, sample) {
             return label;
@@ -125,4 +161,36 @@ impl Backdoor {
         }
         self.target_class
     }
+}
+
+/// CPU reference of the gather kernel: the batch (rows x sample_dim, f64) and labels
+/// for `indices`, poisoned with the draws of `seed` in `epoch`.
+pub fn batch_reference(
+    data: &Dataset,
+    indices: &[u32],
+    backdoor: Option<&Backdoor>,
+    (seed, epoch): (u32, u32),
+) -> (Vec<f64>, Vec<u32>) {
+    let shape = (data.height, data.width, data.channels);
+    let mut x = Vec::with_capacity(indices.len() * data.sample_dim());
+    let mut labels = Vec::with_capacity(indices.len());
+    for &i in indices {
+        let mut img: Vec<f64> = data
+            .image(i as usize)
+            .iter()
+            .map(|&p| p as f64 / 255.0)
+            .collect();
+        let mut label = data.labels[i as usize] as u32;
+        if let Some(b) = backdoor {
+            let draw = Draw {
+                seed,
+                epoch,
+                sample: i,
+            };
+            label = b.apply_reference(&mut img, shape, label, draw);
+        }
+        x.extend(img);
+        labels.push(label);
+    }
+    (x, labels)
 }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 
 use super::{cifar, idx};
+use crate::gpu::batch::ByteImages;
 
 /// A data set that can be downloaded and loaded from its official files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -128,6 +129,17 @@ impl Dataset {
     pub fn image(&self, i: usize) -> &[u8] {
         let d = self.sample_dim();
         &self.images[i * d..(i + 1) * d]
+    }
+
+    /// The images and labels as the GPU upload takes them.
+    pub fn as_images(&self) -> ByteImages<'_> {
+        ByteImages {
+            name: &self.name,
+            pixels: &self.images,
+            labels: &self.labels,
+            shape: [self.height, self.width, self.channels],
+            num_classes: self.num_classes,
+        }
     }
 
     /// Keeps the first `n` samples (no-op if `n >= len()`).

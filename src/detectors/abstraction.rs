@@ -27,23 +27,23 @@ use crate::model::gpu_mlp::{ParamLayout, Workspace};
 use crate::model::mlp::{load_layer, save_layers, Dense};
 use crate::model::train::{run_epochs, EpochSchedule, LrSchedule};
 use crate::model::{GpuMlp, Gradients, MlpConfig};
+use crate::registry::{defaults_of, opt, ConfigSpec, DetectorEntry, Kind, Opt};
 
 const METADATA_KEY: &str = "cupbearer.detector";
 /// Keys the initialisation draws apart from the classifier's (same seed, same stream).
 const INIT_LAYER_KEY: u32 = 1 << 16;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputLoss {
     /// KL divergence of the model's and the abstraction's class distributions.
     Kl,
     /// The same on [P(not class 0), P(class 0)] (the abstraction predicts 2 logits).
-    #[value(name = "single_class", alias = "single-class")]
     SingleClass,
 }
 
 /// The τ maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AbstractionKind {
     /// Affine maps to states of width / size_reduction.
@@ -51,7 +51,6 @@ pub enum AbstractionKind {
     /// Elementwise gates z = a · sigmoid(s) (the original's SoftmaxDrop, scores
     /// initialised to 3): states keep the layer's width, so size_reduction does not
     /// apply (0.0.1 crashed unless it was 1).
-    #[value(name = "axis_aligned", alias = "axis-aligned")]
     AxisAligned,
 }
 
@@ -645,12 +644,12 @@ impl Abstraction {
         let schedule = model.schedule;
         let mut ops = Vec::new();
         // Forward: z_l = τ_l(a_l); ẑ_{l+1} = m_l(z_l); ŷ = m_L(z_L).
-        for (l, (a, z)) in ws.hidden.iter().zip(&t.z).enumerate() {
+        for (l, z) in t.z.iter().enumerate() {
             ops.extend(maps::forward(
                 ctx,
                 schedule,
                 &batch_map(l),
-                whole(a),
+                ws.activation(l),
                 whole(z),
             )?);
         }
@@ -723,7 +722,7 @@ impl Abstraction {
         }
         if let Some(g) = grads {
             for (l, gz) in t.gz.iter().enumerate() {
-                let (x, gz) = (whole(&ws.hidden[l]), whole(gz));
+                let (x, gz) = (ws.activation(l), whole(gz));
                 ops.extend(maps::backward(
                     ctx,
                     schedule,
@@ -908,3 +907,33 @@ impl Detector for Abstraction {
         save_layers(path, &named, METADATA_KEY, serde_json::to_string(&stored)?)
     }
 }
+
+/// The options of [`AbstractionConfig`] (also those of the adversarial abstraction's
+/// starting abstraction).
+pub const OPTIONS: &[Opt] = &[
+    opt("abstraction", &["/abstraction"], Kind::Str, "The tau maps: simple (affine, reduced width) or axis_aligned (elementwise gates, full width)."),
+    opt("abstraction.size_reduction", &["/size_reduction"], Kind::Float, "Abstract state width = layer width / this (simple only)."),
+    opt("abstraction.output_loss_fn", &["/output_loss_fn"], Kind::Str, "Output loss: kl or single_class."),
+    opt("train.batch_size", &["/batch_size"], Kind::Int, "Samples per training batch."),
+    opt("train.num_epochs", &["/num_epochs"], Kind::Int, "Training epochs."),
+    Opt {
+        aliases: &["train.learning_rate"],
+        ..opt("train.optimizer.learning_rate", &["/learning_rate"], Kind::Float, "Adam learning rate.")
+    },
+    opt("train.max_steps", &["/max_steps"], Kind::Int, "Stop after this many steps."),
+    opt("normalize", &["/normalize"], Kind::Bool, "Standardise each layer's score on trusted data (false: cupbearer 0.0.1)."),
+];
+
+/// The registry entry.
+pub const ENTRY: DetectorEntry = DetectorEntry {
+    name: "abstraction",
+    doc: "Learned abstraction of the activations (tau maps and abstract steps); scores its consistency with the model.",
+    config: ConfigSpec {
+        defaults: defaults_of::<AbstractionConfig>,
+        options: OPTIONS,
+        nested: &[],
+        debug: &[("/batch_size", "2"), ("/num_epochs", "1"), ("/max_steps", "1")],
+    },
+    build: Abstraction::build,
+    load: Some(Abstraction::load),
+};

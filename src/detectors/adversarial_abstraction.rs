@@ -16,11 +16,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::abstraction::{Abstraction, AbstractionConfig};
-use super::pipeline::{DetectorRunConfig, DETECTOR_FILE};
 use super::{Detector, LayerScores, MixSamples, SampleSet};
 use crate::gpu::adam::adam_reference;
 use crate::gpu::GpuContext;
 use crate::model::GpuMlp;
+use crate::registry::{defaults_of, opt, ConfigSpec, DetectorEntry, Kind, Opt};
+use crate::run::{DetectorRunConfig, DETECTOR_FILE};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -293,3 +294,65 @@ impl Detector for AdversarialAbstraction {
         bail!("adversarial_abstraction is evaluation-only: nothing to save")
     }
 }
+
+const OPTIONS: &[Opt] = &[
+    opt(
+        "load_path",
+        &["/load_path"],
+        Kind::Str,
+        "A trained abstraction detector run [none: a random abstraction].",
+    ),
+    opt(
+        "num_train_samples",
+        &["/num_train_samples"],
+        Kind::Int,
+        "Trusted samples per finetuning step.",
+    ),
+    opt(
+        "num_steps",
+        &["/num_steps"],
+        Kind::Int,
+        "Finetuning steps per test batch.",
+    ),
+    opt(
+        "normal_weight",
+        &["/normal_weight"],
+        Kind::Float,
+        "Weight of the trusted loss.",
+    ),
+    opt(
+        "clip",
+        &["/clip"],
+        Kind::Bool,
+        "No trusted gradient below the trusted loss's level.",
+    ),
+    Opt {
+        aliases: &["train.learning_rate"],
+        ..opt(
+            "train.optimizer.learning_rate",
+            &["/learning_rate"],
+            Kind::Float,
+            "Adam learning rate.",
+        )
+    },
+];
+
+/// The registry entry.
+pub const ENTRY: DetectorEntry = DetectorEntry {
+    name: "adversarial_abstraction",
+    doc: "Evaluation only: finetunes an abstraction on each test batch (eval-detector --detector adversarial_abstraction).",
+    config: ConfigSpec {
+        defaults: defaults_of::<AdversarialAbstractionConfig>,
+        options: OPTIONS,
+        nested: &[("/abstraction", super::abstraction::OPTIONS)],
+        debug: &[
+            ("/num_train_samples", "1"),
+            ("/num_steps", "1"),
+            ("/abstraction/batch_size", "2"),
+            ("/abstraction/num_epochs", "1"),
+            ("/abstraction/max_steps", "1"),
+        ],
+    },
+    build: AdversarialAbstraction::build,
+    load: None,
+};

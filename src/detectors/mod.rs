@@ -1,24 +1,25 @@
 //! Anomaly detectors over the model's activations.
 //!
 //! A detector implements [`Detector`]: fit on trusted samples, score samples per layer,
-//! save itself. To add one: write `src/detectors/<name>.rs` with a config type and the
-//! trait impl, and add one line to [`REGISTRY`] (see the README's worked example).
+//! save itself. To add one: write `src/detectors/<name>.rs` with a config struct, the
+//! trait impl and a [`crate::registry::DetectorEntry`], and add one line to
+//! [`crate::registry::Registry::builtin`] (or register it at run time from your own
+//! crate: see the README's "Extending").
 
 pub mod abstraction;
 mod abstraction_maps;
 pub mod adversarial_abstraction;
 pub mod linalg;
 pub mod mahalanobis;
-pub mod pipeline;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::gpu::GpuContext;
 use crate::model::GpuMlp;
 
-pub use crate::model::batches::{for_each_activation_batch, SampleSet};
+pub use crate::model::batches::{for_each_activation_batch, read_activations, SampleSet};
 
 /// Per-layer anomaly scores: `scores[layer][sample]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,49 +88,4 @@ pub struct MixSamples<'a> {
     pub normal: &'a SampleSet<'a>,
     pub anomalous: &'a SampleSet<'a>,
     pub trusted: Option<&'a SampleSet<'a>>,
-}
-
-/// Builds an unfitted detector from its JSON config.
-pub type BuildFn = fn(&serde_json::Value) -> Result<Box<dyn Detector>>;
-/// Loads a fitted detector: (its JSON config, the safetensors file).
-pub type LoadFn = fn(&serde_json::Value, &Path) -> Result<Box<dyn Detector>>;
-
-/// name → (build, load). One line per detector.
-pub const REGISTRY: &[(&str, BuildFn, LoadFn)] = &[
-    (
-        "mahalanobis",
-        mahalanobis::Mahalanobis::build,
-        mahalanobis::Mahalanobis::load,
-    ),
-    (
-        "abstraction",
-        abstraction::Abstraction::build,
-        abstraction::Abstraction::load,
-    ),
-    (
-        "adversarial_abstraction",
-        adversarial_abstraction::AdversarialAbstraction::build,
-        |_, _| bail!("adversarial_abstraction is evaluation-only: nothing is stored"),
-    ),
-];
-
-fn entry(kind: &str) -> Result<&'static (&'static str, BuildFn, LoadFn)> {
-    REGISTRY
-        .iter()
-        .find(|(name, ..)| *name == kind)
-        .ok_or_else(|| {
-            let names: Vec<_> = REGISTRY.iter().map(|(n, ..)| *n).collect();
-            anyhow::anyhow!("unknown detector {kind:?}; available: {}", names.join(", "))
-        })
-}
-
-pub fn build(kind: &str, config: &serde_json::Value) -> Result<Box<dyn Detector>> {
-    (entry(kind)?.1)(config)
-}
-
-pub fn load(kind: &str, config: &serde_json::Value, path: &Path) -> Result<Box<dyn Detector>> {
-    if !path.is_file() {
-        bail!("{} is missing: not a trained detector run", path.display());
-    }
-    (entry(kind)?.2)(config, path)
 }

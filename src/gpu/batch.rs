@@ -1,11 +1,38 @@
 //! The data set resident on the GPU, and the launcher for `shaders/batch.wgsl`
-//! (gather + normalise + trigger injection).
+//! (gather + normalise + trigger injection). It knows images and labels, not data sets or
+//! triggers: the data layer hands it [`ByteImages`] and a [`Poison`].
 
 use anyhow::{bail, Result};
 
 use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, RNG_WGSL, STEP_WGSL};
-use crate::data::backdoor::{Backdoor, Trigger};
-use crate::data::Dataset;
+
+/// u8 images (HWC per sample, scaled by 1/255 on the GPU) and their labels on the host.
+pub struct ByteImages<'a> {
+    pub name: &'a str,
+    pub pixels: &'a [u8],
+    pub labels: &'a [u8],
+    /// (height, width, channels).
+    pub shape: [usize; 3],
+    pub num_classes: usize,
+}
+
+/// What the gather kernel writes into a poisoned sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mark {
+    /// This pixel set to 1.0 in every channel.
+    Pixel { row: usize, col: usize },
+    /// Additive Gaussian noise, clipped to [0, 1] if `clip`.
+    Noise { std: f32, clip: bool },
+}
+
+/// Trigger injection as the kernel sees it: each sample is poisoned with probability
+/// `p` (a per-sample coin of the step's seed) and relabelled `target_class`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Poison {
+    pub mark: Mark,
+    pub p: f32,
+    pub target_class: u32,
+}
 
 /// Storage bindings a data set may span (`data0..data3` in `shaders/batch.wgsl`): with
 /// 128 MiB bindings, data sets up to 512 MiB (CIFAR-10's training set is 154 MB).
@@ -29,19 +56,24 @@ pub struct GpuDataset {
 }
 
 impl GpuDataset {
-    pub fn upload(ctx: &GpuContext, data: &Dataset) -> Result<Self> {
+    pub fn upload(ctx: &GpuContext, data: &ByteImages<'_>) -> Result<Self> {
         Self::upload_chunked(ctx, data, ctx.limits.max_storage_buffer_binding_size)
     }
 
     /// [`GpuDataset::upload`] with chunks of at most `max_chunk_bytes` (tests use small
     /// ones to cover the multi-chunk path).
-    pub fn upload_chunked(ctx: &GpuContext, data: &Dataset, max_chunk_bytes: u64) -> Result<Self> {
+    pub fn upload_chunked(
+        ctx: &GpuContext,
+        data: &ByteImages<'_>,
+        max_chunk_bytes: u64,
+    ) -> Result<Self> {
         let labels: Vec<u32> = data.labels.iter().map(|&l| l as u32).collect();
+        let [height, width, channels] = data.shape;
         let images = Pixels {
-            name: &data.name,
-            bytes: &data.images,
+            name: data.name,
+            bytes: data.pixels,
             bytes_per_value: 1,
-            sample_values: data.sample_dim(),
+            sample_values: height * width * channels,
         };
         let (chunks, samples_per_chunk) = images.upload(ctx, max_chunk_bytes)?;
         Ok(GpuDataset {
@@ -49,13 +81,13 @@ impl GpuDataset {
             samples_per_chunk,
             f32_pixels: false,
             labels: ctx.buffer_from(&format!("{} labels", data.name), &labels)?,
-            len: data.len(),
-            height: data.height,
-            width: data.width,
-            channels: data.channels,
+            len: data.labels.len(),
+            height,
+            width,
+            channels,
             num_classes: data.num_classes,
-            density: data.images.iter().filter(|&&p| p != 0).count() as f64
-                / data.images.len().max(1) as f64,
+            density: data.pixels.iter().filter(|&&p| p != 0).count() as f64
+                / data.pixels.len().max(1) as f64,
         })
     }
 
@@ -204,18 +236,27 @@ pub struct BatchOutputs<'a> {
     pub labels: Slice<'a>,
 }
 
-/// Gathers `rows` samples listed at `indices[step.batch_offset..]`, optionally poisoned.
-#[allow(clippy::too_many_arguments)]
-pub fn gather_batch(
-    ctx: &GpuContext,
-    data: &GpuDataset,
-    rows: usize,
-    indices: Slice<'_>,
-    out: &BatchOutputs<'_>,
-    backdoor: Option<&Backdoor>,
-    seed: u32,
-    step: &wgpu::Buffer,
-) -> Result<Dispatch> {
+/// What [`gather_batch`] reads: `rows` samples of `data` listed at
+/// `indices[step.batch_offset..]`, poisoned by `poison` with coins drawn from `seed`.
+pub struct Gather<'a> {
+    pub data: &'a GpuDataset,
+    pub rows: usize,
+    pub indices: Slice<'a>,
+    pub poison: Option<Poison>,
+    pub seed: u32,
+    pub step: &'a wgpu::Buffer,
+}
+
+/// Gathers a batch into `out`, optionally poisoned.
+pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) -> Result<Dispatch> {
+    let Gather {
+        data,
+        rows,
+        indices,
+        poison,
+        seed,
+        step,
+    } = *g;
     if rows > 65535 {
         bail!("batch of {rows} rows exceeds the 65535 limit of one dispatch");
     }
@@ -262,16 +303,28 @@ pub fn gather_batch(
         samples_per_chunk: data.samples_per_chunk as u32,
         _pad: [0; 3],
     };
-    if let Some(b) = backdoor {
-        b.validate(data.num_classes)?;
-        p.p_backdoor = b.p_backdoor;
+    if let Some(b) = poison {
+        if b.target_class as usize >= data.num_classes {
+            bail!(
+                "target_class {} out of range for {} classes",
+                b.target_class,
+                data.num_classes
+            );
+        }
+        p.p_backdoor = b.p;
         p.target_class = b.target_class;
-        match b.trigger {
-            Trigger::Corner { corner } => {
-                let (r, c) = corner.pixel(data.height, data.width);
-                (p.kind, p.corner_row, p.corner_col) = (1, r as u32, c as u32);
+        match b.mark {
+            Mark::Pixel { row, col } => {
+                if row >= data.height || col >= data.width {
+                    bail!(
+                        "trigger pixel ({row}, {col}) outside {}x{} images",
+                        data.height,
+                        data.width
+                    );
+                }
+                (p.kind, p.corner_row, p.corner_col) = (1, row as u32, col as u32);
             }
-            Trigger::Noise { std, clip } => {
+            Mark::Noise { std, clip } => {
                 (p.kind, p.noise_std, p.clip) = (2, std, clip as u32);
             }
         }
@@ -294,31 +347,4 @@ pub fn gather_batch(
         ],
         [rows as u32, 1, 1],
     )
-}
-
-/// CPU reference: the batch (rows x sample_dim, f64) and labels for `indices`.
-pub fn gather_batch_reference(
-    data: &Dataset,
-    indices: &[u32],
-    backdoor: Option<&Backdoor>,
-    seed: u32,
-    epoch: u32,
-) -> (Vec<f64>, Vec<u32>) {
-    let shape = (data.height, data.width, data.channels);
-    let mut x = Vec::with_capacity(indices.len() * data.sample_dim());
-    let mut labels = Vec::with_capacity(indices.len());
-    for &i in indices {
-        let mut img: Vec<f64> = data
-            .image(i as usize)
-            .iter()
-            .map(|&p| p as f64 / 255.0)
-            .collect();
-        let mut label = data.labels[i as usize] as u32;
-        if let Some(b) = backdoor {
-            label = b.apply_reference(&mut img, shape, label, seed, epoch, i);
-        }
-        x.extend(img);
-        labels.push(label);
-    }
-    (x, labels)
 }

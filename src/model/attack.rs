@@ -16,7 +16,7 @@ use crate::gpu::batch::GpuDataset;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::progress;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttackMethod {
     /// Fast gradient sign method: x + eps·sign(∇x loss), one step.

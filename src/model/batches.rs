@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 
 use super::gpu_mlp::{GpuMlp, Gradients, Workspace};
 use crate::data::backdoor::Backdoor;
-use crate::gpu::batch::{gather_batch, BatchOutputs, GpuDataset};
+use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 
 /// The `epoch` key of the RNG for evaluation batches: never a training epoch.
@@ -56,20 +56,27 @@ impl BatchPlan {
     ) -> Result<Self> {
         let data = inputs.data;
         let ws = model.workspace(ctx, rows, data.is_sparse(), gradients)?;
-        let mut ops = vec![gather_batch(
-            ctx,
+        let poison = inputs
+            .backdoor
+            .map(|b| b.poison(data.height, data.width, data.num_classes))
+            .transpose()?;
+        let gather = Gather {
             data,
             rows,
-            Slice::whole(inputs.indices),
+            indices: Slice::whole(inputs.indices),
+            poison,
+            seed: inputs.seed,
+            step: inputs.step,
+        };
+        let mut ops = vec![gather_batch(
+            ctx,
+            &gather,
             &BatchOutputs {
                 x: Slice::whole(&ws.x),
                 // Only an MLP's first matmul reads the transposed batch.
                 xt: (!model.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
                 labels: Slice::whole(&ws.labels),
             },
-            inputs.backdoor.as_ref(),
-            inputs.seed,
-            inputs.step,
         )?];
         ops.extend(model.forward(ctx, &ws)?);
         ops.extend(extra(&ws)?);
@@ -178,7 +185,8 @@ pub fn run_batches(
     ctx.wait(None)
 }
 
-/// [`run_batches`] over a [`SampleSet`], with `extra(ws)` appended to each plan.
+/// [`run_batches`] over a [`SampleSet`], with `extra(ws)` appended to each plan: how GPU
+/// detectors read activations ([`Workspace::activation`]) without leaving the GPU.
 pub fn for_each_activation_batch(
     ctx: &GpuContext,
     model: &GpuMlp,
@@ -186,6 +194,53 @@ pub fn for_each_activation_batch(
     batch_size: usize,
     extra: &Extra<'_>,
     before: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    run_samples(ctx, model, samples, batch_size, extra, before, |_| Ok(()))
+}
+
+/// The activations of `layers` ([`crate::model::MlpConfig::activation_layers`]
+/// indices) for every sample, read back to the host: per layer `n x width` values,
+/// row-major. For prototyping detectors on the host; each batch waits for its readback.
+pub fn read_activations(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    samples: &SampleSet<'_>,
+    batch_size: usize,
+    layers: &[usize],
+) -> Result<Vec<Vec<f32>>> {
+    let all = model.config.activation_layers();
+    if let Some(&bad) = layers.iter().find(|&&l| l >= all.len()) {
+        bail!(
+            "layer {bad} does not exist: the model has {} activation layers",
+            all.len()
+        );
+    }
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
+    run_samples(
+        ctx,
+        model,
+        samples,
+        batch_size,
+        &|_| Ok(Vec::new()),
+        |_, _| Ok(()),
+        |plan| {
+            for (o, &l) in out.iter_mut().zip(layers) {
+                o.extend(ctx.read::<f32>(plan.ws.activation(l))?);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+fn run_samples(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    samples: &SampleSet<'_>,
+    batch_size: usize,
+    extra: &Extra<'_>,
+    before: impl FnMut(usize, usize) -> Result<()>,
+    after: impl FnMut(&BatchPlan) -> Result<()>,
 ) -> Result<()> {
     let n = samples.indices.len();
     if let Some(&bad) = samples
@@ -210,5 +265,5 @@ pub fn for_each_activation_batch(
     // Forward-only results do not depend on the batch size: cap it to what fits.
     let batch = batch_size.min(model.max_rows(ctx));
     let plans = BatchPlans::new(ctx, model, &inputs, n, batch, Gradients::None, extra)?;
-    run_batches(ctx, &plans, &step, n, before, |_| Ok(()))
+    run_batches(ctx, &plans, &step, n, before, after)
 }

@@ -139,6 +139,14 @@ pub struct Workspace {
     pub dx: Option<wgpu::Buffer>,
 }
 
+impl Workspace {
+    /// Activation layer `layer` of the batch: `rows x width` values, the width of its
+    /// [`crate::model::mlp::ActivationLayer`].
+    pub fn activation(&self, layer: usize) -> Slice<'_> {
+        Slice::whole(&self.hidden[layer])
+    }
+}
+
 impl GpuMlp {
     pub fn upload(ctx: &GpuContext, mlp: &Mlp) -> Result<Self> {
         let layout = ParamLayout::new(&mlp.config);

@@ -32,6 +32,22 @@ pub struct MlpConfig {
     pub output_dim: usize,
 }
 
+/// A layer whose activations detectors read ([`MlpConfig::activation_layers`]); in a
+/// workspace they are `rows x width()` values, row-major (HWC within a row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivationLayer {
+    pub index: usize,
+    pub name: String,
+    /// Per sample: `[h, w, c]` for a conv block, `[d]` for a dense layer.
+    pub shape: Vec<usize>,
+}
+
+impl ActivationLayer {
+    pub fn width(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
 /// One conv block's input: (height, width, channels), and its output channels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvBlock {
@@ -104,6 +120,28 @@ impl MlpConfig {
             .iter()
             .map(ConvBlock::pooled_dim)
             .chain(self.hidden_dims.iter().copied())
+            .collect()
+    }
+
+    /// The layers detectors read, named `layer{i}` in [`MlpConfig::activation_dims`]
+    /// order: each conv block's pooled output `[h, w, c]`, then each hidden dense
+    /// layer's post-ReLU output `[d]`.
+    pub fn activation_layers(&self) -> Vec<ActivationLayer> {
+        let convs = self
+            .conv_blocks()
+            .iter()
+            .map(|b| vec![b.height / 2, b.width / 2, b.out_channels])
+            .collect::<Vec<_>>();
+        let dense = self.hidden_dims.iter().map(|&d| vec![d]);
+        convs
+            .into_iter()
+            .chain(dense)
+            .enumerate()
+            .map(|(index, shape)| ActivationLayer {
+                index,
+                name: format!("layer{index}"),
+                shape,
+            })
             .collect()
     }
 

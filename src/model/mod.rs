@@ -3,7 +3,6 @@
 
 pub mod attack;
 pub mod batches;
-pub mod classifier;
 pub mod gpu_mlp;
 pub mod mlp;
 pub mod train;

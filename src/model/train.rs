@@ -33,7 +33,7 @@ pub struct TrainOptions {
 }
 
 /// How the learning rate changes over the planned steps. The original had no schedule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     #[default]

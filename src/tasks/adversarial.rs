@@ -5,13 +5,15 @@
 //! original spawned `python`) from the test split. Normal test data: clean test images
 //! that were not attacked (the original reused training data).
 //!
-//! [`make_adversarial_examples`] is also the `make-adversarial-examples` command.
+//! [`attack_examples`] and [`store_examples`] also serve the `make-adversarial-examples`
+//! workflow.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
 use crate::data::adversarial::{AdversarialExamples, AdversarialMeta};
@@ -21,8 +23,10 @@ use crate::gpu::batch::{FloatImages, GpuDataset};
 use crate::gpu::GpuContext;
 use crate::io::write_json;
 use crate::model::attack::{attack, AttackConfig};
+use crate::model::attack::{AttackMethod, DEFAULT_EPS, DEFAULT_PGD_STEPS};
 use crate::model::GpuMlp;
-use crate::run::{refuse_overwrite, ClassifierRun};
+use crate::registry::{defaults_of, opt, ConfigSpec, Kind, Opt, TaskEntry, TaskEnv};
+use crate::run::ClassifierRun;
 
 pub const EXAMPLES_FILE: &str = "adv_examples.safetensors";
 pub const REPORT_FILE: &str = "adv_examples.json";
@@ -61,20 +65,15 @@ pub struct AdversarialReport {
     pub attack_seconds: f64,
 }
 
-/// Attacks the classifier in `run_dir` and writes `adv_examples.safetensors`,
-/// `adv_examples.json` and `adv_examples.png` (clean | adversarial pairs) there.
-pub fn make_adversarial_examples(
+/// Attacks the classifier of `run` on the first samples of `data` (already checked by
+/// [`AdversarialOptions`]); nothing is written.
+pub fn attack_examples(
+    ctx: &GpuContext,
     run: &ClassifierRun,
     data: &Dataset,
     opts: &AdversarialOptions,
-    overwrite: bool,
-    write: bool,
     progress: bool,
 ) -> Result<(AdversarialExamples, AdversarialReport)> {
-    let dir = &run.dir;
-    if write {
-        refuse_overwrite(dir, &[EXAMPLES_FILE, REPORT_FILE, GRID_FILE], overwrite)?;
-    }
     if !(0.0..=1.0).contains(&opts.success_threshold) {
         bail!(
             "success_threshold must be in [0, 1], got {}",
@@ -88,12 +87,10 @@ pub fn make_adversarial_examples(
             data.name
         );
     }
-    let ctx = GpuContext::new()?;
-    crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
-    let model = GpuMlp::upload(&ctx, &run.model)?;
-    let gdata = GpuDataset::upload(&ctx, data)?;
+    let model = GpuMlp::upload(ctx, &run.model)?;
+    let gdata = GpuDataset::upload(ctx, &data.as_images())?;
     let indices: Vec<u32> = (0..n as u32).collect();
-    let outcome = attack(&ctx, &model, &gdata, &indices, &opts.attack, progress)?;
+    let outcome = attack(ctx, &model, &gdata, &indices, &opts.attack, progress)?;
     let mut report = AdversarialReport {
         original_loss: outcome.original_loss(),
         new_loss: outcome.new_loss(),
@@ -141,23 +138,35 @@ pub fn make_adversarial_examples(
             bail!("no attack succeeded: nothing to keep with only_successful");
         }
     }
-    if write {
-        examples.save(&dir.join(EXAMPLES_FILE))?;
-        write_json(&dir.join(REPORT_FILE), &report)?;
-        let shown = examples.len().min(9);
-        let d = h * w * c;
-        let pairs: Vec<(Vec<f32>, &[f32])> = (0..shown)
-            .map(|i| {
-                let clean = data.image(examples.source_indices[i] as usize);
-                (
-                    clean.iter().map(|&p| p as f32 / 255.0).collect(),
-                    &examples.images[i * d..(i + 1) * d],
-                )
-            })
-            .collect();
-        write_pairs_png(&dir.join(GRID_FILE), &pairs, [h, w, c])?;
-    }
     Ok((examples, report))
+}
+
+/// The files [`store_examples`] writes into a classifier run dir.
+pub const FILES: [&str; 3] = [EXAMPLES_FILE, REPORT_FILE, GRID_FILE];
+
+/// Writes `adv_examples.safetensors`, `adv_examples.json` and `adv_examples.png` (clean |
+/// adversarial pairs of `data`) into `dir`, replacing existing ones.
+pub fn store_examples(
+    dir: &Path,
+    data: &Dataset,
+    examples: &AdversarialExamples,
+    report: &AdversarialReport,
+) -> Result<()> {
+    examples.save(&dir.join(EXAMPLES_FILE))?;
+    write_json(&dir.join(REPORT_FILE), report)?;
+    let shown = examples.len().min(9);
+    let [h, w, c] = examples.shape;
+    let d = h * w * c;
+    let pairs: Vec<(Vec<f32>, &[f32])> = (0..shown)
+        .map(|i| {
+            let clean = data.image(examples.source_indices[i] as usize);
+            (
+                clean.iter().map(|&p| p as f32 / 255.0).collect(),
+                &examples.images[i * d..(i + 1) * d],
+            )
+        })
+        .collect();
+    write_pairs_png(&dir.join(GRID_FILE), &pairs, [h, w, c])
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,6 +181,25 @@ pub struct AdversarialTaskConfig {
     pub max_train_size: Option<usize>,
     pub max_test_size: Option<usize>,
     pub normal_weight: f64,
+}
+
+impl Default for AdversarialTaskConfig {
+    /// The original's defaults (the run path is required).
+    fn default() -> Self {
+        AdversarialTaskConfig {
+            run_path: PathBuf::new(),
+            attack: AttackConfig {
+                // PGD's count; FGSM takes one step.
+                steps: DEFAULT_PGD_STEPS,
+                ..AttackConfig::new(AttackMethod::Fgsm, DEFAULT_EPS, DEFAULT_PGD_STEPS, None)
+            },
+            success_threshold: 0.1,
+            only_successful: false,
+            max_train_size: None,
+            max_test_size: None,
+            normal_weight: 0.5,
+        }
+    }
 }
 
 pub struct AdversarialTask {
@@ -192,15 +220,30 @@ impl AdversarialTask {
         })
     }
 
-    pub fn build(config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
-        let config = serde_json::from_value(config.clone()).context("adversarial task config")?;
-        Ok(Box::new(AdversarialTask::new(config, data_dir)?))
+    /// The task from its config, attacking with the command's seed.
+    pub fn build(config: &Value, env: &TaskEnv) -> Result<Box<dyn Task>> {
+        let mut config: AdversarialTaskConfig =
+            serde_json::from_value(config.clone()).context("adversarial task config")?;
+        let a = &config.attack;
+        config.attack = AttackConfig {
+            batch_size: a.batch_size,
+            seed: env.seed,
+            ..AttackConfig::new(a.method, a.eps, a.steps, a.step_size)
+        };
+        Ok(Box::new(AdversarialTask::new(config, &env.data_dir)?))
     }
 
-    /// The stored examples, made (and stored) on first use.
+    /// The examples [`Task::prepare`] loaded or made.
     pub fn examples(&self) -> Result<&AdversarialExamples> {
-        if let Some(e) = self.examples.get() {
-            return Ok(e);
+        self.examples.get().context(
+            "the adversarial examples are not loaded yet: call Task::prepare before test_mix",
+        )
+    }
+
+    /// Loads the stored examples, or attacks the test split with `ctx` and stores them.
+    fn load_or_make(&self, ctx: &GpuContext, progress: bool) -> Result<()> {
+        if self.examples.get().is_some() {
+            return Ok(());
         }
         let path = self.run.dir.join(EXAMPLES_FILE);
         let examples = if path.exists() {
@@ -234,10 +277,10 @@ impl AdversarialTask {
                 success_threshold: self.config.success_threshold,
                 only_successful: self.config.only_successful,
             };
-            {
-                // The report and picture belong to the missing examples: replace them.
-                make_adversarial_examples(&self.run, test, &opts, true, true, true)?.0
-            }
+            let (examples, report) = attack_examples(ctx, &self.run, test, &opts, progress)?;
+            // The report and picture belong to the missing examples: replace them.
+            store_examples(&self.run.dir, test, &examples, &report)?;
+            examples
         };
         let [h, w, c] = self.run.model.config.input_shape;
         if examples.shape != [h, w, c]
@@ -252,7 +295,8 @@ impl AdversarialTask {
                 [h, w, c]
             );
         }
-        Ok(self.examples.get_or_init(|| examples))
+        let _ = self.examples.set(examples);
+        Ok(())
     }
 }
 
@@ -273,9 +317,13 @@ impl Task for AdversarialTask {
         self.splits.get(split)
     }
 
+    fn prepare(&self, ctx: &GpuContext, progress: bool) -> Result<()> {
+        self.load_or_make(ctx, progress)
+    }
+
     fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
         match source {
-            Source::Data(split) => GpuDataset::upload(ctx, self.dataset(split)?),
+            Source::Data(split) => GpuDataset::upload(ctx, &self.dataset(split)?.as_images()),
             Source::Adversarial => {
                 let e = self.examples()?;
                 GpuDataset::upload_f32(
@@ -347,3 +395,65 @@ impl Task for AdversarialTask {
         })
     }
 }
+
+const OPTIONS: &[Opt] = &[
+    super::backdoor::RUN_PATH,
+    opt(
+        "attack",
+        &["/attack/method"],
+        Kind::Str,
+        "The attack, when RUN/adv_examples.safetensors must be made: fgsm or pgd.",
+    ),
+    opt(
+        "eps",
+        &["/attack/eps"],
+        Kind::Float,
+        "The attack's L-infinity radius.",
+    ),
+    opt("steps", &["/attack/steps"], Kind::Int, "PGD steps."),
+    opt(
+        "step_size",
+        &["/attack/step_size"],
+        Kind::Float,
+        "PGD step size [none: 2.5 eps/steps].",
+    ),
+    opt(
+        "attack_batch_size",
+        &["/attack/batch_size"],
+        Kind::Int,
+        "Samples per attack batch.",
+    ),
+    opt(
+        "success_threshold",
+        &["/success_threshold"],
+        Kind::Float,
+        "Fail when the accuracy after the attack is above this.",
+    ),
+    opt(
+        "only_successful",
+        &["/only_successful"],
+        Kind::Bool,
+        "Keep only examples the classifier gets wrong.",
+    ),
+    super::backdoor::MAX_TRAIN_SIZE,
+    super::backdoor::MAX_TEST_SIZE,
+    super::backdoor::NORMAL_WEIGHT,
+];
+
+/// The registry entry.
+pub const ENTRY: TaskEntry = TaskEntry {
+    name: "adversarial_examples",
+    doc: "Are inputs adversarial examples of the classifier? Made on first use into the run dir.",
+    config: ConfigSpec {
+        defaults: defaults_of::<AdversarialTaskConfig>,
+        options: OPTIONS,
+        nested: &[],
+        debug: &[
+            ("/max_train_size", "2"),
+            ("/max_test_size", "2"),
+            ("/attack/batch_size", "1"),
+            ("/success_threshold", "1.0"),
+        ],
+    },
+    build: AdversarialTask::build,
+};

@@ -7,12 +7,15 @@
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
+
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
-use crate::data::backdoor::Backdoor;
+use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
 use crate::data::{Dataset, Split};
+use crate::registry::{defaults_of, opt, ConfigSpec, Kind, Opt, TaskEntry, TaskEnv};
 use crate::run::ClassifierRun;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,26 @@ pub struct BackdoorTaskConfig {
     pub anomalous_split: AnomalousSplit,
 }
 
+impl Default for BackdoorTaskConfig {
+    /// The original's defaults (the run path is required).
+    fn default() -> Self {
+        BackdoorTaskConfig {
+            run_path: PathBuf::new(),
+            backdoor: Backdoor {
+                trigger: Trigger::Corner {
+                    corner: Corner::TopLeft,
+                },
+                p_backdoor: 1.0,
+                target_class: 0,
+            },
+            max_train_size: None,
+            max_test_size: None,
+            normal_weight: 0.5,
+            anomalous_split: AnomalousSplit::Test,
+        }
+    }
+}
+
 pub struct BackdoorTask {
     config: BackdoorTaskConfig,
     run: ClassifierRun,
@@ -55,9 +78,9 @@ impl BackdoorTask {
         })
     }
 
-    pub fn build(config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
+    pub fn build(config: &serde_json::Value, env: &TaskEnv) -> Result<Box<dyn Task>> {
         let config = serde_json::from_value(config.clone()).context("backdoor task config")?;
-        Ok(Box::new(BackdoorTask::new(config, data_dir)?))
+        Ok(Box::new(BackdoorTask::new(config, &env.data_dir)?))
     }
 }
 
@@ -116,3 +139,79 @@ impl Task for BackdoorTask {
         })
     }
 }
+
+/// The defaults, with the noise trigger's fields beside the corner's so that
+/// `--task.backdoor noise` finds them.
+fn defaults() -> Value {
+    let mut config = defaults_of::<BackdoorTaskConfig>();
+    let noise = serde_json::to_value(Trigger::Noise {
+        std: DEFAULT_NOISE_STD,
+        clip: true,
+    })
+    .expect("triggers serialise");
+    let backdoor = config["backdoor"].as_object_mut().expect("an object");
+    for (k, v) in noise.as_object().expect("an object") {
+        backdoor.entry(k.clone()).or_insert(v.clone());
+    }
+    config
+}
+
+const fn required(o: Opt) -> Opt {
+    Opt {
+        required: true,
+        ..o
+    }
+}
+
+/// Options shared with the adversarial-examples task.
+pub(super) const RUN_PATH: Opt = required(opt(
+    "run_path",
+    &["/run_path"],
+    Kind::Str,
+    "The classifier run directory (from train-classifier).",
+));
+pub(super) const MAX_TRAIN_SIZE: Opt = opt(
+    "max_train_size",
+    &["/max_train_size"],
+    Kind::Int,
+    "Fit on the first N trusted (training) samples only [none: all].",
+);
+pub(super) const MAX_TEST_SIZE: Opt = opt(
+    "max_test_size",
+    &["/max_test_size"],
+    Kind::Int,
+    "Total size of the test mix [none: the largest the data allow].",
+);
+pub(super) const NORMAL_WEIGHT: Opt = opt(
+    "normal_weight",
+    &["/normal_weight"],
+    Kind::Float,
+    "Fraction of normal samples in the test mix.",
+);
+
+const OPTIONS: &[Opt] = &[
+    RUN_PATH,
+    required(opt("backdoor", &["/backdoor/kind"], Kind::Str, "The anomalies' trigger: corner or noise.")),
+    opt("backdoor.corner", &["/backdoor/corner"], Kind::Str, "Corner trigger: top-left, top-right, bottom-left or bottom-right."),
+    opt("backdoor.target_class", &["/backdoor/target_class"], Kind::Int, "The trigger's target class."),
+    opt("backdoor.std", &["/backdoor/std"], Kind::Float, "Noise trigger: standard deviation."),
+    opt("backdoor.clip", &["/backdoor/clip"], Kind::Bool, "Noise trigger: clip images to [0, 1] (the original 0.0.1 did not)."),
+    opt("backdoor.p_backdoor", &["/backdoor/p_backdoor"], Kind::Float, "Fraction of anomalous samples that actually get the trigger."),
+    MAX_TRAIN_SIZE,
+    MAX_TEST_SIZE,
+    NORMAL_WEIGHT,
+    opt("anomalous_split", &["/anomalous_split"], Kind::Str, "Split the anomalies come from: test, or train (the original's choice, which overlaps the fitting data)."),
+];
+
+/// The registry entry.
+pub const ENTRY: TaskEntry = TaskEntry {
+    name: "backdoor",
+    doc: "Are inputs carrying a trigger? Trusted: clean training images; anomalies: triggered test images.",
+    config: ConfigSpec {
+        defaults,
+        options: OPTIONS,
+        nested: &[],
+        debug: &[("/max_train_size", "2"), ("/max_test_size", "2")],
+    },
+    build: BackdoorTask::build,
+};

@@ -1,8 +1,9 @@
 //! Tasks: what a detector is trained and tested on. A task provides the classifier,
 //! trusted (clean) samples to fit on, and a test mix of normal and anomalous samples.
 //!
-//! To add one: write `src/tasks/<name>.rs` implementing [`Task`] with a JSON-configurable
-//! constructor, and add one line to [`REGISTRY`].
+//! To add one: write `src/tasks/<name>.rs` with a config struct, the [`Task`] impl and a
+//! [`crate::registry::TaskEntry`], and add one line to
+//! [`crate::registry::Registry::builtin`] (or register it at run time from your own crate).
 
 pub mod adversarial;
 pub mod backdoor;
@@ -91,32 +92,18 @@ pub trait Task {
     /// Uploads the samples of `source`; tasks with computed images override this.
     fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
         match source {
-            Source::Data(split) => GpuDataset::upload(ctx, self.dataset(split)?),
+            Source::Data(split) => GpuDataset::upload(ctx, &self.dataset(split)?.as_images()),
             Source::Adversarial => bail!("the {} task has no adversarial examples", self.kind()),
         }
+    }
+    /// Computes what [`Task::test_mix`] needs on the GPU (the adversarial task's
+    /// examples, when not stored yet); evaluation calls it first.
+    fn prepare(&self, _ctx: &GpuContext, _progress: bool) -> Result<()> {
+        Ok(())
     }
     /// Trusted data to fit detectors on (clean).
     fn trusted(&self) -> Result<SampleSpec>;
     fn test_mix(&self) -> Result<TestMix>;
-}
-
-/// Builds a task from its JSON config, reading data from the data dir.
-pub type BuildFn = fn(&serde_json::Value, &Path) -> Result<Box<dyn Task>>;
-
-/// name → constructor. One line per task.
-pub const REGISTRY: &[(&str, BuildFn)] = &[
-    ("backdoor", backdoor::BackdoorTask::build),
-    ("adversarial_examples", adversarial::AdversarialTask::build),
-];
-
-pub fn build(kind: &str, config: &serde_json::Value, data_dir: &Path) -> Result<Box<dyn Task>> {
-    match REGISTRY.iter().find(|(name, _)| *name == kind) {
-        Some((_, build)) => build(config, data_dir),
-        None => {
-            let names: Vec<_> = REGISTRY.iter().map(|(n, _)| *n).collect();
-            bail!("unknown task {kind:?}; available: {}", names.join(", "))
-        }
-    }
 }
 
 /// Sizes of the normal and anomalous parts of a test mix, as the original computes

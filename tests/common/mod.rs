@@ -1,6 +1,9 @@
 //! Shared test helpers: a GPU context (or a skip), and deterministic random data.
 #![allow(dead_code)]
 
+use std::path::Path;
+
+use cupbearer::data::{idx, Dataset};
 use cupbearer::gpu::GpuContext;
 
 /// A context on whatever adapter exists. Without one, tests skip, except under CI
@@ -32,5 +35,27 @@ pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str)
             err <= atol + rtol * w.abs(),
             "{what}: element {i}: got {g}, want {w} (error {err:e})"
         );
+    }
+}
+
+/// Writes a synthetic data set as MNIST-named IDX files under `dir/mnist/`.
+pub fn write_mnist_like(dir: &Path, train: &Dataset, test: &Dataset) {
+    let d = dir.join("mnist");
+    std::fs::create_dir_all(&d).unwrap();
+    for (prefix, set) in [("train", train), ("t10k", test)] {
+        idx::write_images(
+            &d.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            set.height,
+            set.width,
+            &set.images,
+            true,
+        )
+        .unwrap();
+        idx::write_labels(
+            &d.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+            &set.labels,
+            true,
+        )
+        .unwrap();
     }
 }

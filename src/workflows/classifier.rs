@@ -1,5 +1,5 @@
-//! The `train-classifier` workflow as a library call: load data, train on the GPU,
-//! evaluate clean accuracy and attack success, write the run directory.
+//! The `train-classifier` workflow: load data, train on the GPU, evaluate clean accuracy
+//! and attack success, write the run directory.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::train::{evaluate, train, EpochMetrics, TrainOptions};
-use super::{GpuMlp, Mlp};
+use super::context;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
-use crate::gpu::GpuContext;
 use crate::io::write_json;
+use crate::model::train::{evaluate, train, EpochMetrics, TrainOptions};
+use crate::model::{GpuMlp, Mlp};
 use crate::run::{refuse_overwrite, ClassifierRunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 
 pub struct RunOptions {
@@ -87,11 +87,10 @@ pub fn train_classifier(
     let mlp_config = config.model.layers_mut();
     mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
 
-    let ctx = GpuContext::new()?;
-    crate::progress::note(opts.progress, &format!("adapter: {}", ctx.adapter_name()));
+    let ctx = context(opts.progress)?;
     let t = &config.training;
     let model = GpuMlp::upload(&ctx, &Mlp::init(mlp_config, t.seed)?)?;
-    let train_gpu = GpuDataset::upload(&ctx, &train_set)?;
+    let train_gpu = GpuDataset::upload(&ctx, &train_set.as_images())?;
     drop(train_set);
     let report = train(
         &ctx,
@@ -110,7 +109,7 @@ pub fn train_classifier(
     )?;
     drop(train_gpu);
 
-    let test_gpu = GpuDataset::upload(&ctx, &test_set)?;
+    let test_gpu = GpuDataset::upload(&ctx, &test_set.as_images())?;
     let all: Vec<u32> = (0..test_set.len() as u32).collect();
     let batch = opts.eval_batch_size;
     let clean = evaluate(&ctx, &model, &test_gpu, &all, None, t.seed, batch)?;

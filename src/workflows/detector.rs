@@ -1,70 +1,31 @@
-//! The `train-detector` and `eval-detector` workflows as library calls.
-//!
-//! A detector run dir holds `config.json` ([`DetectorRunConfig`]) and
-//! `detector.safetensors`. Evaluation writes `eval.json`, `scores.csv`,
-//! `histogram.svg` and `roc.svg` into its output dir.
+//! The `train-detector` and `eval-detector` workflows: fit a detector on a task's trusted
+//! data and write a detector run dir; score a task's test mix and write the evaluation
+//! files (formats in [`crate::run`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{Detector, LayerScores, MixSamples, SampleSet};
+use super::{context, Output};
+use crate::detectors::{Detector, LayerScores, MixSamples, SampleSet};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_svg};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
 use crate::io::{write_atomic, write_json};
 use crate::model::GpuMlp;
-use crate::run::refuse_overwrite;
+use crate::registry::Registry;
+use crate::run::{
+    refuse_overwrite, DetectorRunConfig, DETECTOR_CONFIG_FILE, DETECTOR_FILE, EVAL_FILE,
+    HISTOGRAM_FILE, ROC_FILE, SCORES_FILE,
+};
 use crate::tasks::{SampleSpec, Source, Task};
 
-pub const DETECTOR_CONFIG_FILE: &str = "config.json";
-pub const DETECTOR_FILE: &str = "detector.safetensors";
-pub const EVAL_FILE: &str = "eval.json";
-pub const SCORES_FILE: &str = "scores.csv";
-pub const HISTOGRAM_FILE: &str = "histogram.svg";
-pub const ROC_FILE: &str = "roc.svg";
-
-/// `config.json` of a detector run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DetectorRunConfig {
-    pub command: String,
-    pub cupbearer_version: String,
-    pub task_kind: String,
-    pub task: serde_json::Value,
-    pub detector_kind: String,
-    pub detector: serde_json::Value,
-    pub seed: u32,
-}
-
-impl DetectorRunConfig {
-    pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(DETECTOR_CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} is not a detector run ({DETECTOR_CONFIG_FILE} missing; create one with \
-                 `cupbearer train-detector`)",
-                dir.display()
-            )
-        })?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a detector run config", path.display()))?;
-        if config.command != "train-detector" {
-            bail!(
-                "{} was written by `{}`, not train-detector",
-                path.display(),
-                config.command
-            );
-        }
-        Ok(config)
-    }
-}
-
-/// The GPU side of a task: context, model and the sources `specs` use, uploaded.
+/// The GPU side of a task: context, model and the sources the specs use, uploaded.
 struct Loaded {
     ctx: GpuContext,
     model: GpuMlp,
@@ -72,20 +33,22 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(task: &dyn Task, specs: &[&SampleSpec], progress: bool) -> Result<Self> {
-        let ctx = GpuContext::new()?;
-        crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
-        let mut sources = HashMap::new();
-        for spec in specs {
-            if let std::collections::hash_map::Entry::Vacant(e) = sources.entry(spec.source) {
-                e.insert(task.upload(&ctx, spec.source)?);
-            }
-        }
+    fn new(task: &dyn Task, progress: bool) -> Result<Self> {
+        let ctx = context(progress)?;
         Ok(Loaded {
             model: GpuMlp::upload(&ctx, &task.classifier().model)?,
-            sources,
+            sources: HashMap::new(),
             ctx,
         })
+    }
+
+    fn upload(&mut self, task: &dyn Task, specs: &[&SampleSpec]) -> Result<()> {
+        for spec in specs {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.sources.entry(spec.source) {
+                e.insert(task.upload(&self.ctx, spec.source)?);
+            }
+        }
+        Ok(())
     }
 
     fn samples<'a>(&'a self, spec: &'a SampleSpec, seed: u32) -> SampleSet<'a> {
@@ -110,22 +73,26 @@ pub fn train_detector(
     task: &dyn Task,
     mut detector: Box<dyn Detector>,
     seed: u32,
-    out: Option<&Path>,
-    overwrite: bool,
-    progress: bool,
+    out: &Output<'_>,
 ) -> Result<FitReport> {
     let wall = Instant::now();
-    if let Some(out) = out {
-        refuse_overwrite(out, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], overwrite)?;
+    if let Some(dir) = out.dir {
+        refuse_overwrite(dir, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], out.overwrite)?;
     }
     let trusted = task.trusted()?;
-    let gpu = Loaded::new(task, &[&trusted], progress)?;
+    let mut gpu = Loaded::new(task, out.progress)?;
+    gpu.upload(task, &[&trusted])?;
     let fit = Instant::now();
-    detector.fit(&gpu.ctx, &gpu.model, &gpu.samples(&trusted, seed), progress)?;
+    detector.fit(
+        &gpu.ctx,
+        &gpu.model,
+        &gpu.samples(&trusted, seed),
+        out.progress,
+    )?;
     let fit_seconds = fit.elapsed().as_secs_f64();
-    if let Some(out) = out {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        detector.save(&out.join(DETECTOR_FILE))?;
+    if let Some(dir) = out.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        detector.save(&dir.join(DETECTOR_FILE))?;
         let config = DetectorRunConfig {
             command: "train-detector".into(),
             cupbearer_version: env!("CARGO_PKG_VERSION").into(),
@@ -135,7 +102,7 @@ pub fn train_detector(
             detector: detector.config(),
             seed,
         };
-        write_json(&out.join(DETECTOR_CONFIG_FILE), &config)?;
+        write_json(&dir.join(DETECTOR_CONFIG_FILE), &config)?;
     }
     Ok(FitReport {
         trusted_samples: trusted.indices.len(),
@@ -187,9 +154,6 @@ pub struct LayerMetrics {
     pub ap: f64,
 }
 
-/// Scores the task's test mix with a trained detector and writes the eval files, if
-/// `out` is given. Adds files to `out` (which may be the detector's own dir); an
-/// existing `eval.json` is refused unless `overwrite`.
 /// The detector eval-detector scores with.
 pub enum DetectorSource {
     /// A detector run dir from train-detector.
@@ -201,28 +165,44 @@ pub enum DetectorSource {
     },
 }
 
+/// How eval-detector scores: `batch_size` samples per GPU batch, triggers drawn from `seed`.
+pub struct EvalOptions<'a> {
+    pub registry: &'a Registry,
+    pub batch_size: usize,
+    pub seed: u32,
+}
+
+/// Scores the task's test mix with a detector and writes the eval files if `out.dir`
+/// is given (which may be the detector's own dir); existing outputs are refused unless
+/// `out.overwrite`.
 pub fn eval_detector(
     task: &dyn Task,
     source: &DetectorSource,
-    batch_size: usize,
-    seed: u32,
-    out: Option<&Path>,
-    overwrite: bool,
-    progress: bool,
+    opts: &EvalOptions<'_>,
+    out: &Output<'_>,
 ) -> Result<EvalReport> {
     let wall = Instant::now();
     let outputs = [EVAL_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE];
-    if let Some(out) = out {
-        refuse_overwrite(out, &outputs, overwrite)?;
+    if let Some(dir) = out.dir {
+        refuse_overwrite(dir, &outputs, out.overwrite)?;
     }
     let (detector, detector_path) = match source {
         DetectorSource::Run(dir) => {
             let run = DetectorRunConfig::load(dir)?;
-            let det = super::load(&run.detector_kind, &run.detector, &dir.join(DETECTOR_FILE))?;
+            let det = opts.registry.load_detector(
+                &run.detector_kind,
+                &run.detector,
+                &dir.join(DETECTOR_FILE),
+            )?;
             (det, dir.clone())
         }
-        DetectorSource::Config { kind, config } => (super::build(kind, config)?, PathBuf::new()),
+        DetectorSource::Config { kind, config } => {
+            (opts.registry.build_detector(kind, config)?, PathBuf::new())
+        }
     };
+    let (seed, batch_size) = (opts.seed, opts.batch_size);
+    let mut gpu = Loaded::new(task, out.progress)?;
+    task.prepare(&gpu.ctx, out.progress)?;
     let mix = task.test_mix()?;
     let trusted = if detector.needs_trusted() {
         Some(task.trusted()?)
@@ -231,7 +211,7 @@ pub fn eval_detector(
     };
     let mut specs = vec![&mix.normal, &mix.anomalous];
     specs.extend(trusted.as_ref());
-    let gpu = Loaded::new(task, &specs, progress)?;
+    gpu.upload(task, &specs)?;
     let start = Instant::now();
     let (normal_set, anomalous_set) = (
         gpu.samples(&mix.normal, seed),
@@ -299,7 +279,7 @@ pub fn eval_detector(
         score_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
     };
-    let Some(out) = out else {
+    let Some(out) = out.dir else {
         return Ok(report);
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
