@@ -5,7 +5,9 @@ mod common;
 use common::{assert_close, gpu, random};
 use cupbearer::gpu::adam::{adam, adam_reference, set_adam_step};
 use cupbearer::gpu::loss::{softmax_cross_entropy, softmax_cross_entropy_reference, LossOutputs};
-use cupbearer::gpu::matmul::{matmul, matmul_reference, MatmulArgs, MatmulFlags, Schedule};
+use cupbearer::gpu::matmul::{
+    matmul, matmul_reference, HostMatmul, MatmulArgs, MatmulFlags, Schedule,
+};
 use cupbearer::gpu::reduce::{column_sums, column_sums_reference};
 use cupbearer::gpu::{GpuContext, Slice, StepParams};
 
@@ -78,13 +80,15 @@ fn check_matmul(
     let got: Vec<f32> = ctx.read(Slice::new(&c, 0, m * n)).unwrap();
     let want = matmul_reference(
         flags,
-        m,
-        n,
-        k,
-        &a,
-        &b,
-        flags.bias.then_some(&bias[..]),
-        flags.relu_mask.then_some(&mask[..]),
+        &HostMatmul {
+            m,
+            n,
+            k,
+            a: &a,
+            b: &b,
+            bias: flags.bias.then_some(&bias[..]),
+            mask: flags.relu_mask.then_some(&mask[..]),
+        },
     );
     let what = format!("{schedule:?} {flags:?} {m}x{n}x{k}");
     assert_close(&got, &want, 1e-5, 1e-5, &what);
@@ -391,7 +395,7 @@ fn attack_start_and_update_match_reference() {
 fn abstraction_losses_match_reference() {
     use cupbearer::gpu::abstraction::{
         cosine_distance, cosine_distance_reference, kl_divergence, kl_divergence_reference,
-        LossGrads,
+        LossArgs, LossGrads,
     };
     let Some(ctx) = gpu() else { return };
     let (rows, dim, offset) = (11, 13, 5);
@@ -417,22 +421,20 @@ fn abstraction_losses_match_reference() {
         // The reference gradient is accumulated onto what is there.
         let prior = random(rows * dim, 9);
         let grad_ref = ctx.buffer_from("grad_ref", &prior).unwrap();
-        let op = cosine_distance(
-            &ctx,
+        let grads = LossGrads {
+            pred: Slice::whole(&grad_pred),
+            reference: Some(Slice::whole(&grad_ref)),
+            scale,
+        };
+        let args = LossArgs {
             rows,
-            dim,
-            relu,
-            Slice::whole(&gp),
-            Slice::whole(&gr),
-            Slice::whole(&loss),
-            Some(&LossGrads {
-                pred: Slice::whole(&grad_pred),
-                reference: Some(Slice::whole(&grad_ref)),
-                scale,
-            }),
-            &step,
-        )
-        .unwrap();
+            pred: Slice::whole(&gp),
+            reference: Slice::whole(&gr),
+            loss: Slice::whole(&loss),
+            grads: Some(&grads),
+            step: &step,
+        };
+        let op = cosine_distance(&ctx, dim, relu, &args).unwrap();
         ctx.submit([&op]);
         let (l, ga, gb) =
             cosine_distance_reference(&to64(&pred), &to64(&reference), dim, relu, scale as f64);
@@ -458,22 +460,20 @@ fn abstraction_losses_match_reference() {
         let gl = ctx.buffer_from("logits", &logits).unwrap();
         let loss = ctx.zeros("loss", offset + rows).unwrap();
         let grad = ctx.zeros("grad", rows * pred_dim).unwrap();
-        let op = kl_divergence(
-            &ctx,
+        let grads = LossGrads {
+            pred: Slice::whole(&grad),
+            reference: None,
+            scale,
+        };
+        let args = LossArgs {
             rows,
-            classes,
-            single_class,
-            Slice::whole(&gp),
-            Slice::whole(&gl),
-            Slice::whole(&loss),
-            Some(&LossGrads {
-                pred: Slice::whole(&grad),
-                reference: None,
-                scale,
-            }),
-            &step,
-        )
-        .unwrap();
+            pred: Slice::whole(&gp),
+            reference: Slice::whole(&gl),
+            loss: Slice::whole(&loss),
+            grads: Some(&grads),
+            step: &step,
+        };
+        let op = kl_divergence(&ctx, classes, single_class, &args).unwrap();
         ctx.submit([&op]);
         let (l, g) = kl_divergence_reference(
             &to64(&pred),

@@ -55,6 +55,15 @@ impl Default for AdversarialAbstractionConfig {
     }
 }
 
+/// The trusted samples the finetuning steps cycle through, and the clip level of the
+/// trusted loss.
+struct TrustedStream<'a> {
+    samples: &'a SampleSet<'a>,
+    /// Where the next step's samples start.
+    next: usize,
+    clip_level: Option<f64>,
+}
+
 pub struct AdversarialAbstraction {
     config: AdversarialAbstractionConfig,
     base: Option<Abstraction>,
@@ -111,17 +120,15 @@ impl AdversarialAbstraction {
 
     /// Finetunes `base` on one test batch (its normal and anomalous parts) and scores
     /// both parts with the result.
-    #[allow(clippy::too_many_arguments)]
     fn finetune_and_score(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
         base: &Abstraction,
         parts: [&SampleSet<'_>; 2],
-        trusted: &SampleSet<'_>,
-        trusted_at: &mut usize,
-        clip_level: Option<f64>,
+        trusted: &mut TrustedStream<'_>,
     ) -> Result<[LayerScores; 2]> {
+        let clip_level = trusted.clip_level;
         let mut a = base.clone();
         let (flat, taus) = a.flat_params();
         let mut params: Vec<f64> = flat.iter().map(|&v| v as f64).collect();
@@ -132,13 +139,14 @@ impl AdversarialAbstraction {
         for t in 1..=self.config.num_steps {
             // The next trusted samples, cycling through the trusted set.
             let k = self.config.num_train_samples;
+            let all = trusted.samples.indices;
             let chosen: Vec<u32> = (0..k)
-                .map(|i| trusted.indices[(*trusted_at + i) % trusted.indices.len()])
+                .map(|i| all[(trusted.next + i) % all.len()])
                 .collect();
-            *trusted_at = (*trusted_at + k) % trusted.indices.len();
+            trusted.next = (trusted.next + k) % all.len();
             let t_set = SampleSet {
                 indices: &chosen,
-                ..*trusted
+                ..*trusted.samples
             };
             let (t_raw, t_grads) = a.losses_and_gradients(ctx, model, &t_set, k, true)?;
             let t_loss = Abstraction::training_loss(&t_raw);
@@ -246,7 +254,11 @@ impl Detector for AdversarialAbstraction {
         let chunk = |n: usize| n.div_ceil(batches).max(1);
         let (cn, ca) = (chunk(normal.indices.len()), chunk(anomalous.indices.len()));
         let mut out: [Option<LayerScores>; 2] = [None, None];
-        let mut trusted_at = 0;
+        let mut stream = TrustedStream {
+            samples: trusted,
+            next: 0,
+            clip_level,
+        };
         for b in 0..batches {
             let slice = |set: &SampleSet<'_>, c: usize| -> Vec<u32> {
                 let n = set.indices.len();
@@ -263,15 +275,8 @@ impl Detector for AdversarialAbstraction {
                     ..*anomalous
                 },
             ];
-            let scored = self.finetune_and_score(
-                ctx,
-                model,
-                &base,
-                [&parts[0], &parts[1]],
-                trusted,
-                &mut trusted_at,
-                clip_level,
-            )?;
+            let scored =
+                self.finetune_and_score(ctx, model, &base, [&parts[0], &parts[1]], &mut stream)?;
             for ((acc, s), part) in out.iter_mut().zip(scored).zip(&parts) {
                 if part.indices.is_empty() {
                     continue;

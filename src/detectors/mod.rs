@@ -7,7 +7,6 @@
 //! crate: see the README's "Extending").
 
 pub mod abstraction;
-mod abstraction_maps;
 pub mod adversarial_abstraction;
 pub mod linalg;
 pub mod mahalanobis;

@@ -23,18 +23,34 @@ pub struct LossGrads<'a> {
     pub scale: f32,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The buffers of one loss dispatch over `rows` rows: the prediction, what it is
+/// compared with (the actual state, or the model's logits), each row's loss, the
+/// gradient outputs (`None`: losses only) and the step uniform.
+#[derive(Clone, Copy)]
+pub struct LossArgs<'a> {
+    pub rows: usize,
+    pub pred: Slice<'a>,
+    pub reference: Slice<'a>,
+    pub loss: Slice<'a>,
+    pub grads: Option<&'a LossGrads<'a>>,
+    pub step: &'a wgpu::Buffer,
+}
+
 fn launch(
     ctx: &GpuContext,
     entry: &str,
     constants: &[(&str, f64)],
     params: LossParams,
-    pred: Slice<'_>,
-    reference: Slice<'_>,
-    loss: Slice<'_>,
-    grads: Option<&LossGrads<'_>>,
-    step: &wgpu::Buffer,
+    args: &LossArgs<'_>,
 ) -> Result<Dispatch> {
+    let LossArgs {
+        pred,
+        reference,
+        loss,
+        grads,
+        step,
+        ..
+    } = *args;
     let mut constants = constants.to_vec();
     constants.push(("GRADS", grads.is_some() as u8 as f64));
     let kernel = simple_kernel(
@@ -69,55 +85,40 @@ fn launch(
     )
 }
 
-/// Cosine distance of `pred` to `reference` (both rows x dim) per row.
-#[allow(clippy::too_many_arguments)]
+/// Cosine distance of `pred` to `reference` (both rows x dim) per row; `relu_pred`:
+/// the gradient goes to the pre-activation of a post-ReLU `pred`.
 pub fn cosine_distance(
     ctx: &GpuContext,
-    rows: usize,
     dim: usize,
     relu_pred: bool,
-    pred: Slice<'_>,
-    reference: Slice<'_>,
-    loss: Slice<'_>,
-    grads: Option<&LossGrads<'_>>,
-    step: &wgpu::Buffer,
+    args: &LossArgs<'_>,
 ) -> Result<Dispatch> {
     let params = LossParams {
-        rows: rows as u32,
+        rows: args.rows as u32,
         dim: dim as u32,
         pred_dim: dim as u32,
-        scale: grads.map_or(0.0, |g| g.scale),
+        scale: args.grads.map_or(0.0, |g| g.scale),
     };
     let constants = [("RELU_PRED", relu_pred as u8 as f64)];
-    launch(
-        ctx, "cosine", &constants, params, pred, reference, loss, grads, step,
-    )
+    launch(ctx, "cosine", &constants, params, args)
 }
 
-/// KL(softmax(logits) || softmax(pred)) per row; `logits` is rows x classes, `pred`
-/// rows x classes, or rows x 2 with `single_class`.
-#[allow(clippy::too_many_arguments)]
+/// KL(softmax(logits) || softmax(pred)) per row; the reference is the logits, rows x
+/// classes; `pred` is rows x classes, or rows x 2 with `single_class`.
 pub fn kl_divergence(
     ctx: &GpuContext,
-    rows: usize,
     classes: usize,
     single_class: bool,
-    pred: Slice<'_>,
-    logits: Slice<'_>,
-    loss: Slice<'_>,
-    grads: Option<&LossGrads<'_>>,
-    step: &wgpu::Buffer,
+    args: &LossArgs<'_>,
 ) -> Result<Dispatch> {
     let params = LossParams {
-        rows: rows as u32,
+        rows: args.rows as u32,
         dim: classes as u32,
         pred_dim: if single_class { 2 } else { classes as u32 },
-        scale: grads.map_or(0.0, |g| g.scale),
+        scale: args.grads.map_or(0.0, |g| g.scale),
     };
     let constants = [("SINGLE_CLASS", single_class as u8 as f64)];
-    launch(
-        ctx, "kl", &constants, params, pred, logits, loss, grads, step,
-    )
+    launch(ctx, "kl", &constants, params, args)
 }
 
 /// f64 reference of [`cosine_distance`]: (loss, grad_pred, grad_reference).

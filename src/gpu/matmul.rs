@@ -307,18 +307,28 @@ pub fn matmul<'a>(
     )
 }
 
+/// Host operands of [`matmul_reference`], laid out as [`MatmulArgs`]' are.
+pub struct HostMatmul<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub mask: Option<&'a [f32]>,
+}
+
 /// f64 CPU reference of the same computation.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_reference(
-    flags: MatmulFlags,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-) -> Vec<f64> {
+pub fn matmul_reference(flags: MatmulFlags, op: &HostMatmul<'_>) -> Vec<f64> {
+    let HostMatmul {
+        m,
+        n,
+        k,
+        a,
+        b,
+        bias,
+        mask,
+    } = *op;
     let mut c = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {

@@ -452,16 +452,15 @@ impl GpuMlp {
                 let (input, _) = self.dense_input(ws, l, false);
                 let sparse = l == 0 && ws.sparse_input;
                 let (x, g) = (Slice::whole(input), Slice::whole(g));
-                ops.extend(weight_gradients(
-                    ctx,
-                    self.schedule,
-                    *s,
-                    ws.rows,
+                let w = WeightGrads {
+                    slot: *s,
+                    rows: ws.rows,
                     x,
                     g,
                     grads,
-                    sparse,
-                )?);
+                    skip_zero_x: sparse,
+                };
+                ops.extend(weight_gradients(ctx, self.schedule, &w)?);
             }
             // dz = (g · Wᵀ) ⊙ (hidden > 0), the mask fused into the matmul epilogue.
             let (out, mask) = match (l, &ws.global) {
@@ -543,16 +542,15 @@ impl GpuMlp {
             if let Some(grads) = grads {
                 let cols = whole(cw.cols.as_ref().ok_or_else(missing)?);
                 let s = self.layout.layers[i];
-                ops.extend(weight_gradients(
-                    ctx,
-                    self.schedule,
-                    s,
-                    positions,
-                    cols,
-                    whole(dconv),
+                let w = WeightGrads {
+                    slot: s,
+                    rows: positions,
+                    x: cols,
+                    g: whole(dconv),
                     grads,
-                    false,
-                )?);
+                    skip_zero_x: false,
+                };
+                ops.extend(weight_gradients(ctx, self.schedule, &w)?);
             }
             let Some(target) = target else { continue };
             let dcols = ws.dcols.as_ref().ok_or_else(missing)?;
@@ -585,21 +583,34 @@ impl GpuMlp {
     }
 }
 
-/// Parameter gradients of one dense (or im2col'd conv) layer at slot `s` of `grads`:
-/// dW = xᵀ·g (the row-major input is exactly xᵀ stored K-major) and db = column sums
-/// of g, for `rows` inputs `x` (rows x fan_in) and output gradients `g` (rows x fan_out).
-/// `skip_zero_x` skips all-zero input blocks (sparse inputs).
-#[allow(clippy::too_many_arguments)]
+/// The operands of [`weight_gradients`]: `rows` inputs `x` (rows x fan_in) and output
+/// gradients `g` (rows x fan_out) of the layer at `slot` of `grads`; `skip_zero_x` skips
+/// all-zero input blocks (sparse inputs).
+#[derive(Clone, Copy)]
+pub(crate) struct WeightGrads<'a> {
+    pub slot: LayerSlot,
+    pub rows: usize,
+    pub x: Slice<'a>,
+    pub g: Slice<'a>,
+    pub grads: &'a wgpu::Buffer,
+    pub skip_zero_x: bool,
+}
+
+/// Parameter gradients of one dense (or im2col'd conv) layer: dW = xᵀ·g (the
+/// row-major input is exactly xᵀ stored K-major) and db = column sums of g.
 pub(crate) fn weight_gradients(
     ctx: &GpuContext,
     schedule: Schedule,
-    s: LayerSlot,
-    rows: usize,
-    x: Slice<'_>,
-    g: Slice<'_>,
-    grads: &wgpu::Buffer,
-    skip_zero_x: bool,
+    w: &WeightGrads<'_>,
 ) -> Result<[Dispatch; 2]> {
+    let WeightGrads {
+        slot: s,
+        rows,
+        x,
+        g,
+        grads,
+        skip_zero_x,
+    } = *w;
     let flags = MatmulFlags {
         a_kmajor: true,
         skip_zero_a: skip_zero_x,

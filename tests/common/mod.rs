@@ -1,6 +1,8 @@
 //! Shared test helpers: a GPU context (or a skip), and deterministic random data.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::path::Path;
 
 use cupbearer::data::{idx, Dataset};

@@ -11,7 +11,7 @@ use crate::gpu::conv::{conv_op, ConvArgs, ConvOp, Nhwc};
 use crate::gpu::gate::{gate, gate_grad};
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use crate::gpu::{Dispatch, GpuContext, Slice};
-use crate::model::gpu_mlp::{weight_gradients, LayerSlot};
+use crate::model::gpu_mlp::{weight_gradients, LayerSlot, WeightGrads};
 use crate::model::mlp::Dense;
 
 /// The shape of one sample's activation or abstract state.
@@ -395,7 +395,16 @@ pub(crate) fn backward(
     match map {
         Map::Dense { .. } => {
             ops.extend(weight_gradients(
-                ctx, schedule, p.slot, rows, x, g, grads, false,
+                ctx,
+                schedule,
+                &WeightGrads {
+                    slot: p.slot,
+                    rows,
+                    x,
+                    g,
+                    grads,
+                    skip_zero_x: false,
+                },
             )?);
             if let Some(gx) = gx {
                 ops.push(input_gradient(ctx, schedule, rows, g, p, gx)?);
@@ -427,7 +436,16 @@ pub(crate) fn backward(
             };
             let cols = whole(b.cols.as_ref().ok_or_else(missing)?);
             ops.extend(weight_gradients(
-                ctx, schedule, p.slot, positions, cols, g_conv, grads, false,
+                ctx,
+                schedule,
+                &WeightGrads {
+                    slot: p.slot,
+                    rows: positions,
+                    x: cols,
+                    g: g_conv,
+                    grads,
+                    skip_zero_x: false,
+                },
             )?);
             if let Some(gx) = gx {
                 let dcols = whole(b.dcols.as_ref().ok_or_else(missing)?);
@@ -443,7 +461,16 @@ pub(crate) fn backward(
         Map::PoolDense { input, .. } => {
             let pooled = whole(b.pooled.as_ref().ok_or_else(missing)?);
             ops.extend(weight_gradients(
-                ctx, schedule, p.slot, rows, pooled, g, grads, false,
+                ctx,
+                schedule,
+                &WeightGrads {
+                    slot: p.slot,
+                    rows,
+                    x: pooled,
+                    g,
+                    grads,
+                    skip_zero_x: false,
+                },
             )?);
             if let Some(gx) = gx {
                 let dpooled = whole(b.dpooled.as_ref().ok_or_else(missing)?);
