@@ -9,7 +9,8 @@ use cupbearer::data::Dataset;
 use cupbearer::gpu::batch::{gather_batch, BatchOutputs, FloatImages, Gather, GpuDataset};
 use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
-use cupbearer::model::gpu_mlp::{ParamLayout, Workspace};
+use cupbearer::model::gpu_mlp::Workspace;
+use cupbearer::model::layers::ParamLayout;
 use cupbearer::model::train::{evaluate, predict_logits, train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
+use super::layers::{Layer, Shape, Stack};
 use crate::rng;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +112,54 @@ impl MlpConfig {
         dims.extend(&self.hidden_dims);
         dims.push(self.output_dim);
         convs.chain(dims.windows(2).map(|w| (w[0], w[1]))).collect()
+    }
+
+    /// The network as a [`Stack`]: per conv block a 3x3 conv with ReLU and a 2x2 max
+    /// pool, then (after conv blocks) a global max pool, then the dense layers, ReLU on
+    /// all but the last. Its parameterised layers are [`MlpConfig::layer_dims`].
+    pub fn stack(&self) -> Stack {
+        let mut layers = Vec::new();
+        for b in self.conv_blocks() {
+            let input = Shape::Spatial {
+                height: b.height,
+                width: b.width,
+                channels: b.in_channels,
+            };
+            let conv = Layer::Conv {
+                input,
+                out_channels: b.out_channels,
+                relu: true,
+            };
+            layers.push(conv);
+            layers.push(Layer::MaxPool {
+                input: conv.output(),
+            });
+        }
+        if let Some(&pool) = layers.last() {
+            layers.push(Layer::GlobalMaxPool {
+                input: pool.output(),
+            });
+        }
+        let n = self.conv_channels.len();
+        let dense = &self.layer_dims()[n..];
+        for (l, &(fan_in, fan_out)) in dense.iter().enumerate() {
+            layers.push(Layer::Dense {
+                fan_in,
+                fan_out,
+                relu: l + 1 < dense.len(),
+            });
+        }
+        Stack::new(layers)
+    }
+
+    /// Indices into [`MlpConfig::stack`] of the layers whose outputs are the
+    /// [`MlpConfig::activation_layers`]: the max pools and the hidden dense layers.
+    pub fn activation_positions(&self) -> Vec<usize> {
+        let stack = self.stack();
+        let last = stack.layers.len() - 1;
+        (0..last)
+            .filter(|&i| matches!(stack.layers[i], Layer::MaxPool { .. } | Layer::Dense { .. }))
+            .collect()
     }
 
     /// Widths of the activations detectors see: each conv block's pooled output
@@ -267,30 +316,19 @@ impl Mlp {
     /// f64 forward pass of `rows` inputs: (the activations of
     /// [`MlpConfig::activation_dims`], logits).
     pub fn forward_reference(&self, x: &[f64], rows: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
-        use crate::gpu::conv::{global_max_reference, im2col_reference, max_pool_reference, Nhwc};
-        let mut activations = Vec::new();
-        let mut h = x.to_vec();
-        let blocks = self.config.conv_blocks();
-        for (b, layer) in blocks.iter().zip(&self.layers) {
-            let cols = im2col_reference(&h, Nhwc::new(rows, b.height, b.width, b.in_channels));
-            let conv = layer.forward_reference(&cols, rows * b.height * b.width, true);
-            let shape = Nhwc::new(rows, b.height, b.width, b.out_channels);
-            h = max_pool_reference(&conv, shape).0;
-            activations.push(h.clone());
-        }
-        if let Some(b) = blocks.last() {
-            let shape = Nhwc::new(rows, b.height / 2, b.width / 2, b.out_channels);
-            h = global_max_reference(&h, shape).0;
-        }
-        let dense = &self.layers[blocks.len()..];
-        for (l, d) in dense.iter().enumerate() {
-            let last = l + 1 == dense.len();
-            h = d.forward_reference(&h, rows, !last);
-            if !last {
-                activations.push(h.clone());
-            }
-        }
-        (activations, h)
+        let mut outs = self
+            .config
+            .stack()
+            .reference(&self.layers, x, rows)
+            .expect("a model has every layer's parameters");
+        let logits = outs.pop().unwrap_or_default();
+        let activations = self
+            .config
+            .activation_positions()
+            .into_iter()
+            .map(|i| std::mem::take(&mut outs[i]))
+            .collect();
+        (activations, logits)
     }
 }
 

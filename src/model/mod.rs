@@ -1,9 +1,11 @@
-//! Models: the host-side MLP (init, storage, CPU reference), its GPU-resident form and
-//! the training loop.
+//! Models: the layer library ([`layers`], shared with the abstraction detector), the
+//! classifier on the host (init, storage, CPU reference) and on the GPU, batching,
+//! training and attacks.
 
 pub mod attack;
 pub mod batches;
 pub mod gpu_mlp;
+pub mod layers;
 pub mod mlp;
 pub mod train;
 

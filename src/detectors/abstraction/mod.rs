@@ -120,8 +120,9 @@ impl Abstraction {
             .into_iter()
             .zip(det.layer_names())
             .map(|(map, name)| {
-                let (fan_in, fan_out) = map.dims();
-                load_layer(&st, path, &name, &map.kernel_shape(), fan_in, fan_out)
+                let layer = maps::param_layer(&map);
+                let (fan_in, fan_out) = layer.params().expect("a parameterised layer");
+                load_layer(&st, path, &name, &layer.kernel_shape(), fan_in, fan_out)
             })
             .collect::<Result<_>>()?;
         Ok(det)
@@ -207,13 +208,18 @@ impl Abstraction {
         let l_count = self.num_hidden();
         let maps = self.maps()?;
         let widths = self.widths();
+        // Each map's output: the last of its stack's outputs.
+        let apply = |i: usize, x: &[f64]| -> Result<Vec<f64>> {
+            let outs = maps[i].reference(std::slice::from_ref(&self.layers[i]), x, rows)?;
+            Ok(outs.into_iter().last().unwrap_or_default())
+        };
         let z: Vec<Vec<f64>> = (0..l_count)
-            .map(|l| maps::forward_reference(maps[l], &self.layers[l], &hidden[l], rows))
-            .collect();
+            .map(|l| apply(l, &hidden[l]))
+            .collect::<Result<_>>()?;
         let mut consistency = 0.0;
         for j in 0..l_count {
             let i = l_count + j;
-            let out = maps::forward_reference(maps[i], &self.layers[i], &z[j], rows);
+            let out = apply(i, &z[j])?;
             let mean = |v: Vec<f64>| v.iter().sum::<f64>() / rows as f64;
             if j + 1 == l_count {
                 let single = self.config.output_loss_fn == OutputLoss::SingleClass;
@@ -387,7 +393,7 @@ impl Detector for Abstraction {
             .into_iter()
             .zip(self.maps()?)
             .zip(&self.layers)
-            .map(|((name, map), d)| (name, map.kernel_shape(), d))
+            .map(|((name, map), d)| (name, maps::param_layer(&map).kernel_shape(), d))
             .collect();
         let stored = Stored {
             config: self.config.clone(),

@@ -3,12 +3,14 @@
 
 use anyhow::{bail, Result};
 
-use super::maps::{self, BatchMap, MapBuffers, MapParams};
 use super::{Abstraction, OutputLoss};
 use crate::detectors::{for_each_activation_batch, LayerScores, SampleSet};
 use crate::gpu::abstraction::{cosine_distance, kl_divergence, LossArgs, LossGrads};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
-use crate::model::gpu_mlp::{ParamLayout, Workspace};
+use crate::model::gpu_mlp::Workspace;
+use crate::model::layers::{
+    BoundStack, Needs, ParamLayout, StackBackward, StackBuffers, StackForward,
+};
 use crate::model::mlp::Dense;
 use crate::model::GpuMlp;
 
@@ -25,7 +27,7 @@ pub(super) struct Tensors {
     pub(super) gpre: Vec<wgpu::Buffer>,
     pub(super) gyhat: wgpu::Buffer,
     /// Each map's own batch buffers (im2col columns, pooling state).
-    pub(super) maps: Vec<MapBuffers>,
+    pub(super) maps: Vec<StackBuffers>,
 }
 
 /// What [`Abstraction::record`] records into: the parameters, the batch's tensors,
@@ -215,7 +217,15 @@ impl Abstraction {
             .maps()?
             .into_iter()
             .enumerate()
-            .map(|(i, map)| MapBuffers::new(ctx, map, rows, gradients, i >= l))
+            .map(|(i, map)| {
+                let needs = Needs {
+                    backward: gradients,
+                    param_grads: gradients,
+                    // Steps pass the gradient on to the state before them; τ maps end.
+                    input_grad: gradients && i >= l,
+                };
+                map.buffers(ctx, rows, needs)
+            })
             .collect::<Result<_>>()?;
         Ok(Tensors {
             z: per("z", 0..l, true)?,
@@ -248,27 +258,33 @@ impl Abstraction {
         let l_count = self.num_hidden();
         let d = self.widths();
         let maps = self.maps()?;
-        let batch_map = |i: usize| BatchMap {
-            map: maps[i],
+        let batch_map = |i: usize| BoundStack {
+            stack: &maps[i],
             rows,
-            params: MapParams {
-                slot: params.layout.layers[i],
-                values: params.values,
-            },
+            schedule: model.schedule,
+            slots: std::slice::from_ref(&params.layout.layers[i]),
+            values: params.values,
             buffers: &t.maps[i],
         };
+        let forward = |x, out| StackForward {
+            x,
+            x_t: None,
+            sparse: false,
+            out,
+        };
+        let backward = |x, g, grads, gx| StackBackward {
+            x,
+            sparse: false,
+            g,
+            grads: Some(grads),
+            gx,
+            gx_mask: None,
+        };
         let whole = Slice::whole;
-        let schedule = model.schedule;
         let mut ops = Vec::new();
         // Forward: z_l = τ_l(a_l); ẑ_{l+1} = m_l(z_l); ŷ = m_L(z_L).
         for (l, z) in t.z.iter().enumerate() {
-            ops.extend(maps::forward(
-                ctx,
-                schedule,
-                &batch_map(l),
-                ws.activation(l),
-                whole(z),
-            )?);
+            ops.extend(batch_map(l).forward(ctx, &forward(ws.activation(l), whole(z)))?);
         }
         for j in 0..l_count {
             let out = if j + 1 == l_count {
@@ -277,13 +293,7 @@ impl Abstraction {
                 &t.zhat[j]
             };
             let m = batch_map(l_count + j);
-            ops.extend(maps::forward(
-                ctx,
-                schedule,
-                &m,
-                whole(&t.z[j]),
-                whole(out),
-            )?);
+            ops.extend(m.forward(ctx, &forward(whole(&t.z[j]), whole(out)))?);
         }
         // Losses, and the backward pass interleaved with them: the cosine loss of layer
         // l adds to dL/dz_l, which the backward step of m_l has written just before.
@@ -316,7 +326,7 @@ impl Abstraction {
                 };
                 let (x, g_out, gz) = (whole(&t.z[j]), whole(g_out), whole(&t.gz[j]));
                 let m = batch_map(l_count + j);
-                ops.extend(maps::backward(ctx, schedule, &m, x, g_out, g, Some(gz))?);
+                ops.extend(m.backward(ctx, &backward(x, g_out, g, Some(gz)))?);
             }
             if j >= 1 {
                 let state_grads = grads.map(|_| LossGrads {
@@ -338,15 +348,7 @@ impl Abstraction {
         if let Some(g) = grads {
             for (l, gz) in t.gz.iter().enumerate() {
                 let (x, gz) = (ws.activation(l), whole(gz));
-                ops.extend(maps::backward(
-                    ctx,
-                    schedule,
-                    &batch_map(l),
-                    x,
-                    gz,
-                    g,
-                    None,
-                )?);
+                ops.extend(batch_map(l).backward(ctx, &backward(x, gz, g, None))?);
             }
         }
         Ok(ops)

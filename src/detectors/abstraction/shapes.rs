@@ -3,10 +3,11 @@
 
 use anyhow::{bail, Result};
 
-use super::maps::{Map, State};
+use super::maps;
 use super::{Abstraction, AbstractionKind, OutputLoss};
 use crate::gpu::GpuContext;
-use crate::model::gpu_mlp::ParamLayout;
+use crate::model::layers::ParamLayout;
+use crate::model::layers::{Shape, Stack};
 use crate::model::GpuMlp;
 
 /// Python's round (half to even), at least 1.
@@ -50,24 +51,24 @@ impl Abstraction {
     }
 
     /// The model's activations: each conv block's pooled output, then each dense layer.
-    pub(super) fn activations(&self) -> Vec<State> {
+    pub(super) fn activations(&self) -> Vec<Shape> {
         let convs = self
             .model
             .conv_blocks()
             .into_iter()
-            .map(|b| State::Spatial {
+            .map(|b| Shape::Spatial {
                 height: b.height / 2,
                 width: b.width / 2,
                 channels: b.out_channels,
             });
         convs
-            .chain(self.model.hidden_dims.iter().map(|&d| State::Flat(d)))
+            .chain(self.model.hidden_dims.iter().map(|&d| Shape::Flat(d)))
             .collect()
     }
 
     /// The abstract states z_l: channels or widths reduced by size_reduction (the
     /// axis-aligned τ keeps them).
-    pub(super) fn states(&self) -> Vec<State> {
+    pub(super) fn states(&self) -> Vec<Shape> {
         let reduce = |n: usize| {
             if self.axis_aligned() {
                 n
@@ -78,46 +79,54 @@ impl Abstraction {
         self.activations()
             .into_iter()
             .map(|a| match a {
-                State::Spatial {
+                Shape::Spatial {
                     height,
                     width,
                     channels,
-                } => State::Spatial {
+                } => Shape::Spatial {
                     height,
                     width,
                     channels: reduce(channels),
                 },
-                State::Flat(d) => State::Flat(reduce(d)),
+                Shape::Flat(d) => Shape::Flat(reduce(d)),
             })
             .collect()
     }
 
     /// Abstract state widths d_l (flattened).
     pub(super) fn widths(&self) -> Vec<usize> {
-        self.states().into_iter().map(State::width).collect()
+        self.states().into_iter().map(Shape::width).collect()
     }
 
     /// τ_0..τ_{L-1}, then m_0..m_{L-1}: each step has the type of the model's step
     /// between the same shapes (conv block, global pool + dense, dense).
-    pub(super) fn maps(&self) -> Result<Vec<Map>> {
+    pub(super) fn maps(&self) -> Result<Vec<Stack>> {
         let (acts, z) = (self.activations(), self.states());
         let taus = acts.iter().zip(&z).map(|(&a, &s)| {
             if self.axis_aligned() {
-                Ok(Map::Gate { width: a.width() })
+                Ok(maps::gate(a.width()))
             } else {
-                Map::between(a, s, false, false)
+                maps::between(a, s, false, false)
             }
         });
         let steps = (0..z.len()).map(|j| match z.get(j + 1) {
-            Some(&next) => Map::between(z[j], next, true, true),
-            None => Map::between(z[j], State::Flat(self.pred_dim()), true, false),
+            Some(&next) => maps::between(z[j], next, true, true),
+            None => maps::between(z[j], Shape::Flat(self.pred_dim()), true, false),
         });
         taus.chain(steps).collect()
     }
 
     /// (fan_in, fan_out) of every map's parameters.
     pub(super) fn dims(&self) -> Result<Vec<(usize, usize)>> {
-        Ok(self.maps()?.into_iter().map(Map::dims).collect())
+        Ok(self
+            .maps()?
+            .into_iter()
+            .map(|m| {
+                maps::param_layer(&m)
+                    .params()
+                    .expect("a parameterised layer")
+            })
+            .collect())
     }
 
     pub(super) fn layer_names(&self) -> Vec<String> {
@@ -145,7 +154,7 @@ impl Abstraction {
         let per_sample = self
             .maps()?
             .into_iter()
-            .map(Map::largest_buffer)
+            .map(|m| m.largest_buffer())
             .chain(self.widths())
             .max()
             .unwrap_or(1);
