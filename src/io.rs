@@ -1,17 +1,32 @@
-//! File output helpers: nothing half-written is ever left behind.
+//! File helpers: atomic writes (nothing half-written is ever left behind) and checked
+//! reads of safetensors tensors (presence, dtype, shape, finite values).
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to a temporary file next to `path` and renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `fill`: if it fails part-way (a full
+/// disk), `path` keeps its old content and the temporary file is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp{}",
         path.extension().and_then(|e| e.to_str()).unwrap_or(""),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes)
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            fill(&mut f)?;
+            f.sync_all()
+        })
         .and_then(|_| std::fs::rename(&tmp, path))
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
@@ -44,6 +59,44 @@ pub fn checked_tensor<'a>(
         );
     }
     Ok(t)
+}
+
+/// The f32 values of tensor `name`, checked for presence, dtype, `shape` (when given)
+/// and finiteness: a NaN or infinity in stored weights or statistics is an error naming
+/// the tensor, not a silently wrong result.
+pub fn f32_tensor(
+    st: &safetensors::SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+    shape: Option<&[usize]>,
+) -> Result<Vec<f32>> {
+    let t = checked_tensor(st, path, name, safetensors::Dtype::F32)?;
+    if let Some(shape) = shape.filter(|&s| s != t.shape()) {
+        anyhow::bail!(
+            "{}: tensor {name} has shape {:?}, expected {shape:?}",
+            path.display(),
+            t.shape()
+        );
+    }
+    let values: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    check_finite(&values, || format!("{}: tensor {name}", path.display()))?;
+    Ok(values)
+}
+
+/// Fails on the first NaN or infinity in `values`, naming `what` and the index.
+pub fn check_finite(values: &[f32], what: impl Fn() -> String) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => anyhow::bail!(
+            "{} holds {} at index {i}: the file is corrupt or the run that wrote it diverged",
+            what(),
+            values[i]
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The JSON metadata entry `key` of a safetensors file's bytes, parsed; `what` names

@@ -126,25 +126,11 @@ impl Mahalanobis {
         if layers.is_empty() {
             bail!("{}: no fitted layers", path.display());
         }
-        let f32s = |name: &str, len: usize| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(name)
-                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
-            let got: usize = t.shape().iter().product();
-            if t.dtype() != Dtype::F32 || got != len {
-                bail!(
-                    "{}: tensor {name} has the wrong shape or type",
-                    path.display()
-                );
-            }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
+        let f32s =
+            |name: &str, shape: &[usize]| crate::io::f32_tensor(&st, path, name, Some(shape));
         for layer in layers {
             let p = |s: &str| format!("layer{layer}.{s}");
-            let d = st.tensor(&p("mean"))?.shape().iter().product();
+            let d: usize = st.tensor(&p("mean"))?.shape().iter().product();
             let count = st
                 .tensor(&p("count"))
                 .ok()
@@ -154,9 +140,9 @@ impl Mahalanobis {
             det.stats.push(LayerStats {
                 layer,
                 count: count as u64,
-                mean: f32s(&p("mean"), d)?,
-                covariance: f32s(&p("covariance"), d * d)?,
-                precision: f32s(&p("precision"), d * d)?,
+                mean: f32s(&p("mean"), &[d])?,
+                covariance: f32s(&p("covariance"), &[d, d])?,
+                precision: f32s(&p("precision"), &[d, d])?,
             });
         }
         Ok(Box::new(det))
@@ -264,6 +250,9 @@ impl Detector for Mahalanobis {
         for (stream, layer) in streams.into_iter().zip(layers) {
             let (mean, gram) = stream.read(ctx)?;
             drop(stream);
+            let what = || format!("the trusted statistics of layer {layer}");
+            crate::io::check_finite(&mean, what)?;
+            crate::io::check_finite(&gram, what)?;
             let d = mean.len();
             let sigma = covariance(&gram, d, n as u64)?;
             drop(gram);

@@ -407,20 +407,7 @@ pub fn load_layer(
     fan_in: usize,
     fan_out: usize,
 ) -> Result<Dense> {
-    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = crate::io::checked_tensor(st, path, name, Dtype::F32)?;
-        if t.shape() != shape {
-            bail!(
-                "{}: tensor {name} has shape {:?}, expected {shape:?}",
-                path.display(),
-                t.shape()
-            );
-        }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    };
+    let tensor = |name: &str, shape: &[usize]| crate::io::f32_tensor(st, path, name, Some(shape));
     Ok(Dense {
         fan_in,
         fan_out,

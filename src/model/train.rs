@@ -133,6 +133,9 @@ pub fn train(
     data: &GpuDataset,
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
+    if opts.epochs == 0 || opts.max_steps == Some(0) {
+        bail!("training needs at least one epoch and one step (num_epochs and max_steps >= 1)");
+    }
     let n = data.len;
     let indices = ctx.zeros("epoch_indices", n)?;
     let step = ctx.uniform("step", &StepParams::default());

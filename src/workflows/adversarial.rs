@@ -20,6 +20,7 @@ pub fn make_adversarial_examples(
     opts: &AdversarialOptions,
     out: &Output<'_>,
 ) -> Result<(AdversarialExamples, AdversarialReport)> {
+    let _claim = out.dir.map(super::claim).transpose()?;
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &FILES, out.overwrite)?;
     }

@@ -62,11 +62,15 @@ pub fn train_classifier(
 ) -> Result<ClassifierMetrics> {
     let wall = Instant::now();
     let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE];
+    let _claim = opts.dir.as_deref().map(super::claim).transpose()?;
     if let Some(dir) = &opts.dir {
         refuse_overwrite(dir, &files, opts.overwrite)?;
     }
     if opts.eval_batch_size == 0 {
         bail!("the evaluation batch size must be >= 1");
+    }
+    if config.training.num_epochs == 0 {
+        bail!("--num_epochs must be >= 1: zero epochs would store an untrained model");
     }
 
     let dataset = config.train_data.dataset;

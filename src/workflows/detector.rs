@@ -7,10 +7,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{context, Output};
+use super::{claim, context, Output};
 use crate::detectors::{Detector, LayerScores, MixSamples, SampleSet};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_svg};
@@ -76,6 +76,7 @@ pub fn train_detector(
     out: &Output<'_>,
 ) -> Result<FitReport> {
     let wall = Instant::now();
+    let _claim = out.dir.map(claim).transpose()?;
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], out.overwrite)?;
     }
@@ -183,6 +184,7 @@ pub fn eval_detector(
 ) -> Result<EvalReport> {
     let wall = Instant::now();
     let outputs = [EVAL_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE];
+    let _claim = out.dir.map(claim).transpose()?;
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &outputs, out.overwrite)?;
     }
@@ -229,6 +231,18 @@ pub fn eval_detector(
         batch_size,
     )?;
     let score_seconds = start.elapsed().as_secs_f64();
+    for (side, scores) in [("normal", &normal), ("anomalous", &anomalous)] {
+        for (name, layer) in scores.names.iter().zip(&scores.scores) {
+            if let Some(i) = layer.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "the {} detector scored {side} sample {i} {} on layer {name}: a score must \
+                     be a number (are the model's activations finite?)",
+                    detector.kind(),
+                    layer[i]
+                );
+            }
+        }
+    }
 
     let labels: Vec<bool> = std::iter::repeat_n(false, mix.normal.indices.len())
         .chain(std::iter::repeat_n(true, mix.anomalous.indices.len()))

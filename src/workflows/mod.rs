@@ -8,9 +8,10 @@ pub mod backdoor_mnist;
 pub mod classifier;
 pub mod detector;
 
-use std::path::Path;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::gpu::GpuContext;
 
@@ -28,4 +29,78 @@ fn context(progress: bool) -> Result<GpuContext> {
     let ctx = GpuContext::new()?;
     crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
     Ok(ctx)
+}
+
+/// The lock file of a claimed output directory.
+pub const LOCK_FILE: &str = ".cupbearer.lock";
+
+/// An output directory held by one run: an exclusive lock on `DIR/.cupbearer.lock`,
+/// released when the claim is dropped or the process ends (even by `kill -9`), so a
+/// second run into the same directory fails at once instead of mixing its files with
+/// the first's. Dropping the claim removes the lock file, and the directory too if the
+/// claim created it and nothing was written.
+pub struct Claim {
+    dir: PathBuf,
+    created: bool,
+    _lock: File,
+}
+
+/// Claims `dir` (created if missing) for this run.
+pub fn claim(dir: &Path) -> Result<Claim> {
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    // Another run may remove the lock file between our open and our lock: retry until the
+    // locked file is the one at `path`.
+    for _ in 0..8 {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => bail!(
+                "{} is in use by another cupbearer run (it holds {LOCK_FILE}); wait for that \
+                 run to end or choose another output directory",
+                dir.display()
+            ),
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        if same_file(&file, &path) {
+            return Ok(Claim {
+                dir: dir.to_path_buf(),
+                created,
+                _lock: file,
+            });
+        }
+    }
+    bail!("could not lock {}: it keeps being replaced", path.display())
+}
+
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+        if self.created {
+            // Only succeeds if the run wrote nothing.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
 }
