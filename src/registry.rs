@@ -183,6 +183,8 @@ impl Registry {
         r.register_detector(detectors::mahalanobis::ENTRY);
         r.register_detector(detectors::abstraction::ENTRY);
         r.register_detector(detectors::adversarial_abstraction::ENTRY);
+        r.register_detector(detectors::spectral::ENTRY);
+        r.register_detector(detectors::que::ENTRY);
         r.register_task(tasks::backdoor::ENTRY);
         r.register_task(tasks::adversarial::ENTRY);
         r

@@ -27,8 +27,9 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         d.display().to_string()
     });
     println!(
-        "{kind} detector fitted on {} trusted samples in {:.2} s ({:.2} s wall) -> {target}",
-        report.trusted_samples, report.fit_seconds, report.wall_seconds,
+        "{kind} detector fitted on {} trusted and {} untrusted samples in {:.2} s ({:.2} s \
+         wall) -> {target}",
+        report.trusted_samples, report.untrusted_samples, report.fit_seconds, report.wall_seconds,
     );
     Ok(())
 }

@@ -96,3 +96,23 @@ pub fn to_f32_row_major(m: &Mat<f64>) -> Vec<f32> {
         .map(|k| m[(k / cols, k % cols)] as f32)
         .collect()
 }
+
+/// Eigendecomposition of a symmetric matrix: eigenvalues largest first, and the
+/// eigenvectors as the columns of the matrix, in the same order.
+pub fn eigh_descending(sigma: &Mat<f64>) -> Result<(Vec<f64>, Mat<f64>)> {
+    let d = sigma.nrows();
+    if (0..d).any(|j| (0..d).any(|i| !sigma[(i, j)].is_finite())) {
+        bail!("matrix has non-finite entries (NaN/inf activations?)");
+    }
+    let eig = sigma
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| anyhow!("eigendecomposition of a {d}x{d} matrix failed: {e:?}"))?;
+    let values = eig.S().column_vector();
+    let mut order: Vec<usize> = (0..d).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let u = eig.U();
+    Ok((
+        order.iter().map(|&j| values[j]).collect(),
+        Mat::from_fn(d, d, |i, k| u[(i, order[k])]),
+    ))
+}

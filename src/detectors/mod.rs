@@ -10,6 +10,9 @@ pub mod abstraction;
 pub mod adversarial_abstraction;
 pub mod linalg;
 pub mod mahalanobis;
+pub mod quadratic;
+pub mod que;
+pub mod spectral;
 
 use std::path::Path;
 
@@ -37,6 +40,22 @@ impl LayerScores {
     }
 }
 
+/// The data a detector fits on.
+pub struct FitData<'a> {
+    /// Clean samples; None when the task keeps none (`--task.trusted_fraction 0`).
+    pub trusted: Option<&'a SampleSet<'a>>,
+    /// A mix of clean and anomalous samples whose labels the detector does not know
+    /// (one set per source and trigger); empty when the task has none.
+    pub untrusted: &'a [SampleSet<'a>],
+}
+
+/// Which of a task's training data a detector fits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uses {
+    pub trusted: bool,
+    pub untrusted: bool,
+}
+
 pub trait Detector {
     /// The registry name, e.g. "mahalanobis".
     fn kind(&self) -> &'static str;
@@ -51,6 +70,30 @@ pub trait Detector {
         trusted: &SampleSet<'_>,
         progress: bool,
     ) -> Result<()>;
+    /// The data [`Detector::fit_data`] needs: trusted only, unless overridden.
+    fn uses(&self) -> Uses {
+        Uses {
+            trusted: true,
+            untrusted: false,
+        }
+    }
+    /// Fits on the task's data (what the workflows call); the default fits on the
+    /// trusted samples with [`Detector::fit`].
+    fn fit_data(
+        &mut self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        data: &FitData<'_>,
+        progress: bool,
+    ) -> Result<()> {
+        let trusted = data.trusted.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the {} detector fits on trusted data, but the task has none",
+                self.kind()
+            )
+        })?;
+        self.fit(ctx, model, trusted, progress)
+    }
     /// Scores every sample, per layer (higher = more anomalous), `batch_size` at a time.
     fn layer_scores(
         &self,

@@ -36,7 +36,25 @@ pub struct BackdoorTaskConfig {
     pub max_test_size: Option<usize>,
     pub normal_weight: f64,
     pub anomalous_split: AnomalousSplit,
+    /// Fraction of the training samples kept as trusted (clean) data; the rest is
+    /// untrusted (absent in run dirs from before untrusted data: all trusted).
+    #[serde(default = "one")]
+    pub trusted_fraction: f64,
+    /// Share of clean samples in the untrusted part; the others carry the trigger.
+    #[serde(default = "half")]
+    pub clean_train_weight: f64,
 }
+
+fn one() -> f64 {
+    1.0
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// The sample-order key of the trusted / untrusted split: no training epoch uses it.
+const SPLIT_EPOCH: u32 = u32::MAX - 1;
 
 impl Default for BackdoorTaskConfig {
     /// The original's defaults (the run path is required).
@@ -54,6 +72,8 @@ impl Default for BackdoorTaskConfig {
             max_test_size: None,
             normal_weight: 0.5,
             anomalous_split: AnomalousSplit::Test,
+            trusted_fraction: 1.0,
+            clean_train_weight: 0.5,
         }
     }
 }
@@ -62,10 +82,20 @@ pub struct BackdoorTask {
     config: BackdoorTaskConfig,
     run: ClassifierRun,
     splits: Splits,
+    /// Draws the trusted / untrusted split.
+    seed: u32,
 }
 
 impl BackdoorTask {
-    pub fn new(config: BackdoorTaskConfig, data_dir: &Path) -> Result<Self> {
+    pub fn new(config: BackdoorTaskConfig, data_dir: &Path, seed: u32) -> Result<Self> {
+        for (name, v) in [
+            ("trusted_fraction", config.trusted_fraction),
+            ("clean_train_weight", config.clean_train_weight),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                anyhow::bail!("{name} must be in [0, 1], got {v}");
+            }
+        }
         let run = ClassifierRun::load(&config.run_path)?;
         config
             .backdoor
@@ -75,12 +105,36 @@ impl BackdoorTask {
             splits: Splits::new(run.config.train_data.dataset, data_dir),
             config,
             run,
+            seed,
         })
     }
 
     pub fn build(config: &serde_json::Value, env: &TaskEnv) -> Result<Box<dyn Task>> {
         let config = serde_json::from_value(config.clone()).context("backdoor task config")?;
-        Ok(Box::new(BackdoorTask::new(config, &env.data_dir)?))
+        Ok(Box::new(BackdoorTask::new(
+            config,
+            &env.data_dir,
+            env.seed,
+        )?))
+    }
+}
+
+impl BackdoorTask {
+    /// (trusted, untrusted) training sample indices: all trusted in order when
+    /// `trusted_fraction` is 1, else a seeded permutation split at the fraction.
+    fn split(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let available = self.dataset(Split::Train)?.len();
+        let n = self.config.max_train_size.unwrap_or(available);
+        if n == 0 || n > available {
+            anyhow::bail!("max_train_size {n} out of range 1..={available}");
+        }
+        let f = self.config.trusted_fraction;
+        if f >= 1.0 {
+            return Ok(((0..n as u32).collect(), Vec::new()));
+        }
+        let mut order = crate::rng::shuffled_indices(n, self.seed, SPLIT_EPOCH);
+        let untrusted = order.split_off((n as f64 * f).round() as usize);
+        Ok((order, untrusted))
     }
 }
 
@@ -102,16 +156,36 @@ impl Task for BackdoorTask {
     }
 
     fn trusted(&self) -> Result<SampleSpec> {
-        let available = self.dataset(Split::Train)?.len();
-        let n = self.config.max_train_size.unwrap_or(available);
-        if n == 0 || n > available {
-            anyhow::bail!("max_train_size {n} out of range 1..={available}");
+        let (trusted, _) = self.split()?;
+        if trusted.is_empty() {
+            anyhow::bail!("the task keeps no trusted samples (trusted_fraction 0)");
         }
         Ok(SampleSpec {
             source: Source::Data(Split::Train),
-            indices: (0..n as u32).collect(),
+            indices: trusted,
             backdoor: None,
         })
+    }
+
+    fn untrusted(&self) -> Result<Vec<SampleSpec>> {
+        let (_, mut untrusted) = self.split()?;
+        if untrusted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let clean = (untrusted.len() as f64 * self.config.clean_train_weight).round() as usize;
+        let anomalous = untrusted.split_off(clean);
+        let spec = |indices: Vec<u32>, backdoor| SampleSpec {
+            source: Source::Data(Split::Train),
+            indices,
+            backdoor,
+        };
+        Ok([
+            spec(untrusted, None),
+            spec(anomalous, Some(self.config.backdoor)),
+        ]
+        .into_iter()
+        .filter(|s| !s.indices.is_empty())
+        .collect())
     }
 
     fn test_mix(&self) -> Result<TestMix> {
@@ -201,6 +275,8 @@ const OPTIONS: &[Opt] = &[
     MAX_TEST_SIZE,
     NORMAL_WEIGHT,
     opt("anomalous_split", &["/anomalous_split"], Kind::Str, "Split the anomalies come from: test, or train (the original's choice, which overlaps the fitting data)."),
+    opt("trusted_fraction", &["/trusted_fraction"], Kind::Float, "Fraction of the training samples kept trusted (clean); the rest is untrusted (seeded split)."),
+    opt("clean_train_weight", &["/clean_train_weight"], Kind::Float, "Share of clean samples in the untrusted part; the others carry the trigger."),
 ];
 
 /// The registry entry.

@@ -103,6 +103,11 @@ pub trait Task {
     }
     /// Trusted data to fit detectors on (clean).
     fn trusted(&self) -> Result<SampleSpec>;
+    /// Untrusted training data: clean and anomalous samples mixed, one spec per source
+    /// and trigger (the detector is not told which is which); none by default.
+    fn untrusted(&self) -> Result<Vec<SampleSpec>> {
+        Ok(Vec::new())
+    }
     fn test_mix(&self) -> Result<TestMix>;
 }
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{claim, context, Output};
-use crate::detectors::{Detector, LayerScores, MixSamples, SampleSet};
+use crate::detectors::{Detector, FitData, LayerScores, MixSamples, SampleSet};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_svg};
 use crate::gpu::batch::GpuDataset;
@@ -64,6 +64,7 @@ impl Loaded {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FitReport {
     pub trusted_samples: usize,
+    pub untrusted_samples: usize,
     pub fit_seconds: f64,
     pub wall_seconds: f64,
 }
@@ -80,16 +81,33 @@ pub fn train_detector(
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], out.overwrite)?;
     }
-    let trusted = task.trusted()?;
+    let uses = detector.uses();
+    let trusted = uses.trusted.then(|| task.trusted()).transpose()?;
+    let untrusted = if uses.untrusted {
+        task.untrusted()?
+    } else {
+        Vec::new()
+    };
+    if uses.untrusted && untrusted.is_empty() {
+        bail!(
+            "the {} detector fits on untrusted data, but the {} task has none: keep only part \
+             of the training data trusted, e.g. --task.trusted_fraction 0.5",
+            detector.kind(),
+            task.kind()
+        );
+    }
     let mut gpu = Loaded::new(task, out.progress)?;
-    gpu.upload(task, &[&trusted])?;
+    let specs: Vec<&SampleSpec> = trusted.iter().chain(&untrusted).collect();
+    gpu.upload(task, &specs)?;
+    let trusted_set = trusted.as_ref().map(|t| gpu.samples(t, seed));
+    let untrusted_sets: Vec<SampleSet<'_>> =
+        untrusted.iter().map(|u| gpu.samples(u, seed)).collect();
+    let data = FitData {
+        trusted: trusted_set.as_ref(),
+        untrusted: &untrusted_sets,
+    };
     let fit = Instant::now();
-    detector.fit(
-        &gpu.ctx,
-        &gpu.model,
-        &gpu.samples(&trusted, seed),
-        out.progress,
-    )?;
+    detector.fit_data(&gpu.ctx, &gpu.model, &data, out.progress)?;
     let fit_seconds = fit.elapsed().as_secs_f64();
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -106,7 +124,8 @@ pub fn train_detector(
         write_json(&dir.join(DETECTOR_CONFIG_FILE), &config)?;
     }
     Ok(FitReport {
-        trusted_samples: trusted.indices.len(),
+        trusted_samples: trusted.as_ref().map_or(0, |t| t.indices.len()),
+        untrusted_samples: untrusted.iter().map(|u| u.indices.len()).sum(),
         fit_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
     })
