@@ -29,11 +29,7 @@ fn stderr(out: &Output) -> String {
 /// A work dir with generated MNIST-like data in `data/mnist/`.
 fn workdir() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    common::write_mnist_like(
-        &tmp.path().join("data"),
-        &Dataset::synthetic(1000, 12, 10, 1),
-        &Dataset::synthetic(400, 12, 10, 2),
-    );
+    common::write_small_mnist(&tmp.path().join("data"));
     tmp
 }
 

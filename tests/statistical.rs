@@ -252,11 +252,7 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
 /// A backdoored classifier run on generated data under `dir`; returns the data dir.
 fn backdoored_run(dir: &Path) -> std::path::PathBuf {
     let data_dir = dir.join("data");
-    common::write_mnist_like(
-        &data_dir,
-        &Dataset::synthetic(1000, 12, 10, 1),
-        &Dataset::synthetic(400, 12, 10, 2),
-    );
+    common::write_small_mnist(&data_dir);
     let config = ClassifierRunConfig::new(
         TrainDataConfig {
             dataset: DatasetName::Mnist,

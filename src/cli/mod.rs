@@ -6,6 +6,7 @@ mod detector_args;
 mod download;
 mod eval_detector;
 mod make_adversarial_examples;
+mod suite;
 mod train_classifier;
 mod train_detector;
 
@@ -48,6 +49,10 @@ enum Command {
     /// in the run directory.
     #[command(alias = "make_adversarial_examples", after_help = AFTER_HELP, args_override_self = true)]
     MakeAdversarialExamples(make_adversarial_examples::Args),
+    /// Every detector of a suite against every task of it: cached classifiers,
+    /// resumable cells, a leaderboard.
+    #[command(after_help = AFTER_HELP, args_override_self = true)]
+    Suite(suite::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),
 }
@@ -180,6 +185,7 @@ pub fn main_with(registry: &Registry) -> ExitCode {
             eval_detector::run(args, registry)
         }
         Command::MakeAdversarialExamples(args) => make_adversarial_examples::run(args),
+        Command::Suite(args) => suite::run(args, registry),
         Command::Download(args) => download::run(args),
     };
     match result {

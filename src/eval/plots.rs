@@ -61,6 +61,83 @@ pub fn roc_svg(path: &Path, title: &str, curves: &[(String, Vec<(f64, f64)>)]) -
     write_atomically(path, &svg)
 }
 
+/// A grid of AUROCs (`values[row][col]`, None for a failed or missing cell) as coloured
+/// cells with their values: 0.5 (chance) white, 1.0 deep blue, below chance red.
+pub fn heatmap_svg(
+    path: &Path,
+    title: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<Option<f64>>],
+) -> Result<()> {
+    if rows.is_empty() || cols.is_empty() || values.len() != rows.len() {
+        bail!(
+            "heatmap {}: needs rows and columns of values",
+            path.display()
+        );
+    }
+    let (label_w, label_h, cell_w, cell_h) = (200u32, 60u32, 130u32, 40u32);
+    let size = (
+        label_w + cell_w * cols.len() as u32 + 20,
+        label_h + cell_h * rows.len() as u32 + 20,
+    );
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let text = |s: &str, x: u32, y: u32, size: u32| {
+            Text::new(
+                s.to_string(),
+                (x as i32, y as i32),
+                ("sans-serif", size).into_font(),
+            )
+        };
+        root.draw(&text(title, 10, 8, 18)).map_err(draw_err)?;
+        for (j, c) in cols.iter().enumerate() {
+            let x = label_w + cell_w * j as u32 + 6;
+            root.draw(&text(c, x, label_h - 22, 14)).map_err(draw_err)?;
+        }
+        for (i, (r, row)) in rows.iter().zip(values).enumerate() {
+            let y = label_h + cell_h * i as u32;
+            root.draw(&text(r, 10, y + 12, 14)).map_err(draw_err)?;
+            for (j, v) in row.iter().enumerate().take(cols.len()) {
+                let x = label_w + cell_w * j as u32;
+                let colour = match v {
+                    None => RGBColor(200, 200, 200),
+                    Some(v) => {
+                        // White at chance, towards blue (better) or red (worse).
+                        let t = ((v - 0.5) * 2.0).clamp(-1.0, 1.0);
+                        let fade = |c: u8| (255.0 - (255.0 - c as f64) * t.abs()) as u8;
+                        let target = if t >= 0.0 {
+                            (8, 69, 148)
+                        } else {
+                            (203, 24, 29)
+                        };
+                        RGBColor(fade(target.0), fade(target.1), fade(target.2))
+                    }
+                };
+                let corners = [
+                    (x as i32, y as i32),
+                    ((x + cell_w - 2) as i32, (y + cell_h - 2) as i32),
+                ];
+                root.draw(&Rectangle::new(corners, colour.filled()))
+                    .map_err(draw_err)?;
+                let label = v.map_or("failed".to_string(), |v| format!("{v:.4}"));
+                let ink = if v.is_some_and(|v| v > 0.8) {
+                    WHITE
+                } else {
+                    BLACK
+                };
+                let at = ((x + 30) as i32, (y + 12) as i32);
+                let font = ("sans-serif", 14).into_font().color(&ink);
+                root.draw(&Text::new(label, at, font)).map_err(draw_err)?;
+            }
+        }
+        root.present().map_err(draw_err)?;
+    }
+    write_atomically(path, &svg)
+}
+
 /// The x transform: plotting coordinate `log10(1 + score - min)` when `log_x`, else the score.
 #[derive(Clone, Copy)]
 struct XScale {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod mean_distance;
 
 use std::path::Path;
 
@@ -60,4 +61,14 @@ pub fn write_mnist_like(dir: &Path, train: &Dataset, test: &Dataset) {
         )
         .unwrap();
     }
+}
+
+/// The tests' MNIST stand-in under `dir/mnist/`: 1000 training and 400 test 12x10
+/// synthetic images.
+pub fn write_small_mnist(dir: &Path) {
+    write_mnist_like(
+        dir,
+        &Dataset::synthetic(1000, 12, 10, 1),
+        &Dataset::synthetic(400, 12, 10, 2),
+    );
 }
