@@ -77,5 +77,9 @@ fn main() -> Result<()> {
     );
     println!("| adapter                            | {} |", m.adapter);
     println!("\nrun directories and plots: {}", args.out.display());
+    for dir in ["eval_corner", "eval_noise"] {
+        let d = args.out.join(dir);
+        println!("  {}: roc.svg, roc_log.svg, histogram.svg", d.display());
+    }
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! A classifier run dir holds `config.json` ([`ClassifierRunConfig`]),
 //! `model.safetensors` (see [`crate::model::mlp`]) and `metrics.json`. A detector run dir
 //! holds `config.json` ([`DetectorRunConfig`]) and `detector.safetensors`; evaluation
-//! adds `eval.json`, `scores.csv`, `histogram.svg` and `roc.svg` to its output dir.
+//! adds `eval.json`, `scores.csv`, `histogram.svg`, `roc.svg` and `roc_log.svg` to its
+//! output dir.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,8 @@ pub const EVAL_FILE: &str = "eval.json";
 pub const SCORES_FILE: &str = "scores.csv";
 pub const HISTOGRAM_FILE: &str = "histogram.svg";
 pub const ROC_FILE: &str = "roc.svg";
+/// The ROC curve with the false positive rate on a log scale (1e-4 .. 1).
+pub const ROC_LOG_FILE: &str = "roc_log.svg";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainDataConfig {

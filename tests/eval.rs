@@ -3,7 +3,7 @@
 use cupbearer::eval::metrics::{
     auroc, average_precision, detection_metrics, fpr_at_95_tpr, roc_curve, DetectionMetrics,
 };
-use cupbearer::eval::plots::{histogram_svg, roc_svg};
+use cupbearer::eval::plots::{histogram_svg, roc_log_svg, roc_svg};
 
 const EPS: f64 = 1e-12;
 
@@ -529,6 +529,45 @@ fn roc_plot() {
             .count();
         assert_eq!(lines, 2, "{colour}");
     }
+}
+
+#[test]
+fn log_scale_roc_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roc_log.svg");
+    // A near-perfect detector: the interesting part is below FPR 0.01.
+    let curve = vec![
+        (0.0, 0.0),
+        (0.0, 0.6),
+        (0.0005, 0.9),
+        (0.01, 0.99),
+        (1.0, 1.0),
+    ];
+    roc_log_svg(
+        &path,
+        "log ROC",
+        &[("all (AUROC 0.9990)".to_string(), curve)],
+    )
+    .unwrap();
+    check_svg(
+        &path,
+        &[
+            "log ROC",
+            "all (AUROC 0.9990)",
+            "false positive rate",
+            "0.001",
+            "0.01",
+            "0.1",
+        ],
+    );
+    // The FPR-0 points sit on the axis's left end instead of vanishing.
+    let svg = std::fs::read_to_string(&path).unwrap();
+    let curve_line = svg
+        .lines()
+        .find(|l| l.starts_with("<polyline") && l.contains("#1F77B4"))
+        .unwrap();
+    assert!(curve_line.matches(',').count() >= 5, "{curve_line}");
+    assert!(roc_log_svg(&path, "t", &[("x".into(), vec![(f64::NAN, 0.0)])]).is_err());
 }
 
 #[test]

@@ -95,6 +95,40 @@ fn small_mlp() -> MlpConfig {
     }
 }
 
+/// A classifier run dir at `run` with an untrained `mlp` (no GPU needed).
+fn untrained_run(run: &Path, mlp: &MlpConfig) {
+    std::fs::create_dir_all(run).unwrap();
+    Mlp::init(mlp, 0)
+        .unwrap()
+        .save(&run.join("model.safetensors"))
+        .unwrap();
+    let config = ClassifierRunConfig::new(
+        TrainDataConfig {
+            dataset: DatasetName::Mnist,
+            max_size: None,
+            backdoor: None,
+        },
+        mlp.clone(),
+        TrainingConfig::default(),
+    );
+    write_json(&run.join("config.json"), &config).unwrap();
+}
+
+/// A Mahalanobis detector file with one 5-wide layer of made-up statistics.
+fn fake_detector(path: &Path) {
+    let det = Mahalanobis {
+        config: MahalanobisConfig::default(),
+        stats: vec![LayerStats {
+            layer: 0,
+            count: 9,
+            mean: vec![0.5; 5],
+            covariance: vec![0.25; 25],
+            precision: vec![1.0; 25],
+        }],
+    };
+    det.save(path).unwrap();
+}
+
 #[test]
 fn mutated_files_are_errors_never_panics() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,17 +165,7 @@ fn mutated_files_are_errors_never_panics() {
     });
 
     let detector = d.join("detector.safetensors");
-    let stats = Mahalanobis {
-        config: MahalanobisConfig::default(),
-        stats: vec![LayerStats {
-            layer: 0,
-            count: 9,
-            mean: vec![0.5; 5],
-            covariance: vec![0.25; 25],
-            precision: vec![1.0; 25],
-        }],
-    };
-    stats.save(&detector).unwrap();
+    fake_detector(&detector);
     let detector_bytes = std::fs::read(&detector).unwrap();
     let config = serde_json::to_value(MahalanobisConfig::default()).unwrap();
     let registry = Registry::builtin();
@@ -150,18 +174,7 @@ fn mutated_files_are_errors_never_panics() {
     });
 
     let run = d.join("run");
-    std::fs::create_dir(&run).unwrap();
-    std::fs::copy(&model, run.join("model.safetensors")).unwrap();
-    let run_config = ClassifierRunConfig::new(
-        TrainDataConfig {
-            dataset: DatasetName::Mnist,
-            max_size: None,
-            backdoor: None,
-        },
-        small_mlp(),
-        TrainingConfig::default(),
-    );
-    write_json(&run.join("config.json"), &run_config).unwrap();
+    untrained_run(&run, &small_mlp());
     assert!(ClassifierRun::load(&run).is_ok());
     let config_bytes = std::fs::read(run.join("config.json")).unwrap();
     let mut rng = Rng(7);
@@ -204,17 +217,7 @@ fn non_finite_stored_tensors_are_errors_naming_the_tensor() {
     assert!(msg.contains("Dense_1.bias") && msg.contains("inf"), "{msg}");
 
     let detector = dir.path().join("detector.safetensors");
-    let det = Mahalanobis {
-        config: MahalanobisConfig::default(),
-        stats: vec![LayerStats {
-            layer: 0,
-            count: 9,
-            mean: vec![0.5; 5],
-            covariance: vec![0.25; 25],
-            precision: vec![1.0; 25],
-        }],
-    };
-    det.save(&detector).unwrap();
+    fake_detector(&detector);
     poison(&detector, "layer0.precision", 7, f32::NAN);
     let config = serde_json::to_value(MahalanobisConfig::default()).unwrap();
     let msg = err_text(
@@ -240,21 +243,7 @@ fn cupbearer(args: &[&str]) -> std::process::Output {
 fn a_corrupt_checkpoint_stops_train_detector_and_zero_epochs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
-    Mlp::init(&small_mlp(), 0)
-        .unwrap()
-        .save(&run.join("model.safetensors"))
-        .unwrap();
-    let config = ClassifierRunConfig::new(
-        TrainDataConfig {
-            dataset: DatasetName::Mnist,
-            max_size: None,
-            backdoor: None,
-        },
-        small_mlp(),
-        TrainingConfig::default(),
-    );
-    write_json(&run.join("config.json"), &config).unwrap();
+    untrained_run(&run, &small_mlp());
     poison(
         &run.join("model.safetensors"),
         "Dense_0.kernel",
@@ -381,25 +370,11 @@ fn a_nan_score_is_an_error_not_a_rank() {
         &Dataset::synthetic(20, 4, 3, 2),
     );
     let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
     let mlp = MlpConfig {
         output_dim: 10,
         ..small_mlp()
     };
-    Mlp::init(&mlp, 0)
-        .unwrap()
-        .save(&run.join("model.safetensors"))
-        .unwrap();
-    let config = ClassifierRunConfig::new(
-        TrainDataConfig {
-            dataset: DatasetName::Mnist,
-            max_size: None,
-            backdoor: None,
-        },
-        mlp,
-        TrainingConfig::default(),
-    );
-    write_json(&run.join("config.json"), &config).unwrap();
+    untrained_run(&run, &mlp);
     let mut registry = Registry::builtin();
     registry.register_detector(DetectorEntry {
         name: "broken",

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::coord::ranged1d::{AsRangedCoord, DefaultFormatting, KeyPointHint, ValueFormatter};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
@@ -394,7 +394,18 @@ fn render_histogram(
     Ok(svg)
 }
 
-fn render_roc(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+/// The smallest false positive rate the log-scale ROC shows (points below sit on it).
+pub const LOG_FPR_MIN: f64 = 1e-4;
+
+/// `roc_svg` with the false positive rate on a log scale from [`LOG_FPR_MIN`] to 1: the
+/// low-FPR end, where detectors at AUROC ≥ 0.99 differ, gets most of the width.
+pub fn roc_log_svg(path: &Path, title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let svg =
+        render_roc_log(title, curves).with_context(|| format!("ROC plot {}", path.display()))?;
+    write_atomically(path, &svg)
+}
+
+fn check_curves(curves: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
     if curves.is_empty() {
         bail!("no ROC curves to plot");
     }
@@ -406,53 +417,92 @@ fn render_roc(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<Strin
             bail!("ROC curve {label:?} has a non-finite point {p:?}");
         }
     }
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(48)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("false positive rate")
-            .y_desc("true positive rate")
-            .axis_desc_style(("sans-serif", 15))
-            .x_label_formatter(&|v| format!("{v:.1}"))
-            .y_label_formatter(&|v| format!("{v:.1}"))
-            .draw()
-            .map_err(draw_err)?;
+    Ok(())
+}
 
-        let grey = RGBColor(150, 150, 150);
+fn render_roc(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+    check_curves(curves)?;
+    let mut svg = String::new();
+    draw_roc(&mut svg, title, 0.0..1.0, curves, &|v| format!("{v:.1}"))?;
+    Ok(svg)
+}
+
+fn render_roc_log(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+    check_curves(curves)?;
+    let clamped: Vec<(String, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(label, points)| {
+            let points = points
+                .iter()
+                .map(|&(x, y)| (x.max(LOG_FPR_MIN), y))
+                .collect();
+            (label.clone(), points)
+        })
+        .collect();
+    let mut svg = String::new();
+    let x = (LOG_FPR_MIN..1.0).log_scale();
+    draw_roc(&mut svg, title, x, &clamped, &|v| format_tick(*v))?;
+    Ok(svg)
+}
+
+/// The ROC chart on any x axis over [0, 1] (linear or log).
+fn draw_roc<X>(
+    svg: &mut String,
+    title: &str,
+    x: X,
+    curves: &[(String, Vec<(f64, f64)>)],
+    x_label: &dyn Fn(&f64) -> String,
+) -> Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+{
+    let root = SVGBackend::with_string(svg, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, 0.0..1.0)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("false positive rate")
+        .y_desc("true positive rate")
+        .axis_desc_style(("sans-serif", 15))
+        .x_label_formatter(x_label)
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(draw_err)?;
+    let grey = RGBColor(150, 150, 150);
+    // The chance diagonal, sampled so that it is a diagonal on a log axis too.
+    let chance = (0..=100).map(|i| {
+        let v = 10f64.powf(-4.0 + 4.0 * i as f64 / 100.0);
+        (v, v)
+    });
+    chart
+        .draw_series(LineSeries::new(
+            std::iter::once((0.0, 0.0)).chain(chance),
+            grey.stroke_width(1),
+        ))
+        .map_err(draw_err)?
+        .label("chance")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], grey));
+    for (i, (label, points)) in curves.iter().enumerate() {
+        let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
         chart
             .draw_series(LineSeries::new(
-                [(0.0, 0.0), (1.0, 1.0)],
-                grey.stroke_width(1),
+                points.iter().copied(),
+                colour.stroke_width(2),
             ))
             .map_err(draw_err)?
-            .label("chance")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], grey));
-        for (i, (label, points)) in curves.iter().enumerate() {
-            let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    colour.stroke_width(2),
-                ))
-                .map_err(draw_err)?
-                .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2))
-                });
-        }
-        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
-        root.present().map_err(draw_err)?;
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
     }
-    Ok(svg)
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    root.present().map_err(draw_err)?;
+    Ok(())
 }
 
 /// One legend style for both plots, boxed and half-opaque so it stays readable over data.

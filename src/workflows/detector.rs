@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{claim, context, Output};
 use crate::detectors::{Detector, FitData, LayerScores, MixSamples, SampleSet};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
-use crate::eval::plots::{histogram_svg, roc_svg};
+use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, LOG_FPR_MIN};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
 use crate::io::{write_atomic, write_json};
@@ -21,7 +21,7 @@ use crate::model::GpuMlp;
 use crate::registry::Registry;
 use crate::run::{
     refuse_overwrite, DetectorRunConfig, DETECTOR_CONFIG_FILE, DETECTOR_FILE, EVAL_FILE,
-    HISTOGRAM_FILE, ROC_FILE, SCORES_FILE,
+    HISTOGRAM_FILE, ROC_FILE, ROC_LOG_FILE, SCORES_FILE,
 };
 use crate::tasks::{SampleSpec, Source, Task};
 
@@ -131,15 +131,19 @@ pub fn train_detector(
     })
 }
 
-/// The ROC curve thinned to steps of at least 1/1000 in FPR or TPR, so that plots of
-/// 20 000 distinct scores stay small.
+/// The ROC curve thinned to steps of at least 1/1000 in FPR or TPR (or 1/100 of a
+/// decade of FPR, for the log-scale plot), so that plots of 20 000 scores stay small.
 fn roc_points(scores: &[f64], labels: &[bool]) -> Result<Vec<(f64, f64)>> {
     let curve = roc_curve(scores, labels)?;
     let mut kept: Vec<(f64, f64)> = Vec::new();
     for (i, &p) in curve.iter().enumerate() {
-        let far = kept
-            .last()
-            .is_none_or(|q| (p.0 - q.0).abs() >= 1e-3 || (p.1 - q.1).abs() >= 1e-3);
+        // Steps of 1/1000 on the linear plot, and of 1/100 decade on the log one.
+        let log = |x: f64| x.max(LOG_FPR_MIN).log10();
+        let far = kept.last().is_none_or(|q| {
+            (p.0 - q.0).abs() >= 1e-3
+                || (p.1 - q.1).abs() >= 1e-3
+                || (log(p.0) - log(q.0)).abs() >= 1e-2
+        });
         if far || i + 1 == curve.len() {
             kept.push(p);
         }
@@ -202,7 +206,13 @@ pub fn eval_detector(
     out: &Output<'_>,
 ) -> Result<EvalReport> {
     let wall = Instant::now();
-    let outputs = [EVAL_FILE, SCORES_FILE, HISTOGRAM_FILE, ROC_FILE];
+    let outputs = [
+        EVAL_FILE,
+        SCORES_FILE,
+        HISTOGRAM_FILE,
+        ROC_FILE,
+        ROC_LOG_FILE,
+    ];
     let _claim = out.dir.map(claim).transpose()?;
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &outputs, out.overwrite)?;
@@ -334,6 +344,7 @@ pub fn eval_detector(
     let title = format!("{} detector, {} task", detector.kind(), task.kind());
     histogram_svg(&out.join(HISTOGRAM_FILE), &title, n, a, 100, false)?;
     roc_svg(&out.join(ROC_FILE), &title, &curves)?;
+    roc_log_svg(&out.join(ROC_LOG_FILE), &title, &curves)?;
     write_json(&out.join(EVAL_FILE), &report)?;
     Ok(report)
 }
