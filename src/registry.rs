@@ -27,6 +27,8 @@ pub enum Kind {
     Str,
     /// One or more non-negative integers.
     Ints,
+    /// One or more activation layers, by index (`1`) or name (`layer1`).
+    Layers,
     /// Accepted for compatibility with the original, and ignored.
     Ignored,
 }
@@ -449,14 +451,18 @@ fn parse_value(o: &Opt, values: &[String]) -> Result<Value> {
             Value::from(x)
         }
         Kind::Str => Value::String(one()?.to_string()),
-        Kind::Ints => {
+        Kind::Ints | Kind::Layers => {
             if values.is_empty() {
                 bail!("needs at least one value");
             }
+            let int = |v: &String| match (o.kind, v.strip_prefix("layer")) {
+                (Kind::Layers, Some(index)) => parse_int(index),
+                _ => parse_int(v),
+            };
             Value::Array(
                 values
                     .iter()
-                    .map(|v| parse_int(v).map(Value::from))
+                    .map(|v| int(v).map(Value::from))
                     .collect::<Result<_>>()?,
             )
         }

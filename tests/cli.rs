@@ -290,6 +290,20 @@ fn detector_help_lists_every_registered_option_with_its_default() {
 }
 
 #[test]
+fn layer_options_take_indices_or_names() {
+    let registry = cupbearer::registry::Registry::builtin();
+    for name in ["mahalanobis", "que", "spectral"] {
+        let entry = registry.detector(name).unwrap();
+        let raw = vec![("layers".to_string(), vec!["layer1".into(), "0".into()])];
+        let config = entry.resolve(&raw, false).unwrap();
+        assert_eq!(config["layers"], serde_json::json!([1, 0]), "{name}");
+        let bad = vec![("layers".to_string(), vec!["layerx".into()])];
+        let err = format!("{:#}", entry.resolve(&bad, false).unwrap_err());
+        assert!(err.contains("option layers"), "{name}: {err}");
+    }
+}
+
+#[test]
 fn unknown_or_bad_detector_and_task_options_are_clear_errors() {
     // Options are checked before any run dir or data is read.
     let base = [

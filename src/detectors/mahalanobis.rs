@@ -163,7 +163,7 @@ impl QuadraticFit for MahalanobisConfig {
 }
 
 const OPTIONS: &[Opt] = &[
-    opt("layers", &["/layers"], Kind::Ints, "Hidden layers to use (0 = first) [none: all]."),
+    opt("layers", &["/layers"], Kind::Layers, "Activation layers to use, by index or name (0 or layer0 = the first) [none: all]."),
     opt("train.rcond", &["/rcond"], Kind::Float, "Pseudo-inverse cutoff relative to the largest eigenvalue."),
     opt("train.relative", &["/relative"], Kind::Bool, "The original's simplified relative Mahalanobis distance."),
     opt("train.shrinkage", &["/shrinkage"], Kind::Float, "Shrink the covariance towards tr(S)/d I by this fraction."),

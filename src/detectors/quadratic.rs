@@ -373,8 +373,8 @@ pub const COMMON_OPTIONS: [Opt; 4] = [
     opt(
         "layers",
         &["/layers"],
-        Kind::Ints,
-        "Activation layers to use (0 = first) [none: all].",
+        Kind::Layers,
+        "Activation layers to use, by index or name (0 or layer0 = the first) [none: all].",
     ),
     opt(
         "normalize",

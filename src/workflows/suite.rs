@@ -129,6 +129,9 @@ name = "spectral"
 [[detector]]
 name = "abstraction"
 options = { "train.num_epochs" = 2 }
+
+[[detector]]
+name = "adversarial_abstraction"
 "#;
 
 const SEED: &str = r#"
@@ -445,9 +448,6 @@ impl Suite {
         let cell = opts.dir.join("cells").join(&task.name).join(&det.name);
         let kind = det.detector.as_deref().unwrap_or(&det.name);
         let entry = registry.detector(kind)?;
-        if entry.load.is_none() {
-            bail!("{kind} is evaluation-only; suites fit and then evaluate detectors");
-        }
         let env = TaskEnv {
             data_dir: opts.data_dir.clone(),
             seed: task.seed,
@@ -476,21 +476,30 @@ impl Suite {
         };
         let done = |mix: &str| eval_dir(mix).join(EVAL_FILE).is_file();
         let det_dir = cell.join("detector");
-        if !mixes.iter().all(|(m, _)| done(m)) && !det_dir.join(crate::run::DETECTOR_FILE).is_file()
-        {
-            crate::progress::note(
-                opts.progress,
-                &format!("cell {} x {}: fitting", task.name, det.name),
-            );
-            let config = entry.resolve(&raw(&det.options), false)?;
-            let detector = registry.build_detector(kind, &config)?;
-            let out = Output {
-                dir: Some(&det_dir),
-                overwrite: true,
-                progress: opts.progress,
-            };
-            train_detector(build_task(&Vec::new())?.as_ref(), detector, task.seed, &out)?;
-        }
+        let config = entry.resolve(&raw(&det.options), false)?;
+        // Evaluation-only detectors (adversarial_abstraction) are built per evaluation.
+        let source = if entry.load.is_none() {
+            DetectorSource::Config {
+                kind: kind.into(),
+                config,
+            }
+        } else {
+            let fitted = det_dir.join(crate::run::DETECTOR_FILE).is_file();
+            if !fitted && !mixes.iter().all(|(m, _)| done(m)) {
+                crate::progress::note(
+                    opts.progress,
+                    &format!("cell {} x {}: fitting", task.name, det.name),
+                );
+                let detector = registry.build_detector(kind, &config)?;
+                let out = Output {
+                    dir: Some(&det_dir),
+                    overwrite: true,
+                    progress: opts.progress,
+                };
+                train_detector(build_task(&Vec::new())?.as_ref(), detector, task.seed, &out)?;
+            }
+            DetectorSource::Run(det_dir)
+        };
         let mut rows = Vec::new();
         for (mix, extra) in &mixes {
             let dir = eval_dir(mix);
@@ -515,12 +524,7 @@ impl Suite {
                     progress: opts.progress,
                 };
                 let t = build_task(extra)?;
-                eval_detector(
-                    t.as_ref(),
-                    &DetectorSource::Run(det_dir.clone()),
-                    &eval,
-                    &out,
-                )?
+                eval_detector(t.as_ref(), &source, &eval, &out)?
             };
             rows.push(self.row(task, det, mix, Some(&report), Some(metrics), None));
         }
