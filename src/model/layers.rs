@@ -636,14 +636,6 @@ pub struct Needs {
     pub input_grad: bool,
 }
 
-impl Needs {
-    pub const FORWARD: Needs = Needs {
-        backward: false,
-        param_grads: false,
-        input_grad: false,
-    };
-}
-
 /// A stack's batch buffers: every layer's scratch, and the outputs (and, with a
 /// backward pass, the output gradients) of every layer but the last, whose output and
 /// gradient the caller owns.
