@@ -2,7 +2,7 @@
 //!
 //! A classifier run dir holds `config.json` ([`ClassifierRunConfig`]),
 //! `model.safetensors` (see [`crate::model::mlp`]) and `metrics.json`. A detector run dir
-//! holds `config.json` ([`DetectorRunConfig`]) and `detector.safetensors`; evaluation
+//! holds `config.json` ([`DetectorRunConfig`]), `detector.safetensors` and `fit.json`; evaluation
 //! adds `eval.json`, `scores.csv`, `histogram.svg`, `roc.svg` and `roc_log.svg` to its
 //! output dir.
 
@@ -21,6 +21,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const METRICS_FILE: &str = "metrics.json";
 pub const DETECTOR_CONFIG_FILE: &str = "config.json";
 pub const DETECTOR_FILE: &str = "detector.safetensors";
+/// What fitting took: samples and seconds (`workflows::detector::FitReport`).
+pub const FIT_FILE: &str = "fit.json";
 pub const EVAL_FILE: &str = "eval.json";
 pub const SCORES_FILE: &str = "scores.csv";
 pub const HISTOGRAM_FILE: &str = "histogram.svg";

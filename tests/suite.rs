@@ -79,7 +79,14 @@ fn a_suite_runs_its_grid_resumes_and_records_failures() {
         board.contains("| corner | noise |") && board.contains("failed"),
         "{board}"
     );
+    let maha = results
+        .iter()
+        .find(|r| r.detector == "mahalanobis")
+        .unwrap();
+    assert!(maha.fit_seconds.is_some_and(|s| s > 0.0), "{maha:?}");
+    assert!(maha.train_seconds.is_some_and(|s| s > 0.0), "{maha:?}");
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    assert!(csv.starts_with("suite,task,detector,mix,auc_roc,ap,fpr_at_95_tpr,fit_seconds"));
     assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
     // One classifier, trained once; each cell is an ordinary detector run dir.
     let classifiers: Vec<_> = std::fs::read_dir(dir.join("classifiers"))

@@ -20,7 +20,7 @@ use crate::io::{write_atomic, write_json};
 use crate::model::GpuMlp;
 use crate::registry::Registry;
 use crate::run::{
-    refuse_overwrite, DetectorRunConfig, DETECTOR_CONFIG_FILE, DETECTOR_FILE, EVAL_FILE,
+    refuse_overwrite, DetectorRunConfig, DETECTOR_CONFIG_FILE, DETECTOR_FILE, EVAL_FILE, FIT_FILE,
     HISTOGRAM_FILE, ROC_FILE, ROC_LOG_FILE, SCORES_FILE,
 };
 use crate::tasks::{SampleSpec, Source, Task};
@@ -79,7 +79,11 @@ pub fn train_detector(
     let wall = Instant::now();
     let _claim = out.dir.map(claim).transpose()?;
     if let Some(dir) = out.dir {
-        refuse_overwrite(dir, &[DETECTOR_CONFIG_FILE, DETECTOR_FILE], out.overwrite)?;
+        refuse_overwrite(
+            dir,
+            &[DETECTOR_CONFIG_FILE, DETECTOR_FILE, FIT_FILE],
+            out.overwrite,
+        )?;
     }
     let uses = detector.uses();
     let trusted = uses.trusted.then(|| task.trusted()).transpose()?;
@@ -112,23 +116,35 @@ pub fn train_detector(
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         detector.save(&dir.join(DETECTOR_FILE))?;
-        let config = DetectorRunConfig {
-            command: "train-detector".into(),
-            cupbearer_version: env!("CARGO_PKG_VERSION").into(),
-            task_kind: task.kind().into(),
-            task: task.config(),
-            detector_kind: detector.kind().into(),
-            detector: detector.config(),
-            seed,
-        };
-        write_json(&dir.join(DETECTOR_CONFIG_FILE), &config)?;
     }
-    Ok(FitReport {
+    let report = FitReport {
         trusted_samples: trusted.as_ref().map_or(0, |t| t.indices.len()),
         untrusted_samples: untrusted.iter().map(|u| u.indices.len()).sum(),
         fit_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
-    })
+    };
+    if let Some(dir) = out.dir {
+        write_json(&dir.join(FIT_FILE), &report)?;
+        // Written last: a run dir with a config is a finished run.
+        write_json(
+            &dir.join(DETECTOR_CONFIG_FILE),
+            &config_of(task, &*detector, seed),
+        )?;
+    }
+    Ok(report)
+}
+
+/// `config.json` of a detector run.
+fn config_of(task: &dyn Task, detector: &dyn Detector, seed: u32) -> DetectorRunConfig {
+    DetectorRunConfig {
+        command: "train-detector".into(),
+        cupbearer_version: env!("CARGO_PKG_VERSION").into(),
+        task_kind: task.kind().into(),
+        task: task.config(),
+        detector_kind: detector.kind().into(),
+        detector: detector.config(),
+        seed,
+    }
 }
 
 /// The ROC curve thinned to steps of at least 1/1000 in FPR or TPR (or 1/100 of a

@@ -16,14 +16,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::classifier::{train_classifier, ClassifierMetrics, RunOptions};
-use super::detector::{eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport};
+use super::detector::{
+    eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport, FitReport,
+};
 use super::{claim, Output};
 use crate::data::backdoor::Backdoor;
 use crate::data::DatasetName;
 use crate::io::{write_atomic, write_json};
 use crate::model::MlpConfig;
 use crate::registry::{RawOptions, Registry, TaskEnv};
-use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig, EVAL_FILE, METRICS_FILE};
+use crate::run::{
+    ClassifierRunConfig, TrainDataConfig, TrainingConfig, EVAL_FILE, FIT_FILE, METRICS_FILE,
+};
 
 /// A suite spec, as read from TOML.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -203,6 +207,16 @@ name = "spectral"
 name = "abstraction"
 "#;
 
+/// What one row of results describes.
+#[derive(Clone, Copy)]
+struct Cell<'a> {
+    task: &'a TaskSpec,
+    det: &'a DetectorSpec,
+    eval: Option<&'a EvalReport>,
+    fit: Option<&'a FitReport>,
+    classifier: Option<&'a ClassifierMetrics>,
+}
+
 /// One evaluated test mix of a cell, or the error that stopped the cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CellResult {
@@ -215,6 +229,10 @@ pub struct CellResult {
     pub ap: Option<f64>,
     pub fpr_at_95_tpr: Option<f64>,
     pub score_seconds: Option<f64>,
+    /// The detector's fit (`fit.json` of its run; none for evaluation-only ones).
+    pub fit_seconds: Option<f64>,
+    /// The classifier's training (its `metrics.json`).
+    pub train_seconds: Option<f64>,
     pub clean_accuracy: Option<f64>,
     pub attack_success: Option<f64>,
     pub adapter: Option<String>,
@@ -353,14 +371,14 @@ impl Suite {
                             opts.progress,
                             &format!("cell {} x {} failed: {e:#}", task.name, det.name),
                         );
-                        results.push(self.row(
+                        let cell = Cell {
                             task,
                             det,
-                            "main",
-                            None,
-                            None,
-                            Some(format!("{e:#}")),
-                        ));
+                            eval: None,
+                            fit: None,
+                            classifier: None,
+                        };
+                        results.push(self.row(&cell, "main", Some(format!("{e:#}"))));
                     }
                 }
             }
@@ -484,7 +502,8 @@ impl Suite {
                 config,
             }
         } else {
-            let fitted = det_dir.join(crate::run::DETECTOR_FILE).is_file();
+            // config.json is written last: with it the detector run is complete.
+            let fitted = det_dir.join(crate::run::DETECTOR_CONFIG_FILE).is_file();
             if !fitted && !mixes.iter().all(|(m, _)| done(m)) {
                 crate::progress::note(
                     opts.progress,
@@ -526,20 +545,30 @@ impl Suite {
                 let t = build_task(extra)?;
                 eval_detector(t.as_ref(), &source, &eval, &out)?
             };
-            rows.push(self.row(task, det, mix, Some(&report), Some(metrics), None));
+            let fit: Option<FitReport> =
+                std::fs::read_to_string(cell.join("detector").join(FIT_FILE))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+            let row = Cell {
+                task,
+                det,
+                eval: Some(&report),
+                fit: fit.as_ref(),
+                classifier: Some(metrics),
+            };
+            rows.push(self.row(&row, mix, None));
         }
         Ok(rows)
     }
 
-    fn row(
-        &self,
-        task: &TaskSpec,
-        det: &DetectorSpec,
-        mix: &str,
-        r: Option<&EvalReport>,
-        m: Option<&ClassifierMetrics>,
-        error: Option<String>,
-    ) -> CellResult {
+    fn row(&self, cell: &Cell<'_>, mix: &str, error: Option<String>) -> CellResult {
+        let Cell {
+            task,
+            det,
+            eval: r,
+            fit,
+            classifier: m,
+        } = *cell;
         CellResult {
             suite: self.name.clone(),
             task: task.name.clone(),
@@ -549,6 +578,8 @@ impl Suite {
             ap: r.map(|r| r.ap),
             fpr_at_95_tpr: r.map(|r| r.fpr_at_95_tpr),
             score_seconds: r.map(|r| r.score_seconds),
+            fit_seconds: fit.map(|f| f.fit_seconds),
+            train_seconds: m.map(|m| m.train_seconds),
             clean_accuracy: m.map(|m| m.clean_test_accuracy),
             attack_success: m.and_then(|m| m.attack_success_rate),
             adapter: r.map(|r| r.adapter.clone()),
@@ -597,13 +628,14 @@ fn num(v: Option<f64>) -> String {
 
 fn csv(results: &[CellResult]) -> String {
     let mut s = String::from(
-        "suite,task,detector,mix,auc_roc,ap,fpr_at_95_tpr,score_seconds,clean_accuracy,attack_success,error\n",
+        "suite,task,detector,mix,auc_roc,ap,fpr_at_95_tpr,fit_seconds,score_seconds,\
+         train_seconds,clean_accuracy,attack_success,error\n",
     );
     for r in results {
         let error = r.error.as_deref().unwrap_or("").replace(['"', '\n'], "'");
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},\"{error}\"",
+            "{},{},{},{},{},{},{},{},{},{},{},{},\"{error}\"",
             r.suite,
             r.task,
             r.detector,
@@ -611,7 +643,9 @@ fn csv(results: &[CellResult]) -> String {
             num(r.auc_roc),
             num(r.ap),
             num(r.fpr_at_95_tpr),
+            num(r.fit_seconds),
             num(r.score_seconds),
+            num(r.train_seconds),
             num(r.clean_accuracy),
             num(r.attack_success),
         );
