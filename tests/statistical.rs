@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
-use cupbearer::data::{Dataset, DatasetName};
+use cupbearer::data::Dataset;
 use cupbearer::detectors::que::{Que, QueConfig};
 use cupbearer::detectors::spectral::{Spectral, SpectralConfig};
 use cupbearer::detectors::{read_activations, Detector, FitData, SampleSet};
@@ -14,9 +14,7 @@ use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::gpu::GpuContext;
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 use cupbearer::registry::{Registry, TaskEnv};
-use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
 use cupbearer::tasks::backdoor::BackdoorTaskConfig;
-use cupbearer::workflows::classifier::{train_classifier, RunOptions};
 use cupbearer::workflows::detector::{eval_detector, train_detector, DetectorSource, EvalOptions};
 use cupbearer::workflows::Output;
 use faer::Mat;
@@ -249,53 +247,13 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
     );
 }
 
-/// A backdoored classifier run on generated data under `dir`; returns the data dir.
-fn backdoored_run(dir: &Path) -> std::path::PathBuf {
-    let data_dir = dir.join("data");
-    common::write_small_mnist(&data_dir);
-    let config = ClassifierRunConfig::new(
-        TrainDataConfig {
-            dataset: DatasetName::Mnist,
-            max_size: None,
-            backdoor: Some(corner(0.2)),
-        },
-        MlpConfig {
-            hidden_dims: vec![48, 32],
-            output_dim: 10,
-            ..MlpConfig::default()
-        },
-        TrainingConfig {
-            num_epochs: 4,
-            ..TrainingConfig::default()
-        },
-    );
-    let metrics = train_classifier(
-        config,
-        &RunOptions {
-            dir: Some(dir.join("classifier")),
-            test_limit: None,
-            data_dir: data_dir.clone(),
-            overwrite: false,
-            eval_batch_size: 512,
-            progress: false,
-        },
-    )
-    .unwrap();
-    assert!(
-        metrics.attack_success_rate.unwrap() > 0.9,
-        "{}",
-        metrics.summary()
-    );
-    data_dir
-}
-
 #[test]
 fn untrusted_data_detectors_find_a_planted_trigger() {
     if common::gpu().is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let data_dir = backdoored_run(tmp.path());
+    let data_dir = common::backdoored_run(tmp.path());
     let registry = Registry::builtin();
     let env = TaskEnv { data_dir, seed: 0 };
     let task = |backdoor: Backdoor, trusted_fraction: f64| {

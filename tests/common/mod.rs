@@ -72,3 +72,58 @@ pub fn write_small_mnist(dir: &Path) {
         &Dataset::synthetic(400, 12, 10, 2),
     );
 }
+
+/// A classifier run at `dir/classifier`, trained on [`write_small_mnist`] data (written to
+/// `dir/data`, returned) poisoned with a bottom-right corner trigger on 20 % of the
+/// images (target 0): 48-32 MLP, 4 epochs, attack success checked above 0.9.
+pub fn backdoored_run(dir: &Path) -> std::path::PathBuf {
+    use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+    use cupbearer::data::DatasetName;
+    use cupbearer::model::MlpConfig;
+    use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+    use cupbearer::workflows::classifier::{train_classifier, RunOptions};
+
+    let data_dir = dir.join("data");
+    write_small_mnist(&data_dir);
+    let backdoor = Backdoor {
+        trigger: Trigger::Corner {
+            corner: Corner::BottomRight,
+        },
+        p_backdoor: 0.2,
+        target_class: 0,
+    };
+    let config = ClassifierRunConfig::new(
+        TrainDataConfig {
+            dataset: DatasetName::Mnist,
+            max_size: None,
+            backdoor: Some(backdoor),
+        },
+        MlpConfig {
+            hidden_dims: vec![48, 32],
+            output_dim: 10,
+            ..MlpConfig::default()
+        },
+        TrainingConfig {
+            num_epochs: 4,
+            ..TrainingConfig::default()
+        },
+    );
+    let metrics = train_classifier(
+        config,
+        &RunOptions {
+            dir: Some(dir.join("classifier")),
+            test_limit: None,
+            data_dir: data_dir.clone(),
+            overwrite: false,
+            eval_batch_size: 512,
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert!(
+        metrics.attack_success_rate.unwrap() > 0.9,
+        "{}",
+        metrics.summary()
+    );
+    data_dir
+}
