@@ -187,6 +187,7 @@ impl Registry {
         r.register_detector(detectors::adversarial_abstraction::ENTRY);
         r.register_detector(detectors::spectral::ENTRY);
         r.register_detector(detectors::que::ENTRY);
+        r.register_detector(detectors::supervised_probe::ENTRY);
         r.register_task(tasks::backdoor::ENTRY);
         r.register_task(tasks::adversarial::ENTRY);
         r

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::backdoor::Backdoor;
 use crate::data::DatasetName;
+use crate::detectors::{Aggregation, ScoreScale};
 use crate::model::train::LrSchedule;
 use crate::model::{Mlp, MlpConfig};
 
@@ -175,6 +176,13 @@ pub struct DetectorRunConfig {
     pub detector_kind: String,
     pub detector: serde_json::Value,
     pub seed: u32,
+    /// Each layer's score distribution on the fit data (for `--layer_aggregation max`);
+    /// empty in runs from before it was recorded.
+    #[serde(default)]
+    pub score_scales: Vec<ScoreScale>,
+    /// The run's default layer aggregation (eval-detector's unless overridden).
+    #[serde(default)]
+    pub layer_aggregation: Aggregation,
 }
 
 impl DetectorRunConfig {

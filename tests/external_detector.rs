@@ -7,7 +7,9 @@ mod common;
 use cupbearer::data::backdoor::{Backdoor, Trigger};
 use cupbearer::registry::{Registry, TaskEnv};
 use cupbearer::tasks::backdoor::BackdoorTaskConfig;
-use cupbearer::workflows::detector::{eval_detector, train_detector, DetectorSource, EvalOptions};
+use cupbearer::workflows::detector::{
+    eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
+};
 use cupbearer::workflows::Output;
 
 #[test]
@@ -56,7 +58,13 @@ fn a_detector_registered_at_run_time_finds_a_planted_trigger() {
     let detector = registry
         .build_detector("mean_distance", &detector_config)
         .unwrap();
-    train_detector(task.as_ref(), detector, 0, &quiet(&det_dir)).unwrap();
+    train_detector(
+        task.as_ref(),
+        detector,
+        &FitOptions::default(),
+        &quiet(&det_dir),
+    )
+    .unwrap();
     let eval_dir = tmp.path().join("eval");
     let report = eval_detector(
         task.as_ref(),
@@ -65,6 +73,7 @@ fn a_detector_registered_at_run_time_finds_a_planted_trigger() {
             registry: &registry,
             batch_size: 64,
             seed: 0,
+            aggregation: None,
         },
         &quiet(&eval_dir),
     )
@@ -86,6 +95,7 @@ fn a_detector_registered_at_run_time_finds_a_planted_trigger() {
             registry: &Registry::builtin(),
             batch_size: 64,
             seed: 0,
+            aggregation: None,
         },
         &Output {
             dir: None,

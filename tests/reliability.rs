@@ -418,6 +418,7 @@ fn a_nan_score_is_an_error_not_a_rank() {
             registry: &registry,
             batch_size: 8,
             seed: 0,
+            aggregation: None,
         },
         &Output {
             dir: Some(&out),

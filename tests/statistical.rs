@@ -9,13 +9,21 @@ use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
 use cupbearer::detectors::que::{Que, QueConfig};
 use cupbearer::detectors::spectral::{Spectral, SpectralConfig};
-use cupbearer::detectors::{read_activations, Detector, FitData, SampleSet};
+use cupbearer::detectors::supervised_probe::{Probe, ProbeConfig};
+use cupbearer::detectors::{
+    read_activations, Aggregation, Detector, FitData, LayerScores, SampleSet, ScoreScale,
+};
+use cupbearer::gpu::adam::adam_reference;
 use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::gpu::GpuContext;
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 use cupbearer::registry::{Registry, TaskEnv};
+use cupbearer::run::DetectorRunConfig;
 use cupbearer::tasks::backdoor::BackdoorTaskConfig;
-use cupbearer::workflows::detector::{eval_detector, train_detector, DetectorSource, EvalOptions};
+use cupbearer::tasks::Task;
+use cupbearer::workflows::detector::{
+    eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
+};
 use cupbearer::workflows::Output;
 use faer::Mat;
 
@@ -94,13 +102,103 @@ fn quad(delta: &[f64], p: &Mat<f64>) -> f64 {
 }
 
 fn close(got: &[f64], want: &[f64], what: &str) {
+    close_to(got, want, 1e-3, what);
+}
+
+fn close_to(got: &[f64], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
-            (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+            (g - w).abs() <= tol * w.abs().max(1.0),
             "{what}: sample {i}: got {g}, want {w}"
         );
     }
+}
+
+#[test]
+fn max_aggregation_takes_the_largest_standardised_layer_score() {
+    let scores = LayerScores {
+        names: vec!["a".into(), "b".into()],
+        scores: vec![vec![1.0, 2.0, -1.0], vec![10.0, 40.0, 20.0]],
+    };
+    let scale = |layer: &str, mean, std| ScoreScale {
+        layer: layer.into(),
+        mean,
+        std,
+    };
+    let scales = [scale("b", 10.0, 10.0), scale("a", 0.0, 1.0)];
+    assert_eq!(
+        scores.combine(Aggregation::Max, &scales).unwrap(),
+        [1.0, 3.0, 1.0]
+    );
+    assert_eq!(
+        scores.combine(Aggregation::Mean, &[]).unwrap(),
+        [5.5, 21.0, 9.5]
+    );
+    let err = scores.combine(Aggregation::Max, &scales[..1]).unwrap_err();
+    assert!(err.to_string().contains("score scale of layer a"), "{err}");
+    let got = scores.scales();
+    assert_eq!((got[0].mean, got[1].mean), (2.0 / 3.0, 70.0 / 3.0));
+}
+
+/// Logistic regression as the probe trains it, in f64: standardised features, a
+/// two-class softmax layer from zero, full-batch Adam; returns the log-odds of class 1
+/// as weights and bias on raw features.
+fn logistic_reference(x: &[f64], d: usize, y: &[f64], c: &ProbeConfig) -> (Vec<f64>, f64) {
+    let n = y.len();
+    let mean: Vec<f64> = (0..d)
+        .map(|j| x.chunks(d).map(|r| r[j]).sum::<f64>() / n as f64)
+        .collect();
+    let sd: Vec<f64> = (0..d)
+        .map(|j| {
+            let v = x.chunks(d).map(|r| (r[j] - mean[j]).powi(2)).sum::<f64>() / n as f64;
+            if v > 0.0 {
+                v.sqrt()
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let xs: Vec<f64> = x
+        .chunks(d)
+        .flat_map(|r| (0..d).map(|j| (r[j] - mean[j]) / sd[j]).collect::<Vec<_>>())
+        .collect();
+    // Parameters: kernel [d][2] row-major, then the two biases.
+    let mut p = vec![0.0; 2 * d + 2];
+    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    for t in 1..=c.steps {
+        let mut g = vec![0f32; p.len()];
+        let mut gd = vec![0.0; p.len()];
+        for (row, &label) in xs.chunks(d).zip(y) {
+            let z: Vec<f64> = (0..2)
+                .map(|k| p[2 * d + k] + (0..d).map(|j| row[j] * p[2 * j + k]).sum::<f64>())
+                .collect();
+            let top = z[0].max(z[1]);
+            let e: Vec<f64> = z.iter().map(|z| (z - top).exp()).collect();
+            for k in 0..2 {
+                let dz =
+                    (e[k] / (e[0] + e[1]) - f64::from(u8::from(label as usize == k))) / n as f64;
+                for j in 0..d {
+                    gd[2 * j + k] += row[j] * dz;
+                }
+                gd[2 * d + k] += dz;
+            }
+        }
+        for (g, gd) in g.iter_mut().zip(&gd) {
+            *g = *gd as f32;
+        }
+        adam_reference(
+            &mut p,
+            &g,
+            &mut m,
+            &mut v,
+            f64::from(c.learning_rate),
+            t as i32,
+        );
+    }
+    let w: Vec<f64> = (0..d).map(|j| (p[2 * j + 1] - p[2 * j]) / sd[j]).collect();
+    let b = p[2 * d + 1] - p[2 * d] - w.iter().zip(&mean).map(|(w, m)| w * m).sum::<f64>();
+    (w, b)
 }
 
 #[test]
@@ -146,6 +244,7 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
     let data_for_fit = FitData {
         trusted: Some(&trusted),
         untrusted: &untrusted,
+        untrusted_anomalous: &[false, true],
     };
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::builtin();
@@ -226,6 +325,50 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
         assert_eq!(loaded.layer_scores(&ctx, &model, &scored, 64).unwrap(), got);
     }
 
+    // The supervised probe: full-batch Adam on standardised features, against the same
+    // logistic regression in f64 (the log-odds of "anomalous" as the score).
+    let config = ProbeConfig {
+        steps: 40,
+        learning_rate: 0.05,
+        ..ProbeConfig::default()
+    };
+    let mut probe = Probe::new(config.clone()).unwrap();
+    probe.fit_data(&ctx, &model, &data_for_fit, false).unwrap();
+    let got = probe.layer_scores(&ctx, &model, &scored, 37).unwrap();
+    for l in 0..2 {
+        let (u, d) = acts(&ctx, &model, &[&untrusted[0], &untrusted[1]], l);
+        let y: Vec<f64> = (0..u.len() / d)
+            .map(|i| f64::from(u8::from(i >= 70)))
+            .collect();
+        let (w, b) = logistic_reference(&u, d, &y, &config);
+        let (x, _) = acts(&ctx, &model, &[&scored], l);
+        let want: Vec<f64> = x
+            .chunks(d)
+            .map(|r| b + r.iter().zip(&w).map(|(x, w)| x * w).sum::<f64>())
+            .collect();
+        close_to(&got.scores[l], &want, 1e-4, &format!("probe layer {l}"));
+    }
+    let path = dir.path().join("probe.safetensors");
+    probe.save(&path).unwrap();
+    let loaded = registry
+        .load_detector("supervised_probe", &probe.config(), &path)
+        .unwrap();
+    assert_eq!(loaded.layer_scores(&ctx, &model, &scored, 64).unwrap(), got);
+    // It needs both kinds of untrusted samples.
+    let clean_only = FitData {
+        trusted: Some(&trusted),
+        untrusted: &untrusted[..1],
+        untrusted_anomalous: &[false],
+    };
+    let err = Probe::new(ProbeConfig::default())
+        .unwrap()
+        .fit_data(&ctx, &model, &clean_only, false)
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("needs both clean and anomalous"),
+        "{err:#}"
+    );
+
     // QUE whitens with the trusted covariance: it needs more trusted samples than width.
     let few: Vec<u32> = (0..6).collect();
     let few_trusted = set(&gdata, &few, None);
@@ -237,6 +380,7 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
             &FitData {
                 trusted: Some(&few_trusted),
                 untrusted: &untrusted,
+                untrusted_anomalous: &[false, true],
             },
             false,
         )
@@ -278,11 +422,16 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
     };
     let (trusted, untrusted) = (split.trusted().unwrap(), split.untrusted().unwrap());
     assert_eq!(trusted.indices.len(), 500);
-    let sizes: Vec<usize> = untrusted.iter().map(|u| u.indices.len()).collect();
+    let sizes: Vec<usize> = untrusted.iter().map(|u| u.samples.indices.len()).collect();
     assert_eq!(sizes, [400, 100]);
-    assert!(untrusted[0].backdoor.is_none() && untrusted[1].backdoor.is_some());
+    assert!(untrusted[0].samples.backdoor.is_none() && untrusted[1].samples.backdoor.is_some());
+    assert!(!untrusted[0].anomalous && untrusted[1].anomalous);
     let mut every: Vec<u32> = trusted.indices.clone();
-    every.extend(untrusted.iter().flat_map(|u| u.indices.iter().copied()));
+    every.extend(
+        untrusted
+            .iter()
+            .flat_map(|u| u.samples.indices.iter().copied()),
+    );
     every.sort_unstable();
     assert_eq!(
         every,
@@ -304,7 +453,22 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
         ("que", split.as_ref(), 0.99),
         ("mahalanobis", split.as_ref(), 0.99),
         ("spectral", noisy.as_ref(), 0.9),
+        ("supervised_probe", split.as_ref(), 0.99),
     ];
+    let evaluate = |task: &dyn Task, det_dir: &Path, eval_dir: &Path, aggregation| {
+        eval_detector(
+            task,
+            &DetectorSource::Run(det_dir.to_path_buf()),
+            &EvalOptions {
+                registry: &registry,
+                batch_size: 256,
+                seed: 0,
+                aggregation,
+            },
+            &quiet(eval_dir),
+        )
+        .unwrap()
+    };
     for (name, task, want) in cases {
         let det_dir = tmp.path().join(name);
         let config = registry
@@ -313,21 +477,44 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
             .resolve(&Vec::new(), false)
             .unwrap();
         let detector = registry.build_detector(name, &config).unwrap();
-        let report = train_detector(task, detector, 0, &quiet(&det_dir)).unwrap();
-        let eval_dir = tmp.path().join(format!("{name}-eval"));
-        let r = eval_detector(
+        let fit = FitOptions {
+            seed: 0,
+            layer_aggregation: Aggregation::Max,
+        };
+        let report = train_detector(task, detector, &fit, &quiet(&det_dir)).unwrap();
+        // Every layer's score scale is recorded, measured on the fit data.
+        let run = DetectorRunConfig::load(&det_dir).unwrap();
+        let names: Vec<&str> = run.score_scales.iter().map(|s| s.layer.as_str()).collect();
+        assert_eq!(names, ["layer0", "layer1"], "{name}");
+        assert!(run
+            .score_scales
+            .iter()
+            .all(|s| s.std > 0.0 && s.mean.is_finite()));
+        assert_eq!(run.layer_aggregation, Aggregation::Max);
+        // The run's default (max), then mean asked for explicitly.
+        let max = evaluate(
             task,
-            &DetectorSource::Run(det_dir.clone()),
-            &EvalOptions {
-                registry: &registry,
-                batch_size: 256,
-                seed: 0,
-            },
-            &quiet(&eval_dir),
-        )
-        .unwrap();
-        eprintln!("{name}: AUROC {:.4} ({report:?})", r.auc_roc);
-        assert!(r.auc_roc > want, "{name}: AUROC {}", r.auc_roc);
+            &det_dir,
+            &tmp.path().join(format!("{name}-max")),
+            None,
+        );
+        let mean = evaluate(
+            task,
+            &det_dir,
+            &tmp.path().join(format!("{name}-mean")),
+            Some(Aggregation::Mean),
+        );
+        assert_eq!(
+            (max.layer_aggregation, mean.layer_aggregation),
+            (Aggregation::Max, Aggregation::Mean)
+        );
+        eprintln!(
+            "{name}: AUROC mean {:.4}, max {:.4} ({report:?})",
+            mean.auc_roc, max.auc_roc
+        );
+        for r in [&mean, &max] {
+            assert!(r.auc_roc > want, "{name}: AUROC {}", r.auc_roc);
+        }
     }
 
     // All trusted (the default): nothing untrusted to fit on.
@@ -338,7 +525,7 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
     let err = train_detector(
         all_trusted.as_ref(),
         detector,
-        0,
+        &FitOptions::default(),
         &quiet(&tmp.path().join("x")),
     )
     .unwrap_err();

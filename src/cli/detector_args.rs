@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
+use crate::detectors::Aggregation;
 use crate::registry::{RawOptions, Registry, TaskEnv};
 use crate::tasks::Task;
 use crate::workflows::detector::DetectorSource;
@@ -28,6 +29,7 @@ const FIXED: &[&str] = &[
     "--detector",
     "--detector-path",
     "--detector-max-batch-size",
+    "--detector-layer-aggregation",
 ];
 
 /// Takes the `--task.<key>` / `--detector.<key>` flags (any spelling) and their values
@@ -94,6 +96,11 @@ pub struct DetectorCommandArgs {
     /// test batch).
     #[arg(long, default_value_t = 2048, value_name = "N")]
     pub detector_max_batch_size: usize,
+    /// How layer scores combine: mean (of raw scores) or max (of each layer's score
+    /// standardised on the fit data). train-detector records it as the run's default;
+    /// eval-detector uses the run's unless given [default: mean].
+    #[arg(long, value_parser = super::serde_enum::<Aggregation>, value_name = "mean|max")]
+    pub detector_layer_aggregation: Option<Aggregation>,
     #[command(flatten)]
     pub common: super::CommonArgs,
     /// Filled from the command line by [`split_options`].

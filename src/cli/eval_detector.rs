@@ -22,6 +22,7 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         registry,
         batch_size: args.eval_batch_size(),
         seed: c.seed,
+        aggregation: args.detector_layer_aggregation,
     };
     let output = Output {
         dir: out.as_deref(),

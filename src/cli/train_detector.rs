@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::detector_args::DetectorCommandArgs;
 use crate::registry::Registry;
-use crate::workflows::detector::train_detector;
+use crate::workflows::detector::{train_detector, FitOptions};
 use crate::workflows::Output;
 
 pub type Args = DetectorCommandArgs;
@@ -22,7 +22,15 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         overwrite: c.overwrite,
         progress: !c.quiet,
     };
-    let report = train_detector(task.as_ref(), detector, c.seed, &out)?;
+    let report = train_detector(
+        task.as_ref(),
+        detector,
+        &FitOptions {
+            seed: c.seed,
+            layer_aggregation: args.detector_layer_aggregation.unwrap_or_default(),
+        },
+        &out,
+    )?;
     let target = dir.map_or("(debug: nothing written)".into(), |d| {
         d.display().to_string()
     });

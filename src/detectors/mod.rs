@@ -13,10 +13,12 @@ pub mod mahalanobis;
 pub mod quadratic;
 pub mod que;
 pub mod spectral;
+pub mod supervised_probe;
 
 use std::path::Path;
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 
 use crate::gpu::GpuContext;
 use crate::model::GpuMlp;
@@ -30,6 +32,26 @@ pub struct LayerScores {
     pub scores: Vec<Vec<f64>>,
 }
 
+/// How per-layer scores combine into a sample's score.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// The mean of the raw layer scores (upstream's default).
+    #[default]
+    Mean,
+    /// The max over layers of each layer's score standardised by its mean and standard
+    /// deviation on the fit data ([`ScoreScale`]), so that no layer wins by its units.
+    Max,
+}
+
+/// A layer's score distribution on (a prefix of) the data the detector was fitted on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreScale {
+    pub layer: String,
+    pub mean: f64,
+    pub std: f64,
+}
+
 impl LayerScores {
     /// The sample score: the mean over layers.
     pub fn aggregate(&self) -> Vec<f64> {
@@ -37,6 +59,73 @@ impl LayerScores {
         (0..n)
             .map(|i| self.scores.iter().map(|l| l[i]).sum::<f64>() / self.scores.len() as f64)
             .collect()
+    }
+
+    /// The sample score under `how`; `Max` standardises by `scales` (one per layer).
+    pub fn combine(&self, how: Aggregation, scales: &[ScoreScale]) -> anyhow::Result<Vec<f64>> {
+        if how == Aggregation::Mean {
+            return Ok(self.aggregate());
+        }
+        let standardized = self
+            .names
+            .iter()
+            .zip(&self.scores)
+            .map(|(name, s)| {
+                let scale = scales.iter().find(|c| &c.layer == name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "layer aggregation max needs the score scale of layer {name}, which                          this detector run lacks (fitted by an older version?): fit it again"
+                    )
+                })?;
+                let sd = if scale.std > 0.0 { scale.std } else { 1.0 };
+                Ok(s.iter().map(|v| (v - scale.mean) / sd).collect::<Vec<f64>>())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let n = self.scores.first().map_or(0, Vec::len);
+        Ok((0..n)
+            .map(|i| {
+                standardized
+                    .iter()
+                    .map(|l| l[i])
+                    .fold(f64::NEG_INFINITY, f64::max)
+            })
+            .collect())
+    }
+
+    /// Each layer's mean and (population) standard deviation.
+    pub fn scales(&self) -> Vec<ScoreScale> {
+        self.names
+            .iter()
+            .zip(&self.scores)
+            .map(|(name, s)| {
+                let n = s.len().max(1) as f64;
+                let mean = s.iter().sum::<f64>() / n;
+                let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                ScoreScale {
+                    layer: name.clone(),
+                    mean,
+                    std: var.sqrt(),
+                }
+            })
+            .collect()
+    }
+
+    /// Appends another set's scores of the same layers.
+    pub fn extend(&mut self, other: LayerScores) -> anyhow::Result<()> {
+        if self.names.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if self.names != other.names {
+            anyhow::bail!(
+                "layer scores of different layers: {:?} vs {:?}",
+                self.names,
+                other.names
+            );
+        }
+        for (a, b) in self.scores.iter_mut().zip(other.scores) {
+            a.extend(b);
+        }
+        Ok(())
     }
 }
 
@@ -47,6 +136,9 @@ pub struct FitData<'a> {
     /// A mix of clean and anomalous samples whose labels the detector does not know
     /// (one set per source and trigger); empty when the task has none.
     pub untrusted: &'a [SampleSet<'a>],
+    /// Whether each untrusted set is anomalous: for skyline detectors that are meant
+    /// to see labels (the supervised probe); every other detector ignores it.
+    pub untrusted_anomalous: &'a [bool],
 }
 
 /// Which of a task's training data a detector fits on.

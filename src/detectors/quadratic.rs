@@ -501,6 +501,7 @@ impl<C: QuadraticFit> Detector for Quadratic<C> {
         let data = FitData {
             trusted: Some(trusted),
             untrusted: &[],
+            untrusted_anomalous: &[],
         };
         self.fit_data(ctx, model, &data, progress)
     }

@@ -68,6 +68,18 @@ impl StatsParams {
             ..Default::default()
         }
     }
+
+    /// Row dots of a `rows` x `d` matrix with one `d`-vector (stride 0: every row reads
+    /// the same `y`), written from `out_offset` on.
+    pub fn row_dot_vector(rows: usize, d: usize, out_offset: usize) -> Self {
+        StatsParams {
+            rows: rows as u32,
+            cols: d as u32,
+            scale: 1.0,
+            out_offset: out_offset as u32,
+            ..Default::default()
+        }
+    }
 }
 
 /// Column ranges of a matrix with `d` columns whose `d` x w pieces (f32) each fit in

@@ -12,7 +12,7 @@ use serde_json::Value;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
+use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix, Untrusted};
 use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
 use crate::data::{Dataset, Split};
 use crate::registry::{defaults_of, opt, ConfigSpec, Kind, Opt, TaskEntry, TaskEnv};
@@ -167,24 +167,27 @@ impl Task for BackdoorTask {
         })
     }
 
-    fn untrusted(&self) -> Result<Vec<SampleSpec>> {
+    fn untrusted(&self) -> Result<Vec<Untrusted>> {
         let (_, mut untrusted) = self.split()?;
         if untrusted.is_empty() {
             return Ok(Vec::new());
         }
         let clean = (untrusted.len() as f64 * self.config.clean_train_weight).round() as usize;
         let anomalous = untrusted.split_off(clean);
-        let spec = |indices: Vec<u32>, backdoor| SampleSpec {
-            source: Source::Data(Split::Train),
-            indices,
-            backdoor,
+        let spec = |indices: Vec<u32>, backdoor: Option<Backdoor>| Untrusted {
+            anomalous: backdoor.is_some(),
+            samples: SampleSpec {
+                source: Source::Data(Split::Train),
+                indices,
+                backdoor,
+            },
         };
         Ok([
             spec(untrusted, None),
             spec(anomalous, Some(self.config.backdoor)),
         ]
         .into_iter()
-        .filter(|s| !s.indices.is_empty())
+        .filter(|u| !u.samples.indices.is_empty())
         .collect())
     }
 

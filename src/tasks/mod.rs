@@ -75,6 +75,14 @@ pub struct SampleSpec {
     pub backdoor: Option<Backdoor>,
 }
 
+/// Untrusted training samples of one source and trigger, with their anomaly label
+/// (which only label-supervised detectors, the probe skyline, may read).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Untrusted {
+    pub samples: SampleSpec,
+    pub anomalous: bool,
+}
+
 /// The evaluation mix: normal samples are labelled 0, anomalous ones 1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TestMix {
@@ -105,7 +113,7 @@ pub trait Task {
     fn trusted(&self) -> Result<SampleSpec>;
     /// Untrusted training data: clean and anomalous samples mixed, one spec per source
     /// and trigger (the detector is not told which is which); none by default.
-    fn untrusted(&self) -> Result<Vec<SampleSpec>> {
+    fn untrusted(&self) -> Result<Vec<Untrusted>> {
         Ok(Vec::new())
     }
     fn test_mix(&self) -> Result<TestMix>;

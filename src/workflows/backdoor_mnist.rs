@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use super::classifier::{train_classifier, ClassifierMetrics, RunOptions};
-use super::detector::{eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport};
+use super::detector::{
+    eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport, FitOptions,
+};
 use super::Output;
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::data::{download, Dataset, DatasetName, Split};
@@ -124,7 +126,10 @@ pub fn run(opts: &PipelineOptions) -> Result<PipelineReport> {
     train_detector(
         corner_task.as_ref(),
         detector,
-        opts.seed,
+        &FitOptions {
+            seed: opts.seed,
+            ..FitOptions::default()
+        },
         &replace(&det_dir, opts.progress),
     )?;
     let fit_seconds = start.elapsed().as_secs_f64();
@@ -133,6 +138,7 @@ pub fn run(opts: &PipelineOptions) -> Result<PipelineReport> {
         registry: &registry,
         batch_size: 2048,
         seed: opts.seed,
+        aggregation: None,
     };
     let evaluate = |task: &dyn Task, out: &str| -> Result<(EvalReport, f64)> {
         let start = Instant::now();

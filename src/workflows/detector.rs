@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{claim, context, Output};
-use crate::detectors::{Detector, FitData, LayerScores, MixSamples, SampleSet};
+use crate::detectors::{
+    Aggregation, Detector, FitData, LayerScores, MixSamples, SampleSet, ScoreScale,
+};
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, LOG_FPR_MIN};
 use crate::gpu::batch::GpuDataset;
@@ -69,13 +71,22 @@ pub struct FitReport {
     pub wall_seconds: f64,
 }
 
+/// How train-detector fits: triggers drawn from `seed`; `layer_aggregation` is recorded
+/// as the run's default for evaluation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FitOptions {
+    pub seed: u32,
+    pub layer_aggregation: Aggregation,
+}
+
 /// Fits a detector on the task's trusted data and writes the detector run dir.
 pub fn train_detector(
     task: &dyn Task,
     mut detector: Box<dyn Detector>,
-    seed: u32,
+    opts: &FitOptions,
     out: &Output<'_>,
 ) -> Result<FitReport> {
+    let seed = opts.seed;
     let wall = Instant::now();
     let _claim = out.dir.map(claim).transpose()?;
     if let Some(dir) = out.dir {
@@ -101,25 +112,33 @@ pub fn train_detector(
         );
     }
     let mut gpu = Loaded::new(task, out.progress)?;
-    let specs: Vec<&SampleSpec> = trusted.iter().chain(&untrusted).collect();
+    let specs: Vec<&SampleSpec> = trusted
+        .iter()
+        .chain(untrusted.iter().map(|u| &u.samples))
+        .collect();
     gpu.upload(task, &specs)?;
     let trusted_set = trusted.as_ref().map(|t| gpu.samples(t, seed));
-    let untrusted_sets: Vec<SampleSet<'_>> =
-        untrusted.iter().map(|u| gpu.samples(u, seed)).collect();
+    let untrusted_sets: Vec<SampleSet<'_>> = untrusted
+        .iter()
+        .map(|u| gpu.samples(&u.samples, seed))
+        .collect();
+    let labels: Vec<bool> = untrusted.iter().map(|u| u.anomalous).collect();
     let data = FitData {
         trusted: trusted_set.as_ref(),
         untrusted: &untrusted_sets,
+        untrusted_anomalous: &labels,
     };
     let fit = Instant::now();
     detector.fit_data(&gpu.ctx, &gpu.model, &data, out.progress)?;
     let fit_seconds = fit.elapsed().as_secs_f64();
+    let scales = score_scales(&gpu, &*detector, &data)?;
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         detector.save(&dir.join(DETECTOR_FILE))?;
     }
     let report = FitReport {
         trusted_samples: trusted.as_ref().map_or(0, |t| t.indices.len()),
-        untrusted_samples: untrusted.iter().map(|u| u.indices.len()).sum(),
+        untrusted_samples: untrusted.iter().map(|u| u.samples.indices.len()).sum(),
         fit_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
     };
@@ -128,7 +147,11 @@ pub fn train_detector(
         // Written last: a run dir with a config is a finished run.
         write_json(
             &dir.join(DETECTOR_CONFIG_FILE),
-            &config_of(task, &*detector, seed),
+            &DetectorRunConfig {
+                score_scales: scales,
+                layer_aggregation: opts.layer_aggregation,
+                ..config_of(task, &*detector, seed)
+            },
         )?;
     }
     Ok(report)
@@ -144,7 +167,40 @@ fn config_of(task: &dyn Task, detector: &dyn Detector, seed: u32) -> DetectorRun
         detector_kind: detector.kind().into(),
         detector: detector.config(),
         seed,
+        score_scales: Vec::new(),
+        layer_aggregation: Aggregation::Mean,
     }
+}
+
+/// Samples of the fit data a detector's score scales are measured on.
+const SCALE_SAMPLES: usize = 4096;
+
+/// Each layer's score distribution over up to [`SCALE_SAMPLES`] samples of the fit
+/// data: the trusted samples, or else the same share of every untrusted set (the
+/// detector does not know which are anomalous, so neither does its scale).
+fn score_scales(
+    gpu: &Loaded,
+    detector: &dyn Detector,
+    data: &FitData<'_>,
+) -> Result<Vec<ScoreScale>> {
+    let sets: Vec<&SampleSet<'_>> = match data.trusted {
+        Some(t) => vec![t],
+        None => data.untrusted.iter().collect(),
+    };
+    let total: usize = sets.iter().map(|s| s.indices.len()).sum();
+    let mut scores = LayerScores {
+        names: Vec::new(),
+        scores: Vec::new(),
+    };
+    for set in sets {
+        let take = (set.indices.len() * SCALE_SAMPLES.min(total)).div_ceil(total.max(1));
+        let prefix = SampleSet {
+            indices: &set.indices[..take],
+            ..*set
+        };
+        scores.extend(detector.layer_scores(&gpu.ctx, &gpu.model, &prefix, 1024)?)?;
+    }
+    Ok(scores.scales())
 }
 
 /// The ROC curve thinned to steps of at least 1/1000 in FPR or TPR (or 1/100 of a
@@ -178,6 +234,8 @@ pub struct EvalReport {
     pub fpr_at_95_tpr: f64,
     pub num_normal: usize,
     pub num_anomalous: usize,
+    /// How the layers' scores combine into `score` (and the metrics above).
+    pub layer_aggregation: Aggregation,
     pub layers: Vec<LayerMetrics>,
     pub detector: PathBuf,
     pub adapter: String,
@@ -210,6 +268,9 @@ pub struct EvalOptions<'a> {
     pub registry: &'a Registry,
     pub batch_size: usize,
     pub seed: u32,
+    /// How layer scores combine into the sample score (`max` needs a detector run's
+    /// score scales); None: the detector run's default (mean for eval-only detectors).
+    pub aggregation: Option<Aggregation>,
 }
 
 /// Scores the task's test mix with a detector and writes the eval files if `out.dir`
@@ -233,7 +294,7 @@ pub fn eval_detector(
     if let Some(dir) = out.dir {
         refuse_overwrite(dir, &outputs, out.overwrite)?;
     }
-    let (detector, detector_path) = match source {
+    let (detector, detector_path, scales, aggregation) = match source {
         DetectorSource::Run(dir) => {
             let run = DetectorRunConfig::load(dir)?;
             let det = opts.registry.load_detector(
@@ -241,11 +302,15 @@ pub fn eval_detector(
                 &run.detector,
                 &dir.join(DETECTOR_FILE),
             )?;
-            (det, dir.clone())
+            let how = opts.aggregation.unwrap_or(run.layer_aggregation);
+            (det, dir.clone(), run.score_scales, how)
         }
-        DetectorSource::Config { kind, config } => {
-            (opts.registry.build_detector(kind, config)?, PathBuf::new())
-        }
+        DetectorSource::Config { kind, config } => (
+            opts.registry.build_detector(kind, config)?,
+            PathBuf::new(),
+            Vec::new(),
+            opts.aggregation.unwrap_or_default(),
+        ),
     };
     let (seed, batch_size) = (opts.seed, opts.batch_size);
     let mut gpu = Loaded::new(task, out.progress)?;
@@ -297,7 +362,11 @@ pub fn eval_detector(
         v.extend(f(&anomalous));
         v
     };
-    let total = joined(&|s| s.aggregate());
+    let total = {
+        let mut v = normal.combine(aggregation, &scales)?;
+        v.extend(anomalous.combine(aggregation, &scales)?);
+        v
+    };
     let DetectionMetrics {
         auc_roc,
         ap,
@@ -332,6 +401,7 @@ pub fn eval_detector(
         fpr_at_95_tpr,
         num_normal,
         num_anomalous,
+        layer_aggregation: aggregation,
         layers,
         detector: detector_path,
         adapter: gpu.ctx.adapter_name(),

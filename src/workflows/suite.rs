@@ -17,11 +17,12 @@ use sha2::{Digest, Sha256};
 
 use super::classifier::{train_classifier, ClassifierMetrics, RunOptions};
 use super::detector::{
-    eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport, FitReport,
+    eval_detector, train_detector, DetectorSource, EvalOptions, EvalReport, FitOptions, FitReport,
 };
 use super::{claim, Output};
 use crate::data::backdoor::Backdoor;
 use crate::data::DatasetName;
+use crate::detectors::Aggregation;
 use crate::io::{write_atomic, write_json};
 use crate::model::MlpConfig;
 use crate::registry::{RawOptions, Registry, TaskEnv};
@@ -90,6 +91,9 @@ pub struct DetectorSpec {
     pub detector: Option<String>,
     #[serde(default)]
     pub options: toml::Table,
+    /// How the cell combines layer scores (default: mean).
+    #[serde(default)]
+    pub layer_aggregation: Option<Aggregation>,
 }
 
 fn default_hidden() -> Vec<usize> {
@@ -515,7 +519,11 @@ impl Suite {
                     overwrite: true,
                     progress: opts.progress,
                 };
-                train_detector(build_task(&Vec::new())?.as_ref(), detector, task.seed, &out)?;
+                let fit = FitOptions {
+                    seed: task.seed,
+                    layer_aggregation: det.layer_aggregation.unwrap_or_default(),
+                };
+                train_detector(build_task(&Vec::new())?.as_ref(), detector, &fit, &out)?;
             }
             DetectorSource::Run(det_dir)
         };
@@ -536,6 +544,7 @@ impl Suite {
                     registry,
                     batch_size: 2048,
                     seed: task.seed,
+                    aggregation: det.layer_aggregation,
                 };
                 let out = Output {
                     dir: Some(&dir),
