@@ -41,6 +41,31 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// A named f32 tensor to write: (name, shape, values).
+pub type F32Tensor<'a> = (String, Vec<usize>, &'a [f32]);
+
+/// Writes f32 tensors as safetensors, atomically, with one metadata entry `key`.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[F32Tensor<'_>],
+    key: &str,
+    meta: String,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(values),
+            )?;
+            Ok((name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([(key.to_string(), meta)]);
+    write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
+}
+
 /// Tensor `name` of a safetensors file at `path`, checked for presence and dtype.
 pub fn checked_tensor<'a>(
     st: &'a safetensors::SafeTensors<'a>,

@@ -188,6 +188,7 @@ impl Registry {
         r.register_detector(detectors::spectral::ENTRY);
         r.register_detector(detectors::que::ENTRY);
         r.register_detector(detectors::supervised_probe::ENTRY);
+        r.register_detector(detectors::beatrix::ENTRY);
         r.register_task(tasks::backdoor::ENTRY);
         r.register_task(tasks::adversarial::ENTRY);
         r

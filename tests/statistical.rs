@@ -448,12 +448,15 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
     }
     // Spectral signatures need the poison to dominate the untrusted data's top variance
     // direction: on this small model a corner pixel does not (AUROC ~0.48), noise does.
+    // Beatrix too finds the noise (0.96) but not the corner pixel (0.42): on post-ReLU
+    // dense layers most Gram features have MAD 0, so its score counts rare activations.
     let noisy = task(noise, 0.5);
     let cases = [
         ("que", split.as_ref(), 0.99),
         ("mahalanobis", split.as_ref(), 0.99),
         ("spectral", noisy.as_ref(), 0.9),
         ("supervised_probe", split.as_ref(), 0.99),
+        ("beatrix", noisy.as_ref(), 0.9),
     ];
     let evaluate = |task: &dyn Task, det_dir: &Path, eval_dir: &Path, aggregation| {
         eval_detector(

@@ -8,6 +8,7 @@
 
 pub mod abstraction;
 pub mod adversarial_abstraction;
+pub mod beatrix;
 pub mod linalg;
 pub mod mahalanobis;
 pub mod quadratic;

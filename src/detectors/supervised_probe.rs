@@ -53,8 +53,8 @@ impl Default for ProbeConfig {
         ProbeConfig {
             layers: Vec::new(),
             standardize: true,
-            steps: 500,
-            learning_rate: 0.01,
+            steps: 200,
+            learning_rate: 0.03,
             batch_size: 2048,
             max_samples: 0,
         }
@@ -250,7 +250,7 @@ impl Probe {
         }
         ctx.wait(None)?;
         // The loss of the last step's forward pass (before its update).
-        let losses: Vec<f32> = ctx.read(whole(&loss))?;
+        let losses: Vec<f32> = ctx.read(Slice::new(&loss, 0, n))?;
         let mean_loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
         if !mean_loss.is_finite() {
             bail!(

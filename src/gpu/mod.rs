@@ -5,6 +5,7 @@ pub mod abstraction;
 pub mod adam;
 pub mod attack;
 pub mod batch;
+pub mod beatrix;
 pub mod context;
 pub mod conv;
 pub mod gate;

@@ -233,7 +233,9 @@ pub fn read_activations(
     Ok(out)
 }
 
-fn run_samples(
+/// [`for_each_activation_batch`] with `after(plan)` once each batch is submitted (to
+/// read back what the batch wrote; each read waits for the GPU).
+pub fn run_samples(
     ctx: &GpuContext,
     model: &GpuMlp,
     samples: &SampleSet<'_>,

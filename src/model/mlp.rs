@@ -11,11 +11,10 @@
 //! and `Dense_{i}.bias` `[out]`. Inputs are images flattened in HWC order with values in
 //! [0, 1]. The metadata key `cupbearer.model` holds the [`MlpConfig`] as JSON.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Layer, Shape, Stack};
@@ -383,19 +382,16 @@ pub fn save_layers(
     key: &str,
     meta: String,
 ) -> Result<()> {
-    let names: Vec<(String, String)> = layers
+    let tensors: Vec<crate::io::F32Tensor<'_>> = layers
         .iter()
-        .map(|(n, ..)| (format!("{n}.kernel"), format!("{n}.bias")))
+        .flat_map(|(n, shape, d)| {
+            [
+                (format!("{n}.kernel"), shape.clone(), d.kernel.as_slice()),
+                (format!("{n}.bias"), vec![d.fan_out], d.bias.as_slice()),
+            ]
+        })
         .collect();
-    let mut views = Vec::new();
-    for ((_, shape, d), (kn, bn)) in layers.iter().zip(&names) {
-        let k = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(&d.kernel))?;
-        let b = TensorView::new(Dtype::F32, vec![d.fan_out], bytemuck::cast_slice(&d.bias))?;
-        views.push((kn.as_str(), k));
-        views.push((bn.as_str(), b));
-    }
-    let metadata = HashMap::from([(key.to_string(), meta)]);
-    crate::io::write_atomic(path, &safetensors::serialize(views, Some(metadata))?)
+    crate::io::write_f32_safetensors(path, &tensors, key, meta)
 }
 
 /// Reads layer `name` (see [`save_layers`]), checking dtypes and shapes.

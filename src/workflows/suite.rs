@@ -129,10 +129,21 @@ ablation = [{ name = "noise0.2", options = { backdoor = "noise", "backdoor.std" 
 name = "mahalanobis"
 
 [[detector]]
+name = "mahalanobis-max"
+detector = "mahalanobis"
+layer_aggregation = "max"
+
+[[detector]]
 name = "que"
 
 [[detector]]
 name = "spectral"
+
+[[detector]]
+name = "supervised_probe"
+
+[[detector]]
+name = "beatrix"
 
 [[detector]]
 name = "abstraction"
@@ -206,6 +217,12 @@ name = "que"
 
 [[detector]]
 name = "spectral"
+
+[[detector]]
+name = "supervised_probe"
+
+[[detector]]
+name = "beatrix"
 
 [[detector]]
 name = "abstraction"
