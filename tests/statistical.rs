@@ -450,6 +450,7 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
     // direction: on this small model a corner pixel does not (AUROC ~0.48), noise does.
     // Beatrix too finds the noise (0.96) but not the corner pixel (0.42): on post-ReLU
     // dense layers most Gram features have MAD 0, so its score counts rare activations.
+    // TED likewise: noise 0.95, the corner pixel 0.61.
     let noisy = task(noise, 0.5);
     let cases = [
         ("que", split.as_ref(), 0.99),
@@ -457,6 +458,7 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
         ("spectral", noisy.as_ref(), 0.9),
         ("supervised_probe", split.as_ref(), 0.99),
         ("beatrix", noisy.as_ref(), 0.9),
+        ("ted", noisy.as_ref(), 0.9),
     ];
     let evaluate = |task: &dyn Task, det_dir: &Path, eval_dir: &Path, aggregation| {
         eval_detector(
@@ -472,8 +474,8 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
         )
         .unwrap()
     };
-    for (name, task, want) in cases {
-        let det_dir = tmp.path().join(name);
+    for (i, (name, task, want)) in cases.into_iter().enumerate() {
+        let det_dir = tmp.path().join(format!("{name}{i}"));
         let config = registry
             .detector(name)
             .unwrap()
@@ -498,13 +500,13 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
         let max = evaluate(
             task,
             &det_dir,
-            &tmp.path().join(format!("{name}-max")),
+            &tmp.path().join(format!("{name}{i}-max")),
             None,
         );
         let mean = evaluate(
             task,
             &det_dir,
-            &tmp.path().join(format!("{name}-mean")),
+            &tmp.path().join(format!("{name}{i}-mean")),
             Some(Aggregation::Mean),
         );
         assert_eq!(

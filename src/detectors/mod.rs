@@ -15,6 +15,7 @@ pub mod quadratic;
 pub mod que;
 pub mod spectral;
 pub mod supervised_probe;
+pub mod ted;
 
 use std::path::Path;
 

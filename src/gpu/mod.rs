@@ -9,6 +9,7 @@ pub mod beatrix;
 pub mod context;
 pub mod conv;
 pub mod gate;
+pub mod knn;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;

@@ -146,6 +146,9 @@ name = "supervised_probe"
 name = "beatrix"
 
 [[detector]]
+name = "ted"
+
+[[detector]]
 name = "abstraction"
 options = { "train.num_epochs" = 2 }
 
@@ -223,6 +226,9 @@ name = "supervised_probe"
 
 [[detector]]
 name = "beatrix"
+
+[[detector]]
+name = "ted"
 
 [[detector]]
 name = "abstraction"
