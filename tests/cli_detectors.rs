@@ -333,6 +333,60 @@ fn adversarial_examples_task_end_to_end() {
     let made = cupbearer::data::adversarial::AdversarialExamples::load(&examples).unwrap();
     assert_eq!(made.meta.attack["method"], "pgd");
 
+    // Untrusted data: half the training images trusted, of the rest half clean and half
+    // attacked (stored as adv_examples_train.safetensors, in the split's order); QUE
+    // fits on both, the probe on the labels.
+    let split = format!(
+        "{task} --task.trusted_fraction 0.5 --task.attack pgd --task.eps 0.2 --task.steps 5"
+    );
+    for det in ["que", "supervised_probe"] {
+        run_ok(
+            cwd,
+            &words(&format!(
+                "train_detector --detector {det} {split} --dir.full logs/{det} --quiet"
+            )),
+        );
+        let eval = format!(
+            "eval_detector --detector from_run --detector.path logs/{det} {split} \
+             --dir.full logs/{det}-eval --quiet"
+        );
+        run_ok(cwd, &words(&eval));
+        let auc = eval_json(&cwd.join(format!("logs/{det}-eval/eval.json")))["AUC_ROC"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            auc >= 0.9,
+            "{det} on adversarial untrusted data: AUROC {auc}"
+        );
+    }
+    let fit = eval_json(&cwd.join("logs/que/fit.json"));
+    assert_eq!(
+        (
+            fit["trusted_samples"].as_u64(),
+            fit["untrusted_samples"].as_u64()
+        ),
+        (Some(500), Some(500))
+    );
+    let train_examples = cwd.join("logs/c/adv_examples_train.safetensors");
+    let stored = cupbearer::data::adversarial::AdversarialExamples::load(&train_examples).unwrap();
+    assert_eq!(stored.meta.split, cupbearer::data::Split::Train);
+    assert_eq!(stored.len(), 250);
+    assert!(cwd.join("logs/c/adv_examples_train.json").is_file());
+    // Another seed draws another split: the stored examples are of other images.
+    let other = cupbearer(
+        cwd,
+        &words(&format!(
+            "train_detector --detector que {split} --seed 1 --dir.full logs/q1 --quiet"
+        )),
+    );
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("holds adversarial examples of other training images"),
+        "{}",
+        stderr(&other)
+    );
+    assert!(!cwd.join("logs/q1").join("config.json").exists());
+
     // A corrupt file is an error naming it, not a silent re-attack.
     std::fs::write(&examples, b"not safetensors").unwrap();
     let corrupt = cupbearer(cwd, &words(&pgd));

@@ -1,6 +1,8 @@
 //! The adversarial-examples task: is an input an adversarial example?
 //!
-//! Trusted data: the clean training split. Anomalous test data: adversarial examples of
+//! Trusted data: the clean training split (or the `trusted_fraction` of it; the
+//! untrusted rest mixes clean images with adversarial examples of the others,
+//! `RUN/adv_examples_train.safetensors`). Anomalous test data: adversarial examples of
 //! the classifier, `RUN/adv_examples.safetensors`, made in process on first use (the
 //! original spawned `python`) from the test split. Normal test data: clean test images
 //! that were not attacked (the original reused training data).
@@ -15,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix};
+use super::{
+    mix_sizes, SampleSpec, Source, Splits, Task, TestMix, TrainParts, TrainSplit, Untrusted,
+};
 use crate::data::adversarial::{AdversarialExamples, AdversarialMeta};
 use crate::data::{Dataset, Split};
 use crate::eval::images::write_pairs_png;
@@ -31,6 +35,10 @@ use crate::run::ClassifierRun;
 pub const EXAMPLES_FILE: &str = "adv_examples.safetensors";
 pub const REPORT_FILE: &str = "adv_examples.json";
 pub const GRID_FILE: &str = "adv_examples.png";
+/// Adversarial examples of the untrusted training samples (`trusted_fraction` < 1),
+/// and their report.
+pub const TRAIN_EXAMPLES_FILE: &str = "adv_examples_train.safetensors";
+pub const TRAIN_REPORT_FILE: &str = "adv_examples_train.json";
 
 /// How to make adversarial examples of a classifier run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,12 +82,6 @@ pub fn attack_examples(
     opts: &AdversarialOptions,
     progress: bool,
 ) -> Result<(AdversarialExamples, AdversarialReport)> {
-    if !(0.0..=1.0).contains(&opts.success_threshold) {
-        bail!(
-            "success_threshold must be in [0, 1], got {}",
-            opts.success_threshold
-        );
-    }
     let n = opts.max_examples.unwrap_or(data.len() / 2).min(data.len());
     if n == 0 {
         bail!(
@@ -87,10 +89,30 @@ pub fn attack_examples(
             data.name
         );
     }
+    let indices: Vec<u32> = (0..n as u32).collect();
+    attack_samples(ctx, run, data, &indices, opts, progress)
+}
+
+/// Attacks the classifier of `run` on the samples `indices` of `data`
+/// (`opts.max_examples` is not consulted); nothing is written.
+pub fn attack_samples(
+    ctx: &GpuContext,
+    run: &ClassifierRun,
+    data: &Dataset,
+    indices: &[u32],
+    opts: &AdversarialOptions,
+    progress: bool,
+) -> Result<(AdversarialExamples, AdversarialReport)> {
+    if !(0.0..=1.0).contains(&opts.success_threshold) {
+        bail!(
+            "success_threshold must be in [0, 1], got {}",
+            opts.success_threshold
+        );
+    }
+    let n = indices.len();
     let model = GpuMlp::upload(ctx, &run.model)?;
     let gdata = GpuDataset::upload(ctx, &data.as_images())?;
-    let indices: Vec<u32> = (0..n as u32).collect();
-    let outcome = attack(ctx, &model, &gdata, &indices, &opts.attack, progress)?;
+    let outcome = attack(ctx, &model, &gdata, indices, &opts.attack, progress)?;
     let mut report = AdversarialReport {
         original_loss: outcome.original_loss(),
         new_loss: outcome.new_loss(),
@@ -129,7 +151,7 @@ pub fn attack_examples(
             .iter()
             .map(|&i| data.labels[i as usize] as u32)
             .collect(),
-        source_indices: indices,
+        source_indices: indices.to_vec(),
     };
     if opts.only_successful {
         examples.retain(|i| !outcome.correct_after[i]);
@@ -181,6 +203,12 @@ pub struct AdversarialTaskConfig {
     pub max_train_size: Option<usize>,
     pub max_test_size: Option<usize>,
     pub normal_weight: f64,
+    /// Fraction of the training samples kept trusted; of the untrusted rest a
+    /// `clean_train_weight` share stays clean, the others are attacked.
+    #[serde(default = "super::all_trusted")]
+    pub trusted_fraction: f64,
+    #[serde(default = "super::half_clean")]
+    pub clean_train_weight: f64,
 }
 
 impl Default for AdversarialTaskConfig {
@@ -198,6 +226,8 @@ impl Default for AdversarialTaskConfig {
             max_train_size: None,
             max_test_size: None,
             normal_weight: 0.5,
+            trusted_fraction: 1.0,
+            clean_train_weight: 0.5,
         }
     }
 }
@@ -206,18 +236,80 @@ pub struct AdversarialTask {
     config: AdversarialTaskConfig,
     run: ClassifierRun,
     splits: Splits,
+    /// Draws the trusted / untrusted split.
+    seed: u32,
     examples: OnceLock<AdversarialExamples>,
+    train_examples: OnceLock<AdversarialExamples>,
 }
 
 impl AdversarialTask {
-    pub fn new(config: AdversarialTaskConfig, data_dir: &Path) -> Result<Self> {
+    pub fn new(config: AdversarialTaskConfig, data_dir: &Path, seed: u32) -> Result<Self> {
+        let task = AdversarialTask::split_of(&config, seed);
+        task.validate()?;
         let run = ClassifierRun::load(&config.run_path)?;
         Ok(AdversarialTask {
             splits: Splits::new(run.config.train_data.dataset, data_dir),
             run,
             config,
+            seed,
             examples: OnceLock::new(),
+            train_examples: OnceLock::new(),
         })
+    }
+
+    fn split_of(config: &AdversarialTaskConfig, seed: u32) -> TrainSplit {
+        TrainSplit {
+            max_train_size: config.max_train_size,
+            trusted_fraction: config.trusted_fraction,
+            clean_train_weight: config.clean_train_weight,
+            seed,
+        }
+    }
+
+    fn parts(&self) -> Result<TrainParts> {
+        AdversarialTask::split_of(&self.config, self.seed).parts(self.dataset(Split::Train)?.len())
+    }
+
+    /// Loads the stored examples of the untrusted anomalous training samples, or attacks
+    /// them and stores them (`RUN/adv_examples_train.*`).
+    fn load_or_make_train(&self, ctx: &GpuContext, progress: bool) -> Result<()> {
+        let wanted = self.parts()?.untrusted_anomalous;
+        if self.train_examples.get().is_some() || wanted.is_empty() {
+            return Ok(());
+        }
+        let path = self.run.dir.join(TRAIN_EXAMPLES_FILE);
+        let examples = if path.exists() {
+            let stored = AdversarialExamples::load(&path)?;
+            if stored.meta.split != Split::Train || stored.source_indices != wanted {
+                bail!(
+                    "{} holds adversarial examples of other training images than this task's                      untrusted split (another --seed, trusted_fraction, clean_train_weight or                      max_train_size made it): delete it to attack this split",
+                    path.display()
+                );
+            }
+            stored
+        } else {
+            eprintln!(
+                "{} not found: attacking {} untrusted training images",
+                path.display(),
+                wanted.len()
+            );
+            let opts = AdversarialOptions {
+                attack: self.config.attack.clone(),
+                split: Split::Train,
+                max_examples: None,
+                success_threshold: self.config.success_threshold,
+                // Every attacked image stays: the untrusted mix keeps its proportions.
+                only_successful: false,
+            };
+            let train = self.dataset(Split::Train)?;
+            let (examples, report) =
+                attack_samples(ctx, &self.run, train, &wanted, &opts, progress)?;
+            examples.save(&path)?;
+            write_json(&self.run.dir.join(TRAIN_REPORT_FILE), &report)?;
+            examples
+        };
+        let _ = self.train_examples.set(examples);
+        Ok(())
     }
 
     /// The task from its config, attacking with the command's seed.
@@ -230,7 +322,11 @@ impl AdversarialTask {
             seed: env.seed,
             ..AttackConfig::new(a.method, a.eps, a.steps, a.step_size)
         };
-        Ok(Box::new(AdversarialTask::new(config, &env.data_dir)?))
+        Ok(Box::new(AdversarialTask::new(
+            config,
+            &env.data_dir,
+            env.seed,
+        )?))
     }
 
     /// The examples [`Task::prepare`] loaded or made.
@@ -318,14 +414,20 @@ impl Task for AdversarialTask {
     }
 
     fn prepare(&self, ctx: &GpuContext, progress: bool) -> Result<()> {
-        self.load_or_make(ctx, progress)
+        self.load_or_make(ctx, progress)?;
+        self.load_or_make_train(ctx, progress)
     }
 
     fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
         match source {
             Source::Data(split) => GpuDataset::upload(ctx, &self.dataset(split)?.as_images()),
-            Source::Adversarial => {
-                let e = self.examples()?;
+            Source::Adversarial(split) => {
+                let e = match split {
+                    Split::Test => self.examples()?,
+                    Split::Train => self.train_examples.get().context(
+                        "the training adversarial examples are not loaded: call Task::prepare",
+                    )?,
+                };
                 GpuDataset::upload_f32(
                     ctx,
                     "adversarial examples",
@@ -341,16 +443,36 @@ impl Task for AdversarialTask {
     }
 
     fn trusted(&self) -> Result<SampleSpec> {
-        let available = self.dataset(Split::Train)?.len();
-        let n = self.config.max_train_size.unwrap_or(available);
-        if n == 0 || n > available {
-            bail!("max_train_size {n} out of range 1..={available}");
+        let trusted = self.parts()?.trusted;
+        if trusted.is_empty() {
+            bail!("the task keeps no trusted samples (trusted_fraction 0)");
         }
         Ok(SampleSpec {
             source: Source::Data(Split::Train),
-            indices: (0..n as u32).collect(),
+            indices: trusted,
             backdoor: None,
         })
+    }
+
+    fn untrusted(&self) -> Result<Vec<Untrusted>> {
+        let parts = self.parts()?;
+        let anomalous = parts.untrusted_anomalous.len() as u32;
+        let spec = |source, indices: Vec<u32>| Untrusted {
+            anomalous: source != Source::Data(Split::Train),
+            samples: SampleSpec {
+                source,
+                indices,
+                backdoor: None,
+            },
+        };
+        Ok([
+            spec(Source::Data(Split::Train), parts.untrusted_clean),
+            // The stored examples are in the order of the anomalous indices.
+            spec(Source::Adversarial(Split::Train), (0..anomalous).collect()),
+        ]
+        .into_iter()
+        .filter(|u| !u.samples.indices.is_empty())
+        .collect())
     }
 
     fn test_mix(&self) -> Result<TestMix> {
@@ -388,7 +510,7 @@ impl Task for AdversarialTask {
                 backdoor: None,
             },
             anomalous: SampleSpec {
-                source: Source::Adversarial,
+                source: Source::Adversarial(Split::Test),
                 indices: (0..anomalous as u32).collect(),
                 backdoor: None,
             },
@@ -438,6 +560,8 @@ const OPTIONS: &[Opt] = &[
     super::backdoor::MAX_TRAIN_SIZE,
     super::backdoor::MAX_TEST_SIZE,
     super::backdoor::NORMAL_WEIGHT,
+    super::backdoor::TRUSTED_FRACTION,
+    super::backdoor::CLEAN_TRAIN_WEIGHT,
 ];
 
 /// The registry entry.

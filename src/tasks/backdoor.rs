@@ -12,7 +12,9 @@ use serde_json::Value;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{mix_sizes, SampleSpec, Source, Splits, Task, TestMix, Untrusted};
+use super::{
+    mix_sizes, SampleSpec, Source, Splits, Task, TestMix, TrainParts, TrainSplit, Untrusted,
+};
 use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
 use crate::data::{Dataset, Split};
 use crate::registry::{defaults_of, opt, ConfigSpec, Kind, Opt, TaskEntry, TaskEnv};
@@ -38,23 +40,12 @@ pub struct BackdoorTaskConfig {
     pub anomalous_split: AnomalousSplit,
     /// Fraction of the training samples kept as trusted (clean) data; the rest is
     /// untrusted (absent in run dirs from before untrusted data: all trusted).
-    #[serde(default = "one")]
+    #[serde(default = "super::all_trusted")]
     pub trusted_fraction: f64,
     /// Share of clean samples in the untrusted part; the others carry the trigger.
-    #[serde(default = "half")]
+    #[serde(default = "super::half_clean")]
     pub clean_train_weight: f64,
 }
-
-fn one() -> f64 {
-    1.0
-}
-
-fn half() -> f64 {
-    0.5
-}
-
-/// The sample-order key of the trusted / untrusted split: no training epoch uses it.
-const SPLIT_EPOCH: u32 = u32::MAX - 1;
 
 impl Default for BackdoorTaskConfig {
     /// The original's defaults (the run path is required).
@@ -88,14 +79,8 @@ pub struct BackdoorTask {
 
 impl BackdoorTask {
     pub fn new(config: BackdoorTaskConfig, data_dir: &Path, seed: u32) -> Result<Self> {
-        for (name, v) in [
-            ("trusted_fraction", config.trusted_fraction),
-            ("clean_train_weight", config.clean_train_weight),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                anyhow::bail!("{name} must be in [0, 1], got {v}");
-            }
-        }
+        let task = BackdoorTask::split_of(&config, seed);
+        task.validate()?;
         let run = ClassifierRun::load(&config.run_path)?;
         config
             .backdoor
@@ -120,21 +105,17 @@ impl BackdoorTask {
 }
 
 impl BackdoorTask {
-    /// (trusted, untrusted) training sample indices: all trusted in order when
-    /// `trusted_fraction` is 1, else a seeded permutation split at the fraction.
-    fn split(&self) -> Result<(Vec<u32>, Vec<u32>)> {
-        let available = self.dataset(Split::Train)?.len();
-        let n = self.config.max_train_size.unwrap_or(available);
-        if n == 0 || n > available {
-            anyhow::bail!("max_train_size {n} out of range 1..={available}");
+    fn split_of(config: &BackdoorTaskConfig, seed: u32) -> TrainSplit {
+        TrainSplit {
+            max_train_size: config.max_train_size,
+            trusted_fraction: config.trusted_fraction,
+            clean_train_weight: config.clean_train_weight,
+            seed,
         }
-        let f = self.config.trusted_fraction;
-        if f >= 1.0 {
-            return Ok(((0..n as u32).collect(), Vec::new()));
-        }
-        let mut order = crate::rng::shuffled_indices(n, self.seed, SPLIT_EPOCH);
-        let untrusted = order.split_off((n as f64 * f).round() as usize);
-        Ok((order, untrusted))
+    }
+
+    fn parts(&self) -> Result<TrainParts> {
+        BackdoorTask::split_of(&self.config, self.seed).parts(self.dataset(Split::Train)?.len())
     }
 }
 
@@ -156,7 +137,7 @@ impl Task for BackdoorTask {
     }
 
     fn trusted(&self) -> Result<SampleSpec> {
-        let (trusted, _) = self.split()?;
+        let trusted = self.parts()?.trusted;
         if trusted.is_empty() {
             anyhow::bail!("the task keeps no trusted samples (trusted_fraction 0)");
         }
@@ -168,12 +149,7 @@ impl Task for BackdoorTask {
     }
 
     fn untrusted(&self) -> Result<Vec<Untrusted>> {
-        let (_, mut untrusted) = self.split()?;
-        if untrusted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let clean = (untrusted.len() as f64 * self.config.clean_train_weight).round() as usize;
-        let anomalous = untrusted.split_off(clean);
+        let parts = self.parts()?;
         let spec = |indices: Vec<u32>, backdoor: Option<Backdoor>| Untrusted {
             anomalous: backdoor.is_some(),
             samples: SampleSpec {
@@ -183,8 +159,8 @@ impl Task for BackdoorTask {
             },
         };
         Ok([
-            spec(untrusted, None),
-            spec(anomalous, Some(self.config.backdoor)),
+            spec(parts.untrusted_clean, None),
+            spec(parts.untrusted_anomalous, Some(self.config.backdoor)),
         ]
         .into_iter()
         .filter(|u| !u.samples.indices.is_empty())
@@ -266,6 +242,19 @@ pub(super) const NORMAL_WEIGHT: Opt = opt(
     "Fraction of normal samples in the test mix.",
 );
 
+pub(super) const TRUSTED_FRACTION: Opt = opt(
+    "trusted_fraction",
+    &["/trusted_fraction"],
+    Kind::Float,
+    "Fraction of the training samples kept trusted (clean); the rest is untrusted (seeded split).",
+);
+pub(super) const CLEAN_TRAIN_WEIGHT: Opt = opt(
+    "clean_train_weight",
+    &["/clean_train_weight"],
+    Kind::Float,
+    "Share of clean samples in the untrusted part; the others are anomalous (triggered, or adversarial examples).",
+);
+
 const OPTIONS: &[Opt] = &[
     RUN_PATH,
     required(opt("backdoor", &["/backdoor/kind"], Kind::Str, "The anomalies' trigger: corner or noise.")),
@@ -278,8 +267,8 @@ const OPTIONS: &[Opt] = &[
     MAX_TEST_SIZE,
     NORMAL_WEIGHT,
     opt("anomalous_split", &["/anomalous_split"], Kind::Str, "Split the anomalies come from: test, or train (the original's choice, which overlaps the fitting data)."),
-    opt("trusted_fraction", &["/trusted_fraction"], Kind::Float, "Fraction of the training samples kept trusted (clean); the rest is untrusted (seeded split)."),
-    opt("clean_train_weight", &["/clean_train_weight"], Kind::Float, "Share of clean samples in the untrusted part; the others carry the trigger."),
+    TRUSTED_FRACTION,
+    CLEAN_TRAIN_WEIGHT,
 ];
 
 /// The registry entry.

@@ -50,11 +50,11 @@ impl Splits {
 }
 
 /// Where samples come from: a split of the task's data set, or images the task
-/// computed (adversarial examples).
+/// computed from one (adversarial examples).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     Data(Split),
-    Adversarial,
+    Adversarial(Split),
 }
 
 impl Source {
@@ -62,9 +62,82 @@ impl Source {
         match self {
             Source::Data(Split::Train) => "train",
             Source::Data(Split::Test) => "test",
-            Source::Adversarial => "adversarial",
+            Source::Adversarial(Split::Test) => "adversarial",
+            Source::Adversarial(Split::Train) => "adversarial_train",
         }
     }
+}
+
+/// The sample-order key of the trusted / untrusted split: no training epoch uses it.
+const SPLIT_EPOCH: u32 = u32::MAX - 1;
+
+/// How a task divides its training samples: a `trusted_fraction` of them stays trusted
+/// (clean), the rest is untrusted, of which a `clean_train_weight` share stays clean and
+/// the rest is made anomalous.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainSplit {
+    pub max_train_size: Option<usize>,
+    pub trusted_fraction: f64,
+    pub clean_train_weight: f64,
+    pub seed: u32,
+}
+
+/// The training split's indices, divided.
+pub struct TrainParts {
+    pub trusted: Vec<u32>,
+    pub untrusted_clean: Vec<u32>,
+    pub untrusted_anomalous: Vec<u32>,
+}
+
+impl TrainSplit {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("trusted_fraction", self.trusted_fraction),
+            ("clean_train_weight", self.clean_train_weight),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} must be in [0, 1], got {v}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The parts of `available` training samples (the first `max_train_size`): all
+    /// trusted in order when `trusted_fraction` is 1, else a seeded permutation cut at
+    /// the fraction, its untrusted part cut at the clean weight.
+    pub fn parts(&self, available: usize) -> Result<TrainParts> {
+        let n = self.max_train_size.unwrap_or(available);
+        if n == 0 || n > available {
+            bail!("max_train_size {n} out of range 1..={available}");
+        }
+        if self.trusted_fraction >= 1.0 {
+            return Ok(TrainParts {
+                trusted: (0..n as u32).collect(),
+                untrusted_clean: Vec::new(),
+                untrusted_anomalous: Vec::new(),
+            });
+        }
+        let mut trusted = crate::rng::shuffled_indices(n, self.seed, SPLIT_EPOCH);
+        let mut untrusted_clean =
+            trusted.split_off((n as f64 * self.trusted_fraction).round() as usize);
+        let clean = (untrusted_clean.len() as f64 * self.clean_train_weight).round() as usize;
+        let untrusted_anomalous = untrusted_clean.split_off(clean);
+        Ok(TrainParts {
+            trusted,
+            untrusted_clean,
+            untrusted_anomalous,
+        })
+    }
+}
+
+/// Serde default of a trusted fraction: all trusted (configs from before the split).
+pub(crate) fn all_trusted() -> f64 {
+    1.0
+}
+
+/// Serde default of a clean train weight: the upstream's 0.5.
+pub(crate) fn half_clean() -> f64 {
+    0.5
 }
 
 /// Samples of one source, optionally triggered.
@@ -101,11 +174,14 @@ pub trait Task {
     fn upload(&self, ctx: &GpuContext, source: Source) -> Result<GpuDataset> {
         match source {
             Source::Data(split) => GpuDataset::upload(ctx, &self.dataset(split)?.as_images()),
-            Source::Adversarial => bail!("the {} task has no adversarial examples", self.kind()),
+            Source::Adversarial(_) => {
+                bail!("the {} task has no adversarial examples", self.kind())
+            }
         }
     }
-    /// Computes what [`Task::test_mix`] needs on the GPU (the adversarial task's
-    /// examples, when not stored yet); evaluation calls it first.
+    /// Computes what [`Task::test_mix`] and [`Task::untrusted`] samples need on the GPU
+    /// (the adversarial task's examples, when not stored yet); evaluation, and fitting
+    /// on untrusted data, call it first.
     fn prepare(&self, _ctx: &GpuContext, _progress: bool) -> Result<()> {
         Ok(())
     }

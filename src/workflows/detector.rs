@@ -112,6 +112,10 @@ pub fn train_detector(
         );
     }
     let mut gpu = Loaded::new(task, out.progress)?;
+    if !untrusted.is_empty() {
+        // Untrusted anomalies may be computed (the adversarial task's examples).
+        task.prepare(&gpu.ctx, out.progress)?;
+    }
     let specs: Vec<&SampleSpec> = trusted
         .iter()
         .chain(untrusted.iter().map(|u| &u.samples))
