@@ -166,7 +166,7 @@ const OPTIONS: &[Opt] = &[
     opt("layers", &["/layers"], Kind::Layers, "Activation layers to use, by index or name (0 or layer0 = the first) [none: all]."),
     opt("train.rcond", &["/rcond"], Kind::Float, "Pseudo-inverse cutoff relative to the largest eigenvalue."),
     opt("train.relative", &["/relative"], Kind::Bool, "The original's simplified relative Mahalanobis distance."),
-    opt("train.shrinkage", &["/shrinkage"], Kind::Float, "Shrink the covariance towards tr(S)/d I by this fraction."),
+    opt("train.shrinkage", &["/shrinkage"], Kind::Float, "Shrink the covariance towards tr(S)/d I by this fraction (the upstream shrinks towards tr(S) I: its s_u gives the same matrix up to scale as our s = s_u·d/(1 + s_u·(d−1)))."),
     opt("train.ridge", &["/ridge"], Kind::Float, "Add eps I to the covariance (weights zero-variance directions such as a trigger pixel)."),
     opt("train.batch_size", &["/batch_size"], Kind::Int, "Samples per batch while fitting (the original: 4096; 2048 keeps peak memory under 300 MB on MNIST at the same speed)."),
     opt("train.max_batches", &["/max_batches"], Kind::Int, "Fit on at most this many batches (0 = all)."),
