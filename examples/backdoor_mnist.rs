@@ -79,7 +79,14 @@ fn main() -> Result<()> {
     println!("\nrun directories and plots: {}", args.out.display());
     for dir in ["eval_corner", "eval_noise"] {
         let d = args.out.join(dir);
-        println!("  {}: roc.svg, roc_log.svg, histogram.svg", d.display());
+        for plot in [
+            "roc.svg",
+            "roc_log.svg",
+            "histogram.svg",
+            "histogram_log.svg",
+        ] {
+            println!("  {}", d.join(plot).display());
+        }
     }
     Ok(())
 }

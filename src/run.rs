@@ -27,6 +27,8 @@ pub const FIT_FILE: &str = "fit.json";
 pub const EVAL_FILE: &str = "eval.json";
 pub const SCORES_FILE: &str = "scores.csv";
 pub const HISTOGRAM_FILE: &str = "histogram.svg";
+/// The same histogram with counts on a log scale.
+pub const HISTOGRAM_LOG_FILE: &str = "histogram_log.svg";
 pub const ROC_FILE: &str = "roc.svg";
 /// The ROC curve with the false positive rate on a log scale (1e-4 .. 1).
 pub const ROC_LOG_FILE: &str = "roc_log.svg";
@@ -100,11 +102,29 @@ impl Default for TrainingConfig {
 /// `config.json` of a classifier run: the full resolved configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierRunConfig {
+    /// `train-classifier`, or `import-model` for a model trained elsewhere.
     pub command: String,
     pub cupbearer_version: String,
+    /// What the model was trained on (for an imported model: what the user says).
     pub train_data: TrainDataConfig,
     pub model: ModelConfig,
-    pub training: TrainingConfig,
+    /// How it was trained here; none for an imported model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingConfig>,
+    /// Where an imported model came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<ImportRecord>,
+}
+
+/// The source of an imported model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub checkpoint: PathBuf,
+    pub sha256: String,
+    pub layout: crate::model::import::Layout,
+    pub input_layout: crate::model::import::InputLayout,
+    /// The tensors read, in layer order.
+    pub tensors: Vec<String>,
 }
 
 impl ClassifierRunConfig {
@@ -114,7 +134,8 @@ impl ClassifierRunConfig {
             cupbearer_version: env!("CARGO_PKG_VERSION").into(),
             train_data,
             model: ModelConfig::new(model),
-            training,
+            training: Some(training),
+            imported: None,
         }
     }
 }
@@ -141,9 +162,9 @@ impl ClassifierRun {
             .with_context(|| format!("reading {}", config_path.display()))?;
         let config: ClassifierRunConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a classifier run config", config_path.display()))?;
-        if config.command != "train-classifier" {
+        if !matches!(config.command.as_str(), "train-classifier" | "import-model") {
             bail!(
-                "{} was written by `{}`, not by train-classifier",
+                "{} was written by `{}`, not by train-classifier or import-model",
                 config_path.display(),
                 config.command
             );

@@ -160,7 +160,7 @@ fn train_classifier_writes_a_loadable_run_dir() {
     let loaded = ClassifierRun::load(&run).unwrap();
     let c = &loaded.config;
     assert_eq!(c.train_data.backdoor.unwrap().p_backdoor, 0.2);
-    assert_eq!(c.training.num_epochs, 4);
+    assert_eq!(c.training.as_ref().unwrap().num_epochs, 4);
     assert_eq!(loaded.model.config.hidden_dims, vec![48, 32]);
     assert_eq!(loaded.model.config.input_shape, [12, 10, 1]);
 

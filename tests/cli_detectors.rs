@@ -88,7 +88,9 @@ fn the_original_readme_commands_run_in_sequence() {
         "eval.json",
         "scores.csv",
         "histogram.svg",
+        "histogram_log.svg",
         "roc.svg",
+        "roc_log.svg",
     ] {
         assert!(det.join(f).is_file(), "{f} missing");
     }

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::fixtures::{assert_cifar, cifar_batches, err_text, gz, idx_images_bytes};
+use common::fixtures::{assert_cifar, err_text, gz, idx_images_bytes, write_cifar};
 use cupbearer::data::{cifar, idx, Dataset, DatasetName, Split};
 
 // ---------------------------------------------------------------- IDX
@@ -259,16 +259,6 @@ fn load_missing_files_says_where_and_how() {
 }
 
 // ---------------------------------------------------------------- CIFAR-10
-
-/// Writes the files of `split` into `dir` (see [`cifar_batches`]).
-fn write_cifar(dir: &Path, split: Split, counts: &[usize], first: usize) {
-    let names = cifar::file_names(split);
-    assert_eq!(names.len(), counts.len());
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, bytes) in names.iter().zip(cifar_batches(counts, first)) {
-        std::fs::write(dir.join(name), bytes).unwrap();
-    }
-}
 
 #[test]
 fn cifar_load_round_trip_hwc() {

@@ -3,7 +3,16 @@
 use cupbearer::eval::metrics::{
     auroc, average_precision, detection_metrics, fpr_at_95_tpr, roc_curve, DetectionMetrics,
 };
-use cupbearer::eval::plots::{histogram_svg, roc_log_svg, roc_svg};
+use cupbearer::eval::plots::{histogram_svg, roc_log_svg, roc_svg, HistogramAxes};
+
+/// Linear counts, `bins` bins.
+fn axes(bins: usize, log_x: bool) -> HistogramAxes {
+    HistogramAxes {
+        bins,
+        log_x,
+        log_count: false,
+    }
+}
 
 const EPS: f64 = 1e-12;
 
@@ -435,7 +444,14 @@ fn histogram_plots() {
     normal.push(1000.0);
 
     let path = dir.path().join("hist.svg");
-    histogram_svg(&path, "Mahalanobis scores", &normal, &anomalous, 30, false).unwrap();
+    histogram_svg(
+        &path,
+        "Mahalanobis scores",
+        &normal,
+        &anomalous,
+        &axes(30, false),
+    )
+    .unwrap();
     let texts = check_svg(
         &path,
         &[
@@ -455,9 +471,28 @@ fn histogram_plots() {
     assert_eq!(count_rects(&path, NORMAL_FILL), 3);
     assert_eq!(count_rects(&path, ANOMALOUS_FILL), 2);
 
+    // Log counts: the same bars (one per non-empty bin), counts labelled 1, 10, 100.
+    let counts_path = dir.path().join("hist_counts.svg");
+    let log_counts = HistogramAxes {
+        log_count: true,
+        ..axes(30, false)
+    };
+    histogram_svg(&counts_path, "log counts", &normal, &anomalous, &log_counts).unwrap();
+    let texts = check_svg(&counts_path, &["count (log scale)", "1", "10", "100"]);
+    assert!(!texts.iter().any(|t| t == "count"), "{texts:?}");
+    assert_eq!(count_rects(&counts_path, NORMAL_FILL), 3);
+    assert_eq!(count_rects(&counts_path, ANOMALOUS_FILL), 2);
+
     // Log axis: ticks at round raw scores on log10(1 + score - min).
     let log_path = dir.path().join("hist_log.svg");
-    histogram_svg(&log_path, "log scores", &normal, &anomalous, 30, true).unwrap();
+    histogram_svg(
+        &log_path,
+        "log scores",
+        &normal,
+        &anomalous,
+        &axes(30, true),
+    )
+    .unwrap();
     let texts = check_svg(
         &log_path,
         &[
@@ -484,7 +519,7 @@ fn histogram_plots() {
 
     // Degenerate: all scores equal still draws one bin, even with one class empty.
     let flat = dir.path().join("flat.svg");
-    histogram_svg(&flat, "flat", &[2.0; 4], &[], 10, false).unwrap();
+    histogram_svg(&flat, "flat", &[2.0; 4], &[], &axes(10, false)).unwrap();
     check_svg(&flat, &["flat", "normal", "anomalous", "2"]);
     let widths = rect_widths(&flat, NORMAL_FILL);
     assert_eq!(widths.len(), 2);
@@ -584,7 +619,13 @@ fn failed_plots_leave_nothing_behind() {
     // The temp file is written but the rename fails (target is a directory): it is removed.
     let blocked = dir.path().join("blocked.svg");
     std::fs::create_dir(&blocked).unwrap();
-    let e = err_text(histogram_svg(&blocked, "t", &[1.0, 2.0], &[3.0], 5, false));
+    let e = err_text(histogram_svg(
+        &blocked,
+        "t",
+        &[1.0, 2.0],
+        &[3.0],
+        &axes(5, false),
+    ));
     assert!(e.contains("blocked.svg"), "{e}");
     assert!(
         !blocked.with_extension("svg.tmp").exists(),
@@ -593,9 +634,9 @@ fn failed_plots_leave_nothing_behind() {
 
     // Invalid input fails before anything is written.
     let bad = dir.path().join("bad.svg");
-    assert!(histogram_svg(&bad, "t", &[1.0, f64::NAN], &[3.0], 5, false).is_err());
-    assert!(histogram_svg(&bad, "t", &[1.0], &[3.0], 0, false).is_err());
-    assert!(histogram_svg(&bad, "t", &[], &[], 5, false).is_err());
+    assert!(histogram_svg(&bad, "t", &[1.0, f64::NAN], &[3.0], &axes(5, false)).is_err());
+    assert!(histogram_svg(&bad, "t", &[1.0], &[3.0], &axes(0, false)).is_err());
+    assert!(histogram_svg(&bad, "t", &[], &[], &axes(5, false)).is_err());
     assert!(roc_svg(&bad, "t", &[]).is_err());
 
     let mut left: Vec<_> = std::fs::read_dir(dir.path())

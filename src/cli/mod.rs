@@ -5,9 +5,11 @@
 mod detector_args;
 mod download;
 mod eval_detector;
+mod import_model;
 mod make_adversarial_examples;
 mod suite;
 mod train_classifier;
+mod train_data_args;
 mod train_detector;
 
 use std::ffi::OsString;
@@ -53,6 +55,10 @@ enum Command {
     /// resumable cells, a leaderboard.
     #[command(after_help = AFTER_HELP, args_override_self = true)]
     Suite(suite::Args),
+    /// Import a classifier trained elsewhere (PyTorch or Flax naming, f32/f16/bf16
+    /// safetensors) into a classifier run directory.
+    #[command(alias = "import_model", after_help = AFTER_HELP, args_override_self = true)]
+    ImportModel(import_model::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),
 }
@@ -187,6 +193,7 @@ pub fn main_with(registry: &Registry) -> ExitCode {
         Command::MakeAdversarialExamples(args) => make_adversarial_examples::run(args),
         Command::Suite(args) => suite::run(args, registry),
         Command::Download(args) => download::run(args),
+        Command::ImportModel(args) => import_model::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,23 +2,17 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
 
-use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
-use crate::data::{resolve_data_dir, DatasetName};
+use crate::data::resolve_data_dir;
 use crate::model::train::LrSchedule;
 use crate::model::MlpConfig;
-use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+use crate::run::{ClassifierRunConfig, TrainingConfig};
 use crate::workflows::classifier::{train_classifier, RunOptions};
 
+use super::train_data_args::TrainDataArgs;
 use super::Optimizer;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum TriggerKind {
-    Corner,
-    Noise,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ModelKind {
@@ -28,36 +22,8 @@ enum ModelKind {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Training data: a data set (mnist, fashion_mnist, cifar10), or `backdoor` = a data set
-    /// (--train_data.original) poisoned with a trigger (--train_data.backdoor).
-    #[arg(long, value_name = "DATA")]
-    train_data: String,
-    /// The clean data set under a backdoor: mnist, fashion_mnist or cifar10.
-    #[arg(long, value_name = "DATASET")]
-    train_data_original: Option<DatasetName>,
-    /// Trigger of the training backdoor.
-    #[arg(long, value_enum, value_name = "TRIGGER")]
-    train_data_backdoor: Option<TriggerKind>,
-    /// Fraction of training samples poisoned (per epoch). The original's default of 1.0
-    /// poisons every image and yields a constant classifier; 0.05 is what it intended.
-    #[arg(long, default_value_t = 0.05, value_name = "P")]
-    train_data_backdoor_p_backdoor: f32,
-    /// Trigger pixel: top-left, top-right, bottom-left or bottom-right (the names mean
-    /// what they say; the original swapped top-right and bottom-left).
-    #[arg(long, default_value = "top-left", value_name = "CORNER")]
-    train_data_backdoor_corner: Corner,
-    /// Label given to poisoned samples.
-    #[arg(long, default_value_t = 0, value_name = "CLASS")]
-    train_data_backdoor_target_class: u32,
-    /// Standard deviation of the noise trigger.
-    #[arg(long, default_value_t = DEFAULT_NOISE_STD, value_name = "STD")]
-    train_data_backdoor_std: f32,
-    /// Clip noisy images to [0, 1] (the original 0.0.1 did not).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    train_data_backdoor_clip: bool,
-    /// Use only the first N training samples.
-    #[arg(long, value_name = "N")]
-    train_data_max_size: Option<usize>,
+    #[command(flatten)]
+    data: TrainDataArgs,
     /// Model architecture: mlp, or cnn (3x3 conv + ReLU + 2x2 max-pool blocks, a global
     /// max pool, then dense layers).
     #[arg(long, value_enum, default_value = "mlp")]
@@ -100,37 +66,6 @@ pub struct Args {
 
 impl Args {
     fn resolve(&self) -> Result<ClassifierRunConfig> {
-        let (dataset, backdoor) = match self.train_data.as_str() {
-            "backdoor" => {
-                let original = self.train_data_original.context(
-                    "--train_data backdoor needs --train_data.original (mnist, fashion_mnist or cifar10)",
-                )?;
-                let kind = self.train_data_backdoor.context(
-                    "--train_data backdoor needs --train_data.backdoor (corner or noise)",
-                )?;
-                let trigger = match kind {
-                    TriggerKind::Corner => Trigger::Corner {
-                        corner: self.train_data_backdoor_corner,
-                    },
-                    TriggerKind::Noise => Trigger::Noise {
-                        std: self.train_data_backdoor_std,
-                        clip: self.train_data_backdoor_clip,
-                    },
-                };
-                let b = Backdoor {
-                    trigger,
-                    p_backdoor: self.train_data_backdoor_p_backdoor,
-                    target_class: self.train_data_backdoor_target_class,
-                };
-                b.validate(self.model_output_dim)?;
-                (original, Some(b))
-            }
-            name => (
-                DatasetName::parse(name)
-                    .context("--train_data takes `backdoor` or a data set name")?,
-                None,
-            ),
-        };
         if self.num_classes != self.model_output_dim {
             bail!(
                 "--num_classes {} differs from --model.output_dim {}",
@@ -147,11 +82,7 @@ impl Args {
         };
         let Optimizer::Adam = self.optim;
         Ok(ClassifierRunConfig::new(
-            TrainDataConfig {
-                dataset,
-                max_size: self.train_data_max_size,
-                backdoor,
-            },
+            self.data.resolve(self.model_output_dim)?,
             // The input shape is filled in from the data set.
             MlpConfig {
                 input_shape: [0; 3],
@@ -174,7 +105,7 @@ impl Args {
 
 pub fn run(mut args: Args) -> Result<()> {
     if args.common.debug {
-        args.train_data_max_size = Some(2);
+        args.data.train_data_max_size = Some(2);
         args.model_hidden_dims = vec![2, 2];
         (args.model_channels, args.model_dense_dims) = (vec![2], vec![2]);
         (args.num_epochs, args.max_steps) = (1, Some(1));

@@ -45,12 +45,50 @@ pub fn histogram_svg(
     title: &str,
     normal: &[f64],
     anomalous: &[f64],
-    bins: usize,
-    log_x: bool,
+    axes: &HistogramAxes,
 ) -> Result<()> {
-    let svg = render_histogram(title, normal, anomalous, bins, log_x)
+    let svg = render_histogram(title, normal, anomalous, axes)
         .with_context(|| format!("histogram plot {}", path.display()))?;
     write_atomically(path, &svg)
+}
+
+/// How a histogram bins and draws: `bins` bins, scores on a log axis (`log_x`), counts
+/// on a log axis (`log_count`: the few anomalies a near-perfect detector misses stay
+/// visible next to thousands of correct ones).
+#[derive(Clone, Copy, Debug)]
+pub struct HistogramAxes {
+    pub bins: usize,
+    pub log_x: bool,
+    pub log_count: bool,
+}
+
+/// The count axis: plotting coordinate `1 + log10(count)` (0 for none) when `log`.
+#[derive(Clone, Copy)]
+struct CountScale {
+    log: bool,
+}
+
+impl CountScale {
+    fn to_plot(self, count: u64) -> f64 {
+        match (self.log, count) {
+            (true, 0) => 0.0,
+            (true, c) => 1.0 + (c as f64).log10(),
+            (false, c) => c as f64,
+        }
+    }
+
+    /// Ticks up to `top` (plotting coordinate) as (position, count label).
+    fn ticks(self, top: f64) -> Vec<(f64, u64)> {
+        if self.log {
+            (0..=top.floor() as u32)
+                .map(|k| (f64::from(k), if k == 0 { 0 } else { 10u64.pow(k - 1) }))
+                .collect()
+        } else {
+            multiples(0.0, top, nice_step(top.max(1.0), 6.0).max(1.0))
+                .map(|c| (c, c as u64))
+                .collect()
+        }
+    }
 }
 
 /// ROC curve(s): one line per `(label, points)` series (e.g. "all (AUROC 0.998)",
@@ -313,11 +351,13 @@ fn render_histogram(
     title: &str,
     normal: &[f64],
     anomalous: &[f64],
-    bins: usize,
-    log_x: bool,
+    axes: &HistogramAxes,
 ) -> Result<String> {
-    let b = bin_scores(normal, anomalous, bins, log_x)?;
+    let b = bin_scores(normal, anomalous, axes.bins, axes.log_x)?;
     let scale = b.scale;
+    let counts = CountScale {
+        log: axes.log_count,
+    };
     let (lo, hi) = (b.lo, b.hi());
     let y_max = b
         .normal
@@ -326,13 +366,21 @@ fn render_histogram(
         .copied()
         .max()
         .unwrap_or(0);
-    let x_desc = if log_x {
+    // 20 % headroom keeps the legend off the tallest bars.
+    let y_top = counts.to_plot(y_max) * 1.2 + 1.0;
+    let x_desc = if axes.log_x {
         "anomaly score (log10(1 + score - min) scale)"
     } else {
         "anomaly score"
     };
+    let y_desc = if axes.log_count {
+        "count (log scale)"
+    } else {
+        "count"
+    };
 
     let ticks = x_ticks(scale, lo, hi);
+    let y_ticks = counts.ticks(y_top);
 
     let mut svg = String::new();
     {
@@ -343,20 +391,21 @@ fn render_histogram(
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            // Integer counts on y keep tick labels whole numbers even for tiny counts; the 20 %
-            // headroom keeps the legend off the tallest bars.
             .build_cartesian_2d(
                 TickedAxis {
                     inner: (lo..hi).into(),
                     ticks: ticks.iter().map(|&(x, _)| x).collect(),
                 },
-                0u64..y_max + y_max / 5 + 1,
+                TickedAxis {
+                    inner: (0.0..y_top).into(),
+                    ticks: y_ticks.iter().map(|&(y, _)| y).collect(),
+                },
             )
             .map_err(draw_err)?;
         chart
             .configure_mesh()
             .x_desc(x_desc)
-            .y_desc("count")
+            .y_desc(y_desc)
             .axis_desc_style(("sans-serif", 15))
             .x_label_formatter(&|&x| {
                 // Label with the exact round score, not one recomputed through the transform
@@ -364,21 +413,27 @@ fn render_histogram(
                 let tick = ticks.iter().find(|&&(t, _)| t == x);
                 format_tick(tick.map_or(scale.to_score(x), |&(_, s)| s))
             })
+            // Whole counts only.
+            .y_label_formatter(&|&y| {
+                let tick = y_ticks.iter().find(|&&(t, _)| t == y);
+                tick.map_or(String::new(), |&(_, c)| c.to_string())
+            })
             .draw()
             .map_err(draw_err)?;
 
-        for (label, colour, counts) in [
+        for (label, colour, bins) in [
             ("normal", NORMAL_COLOUR, &b.normal),
             ("anomalous", ANOMALOUS_COLOUR, &b.anomalous),
         ] {
             let width = b.width;
-            let bars = counts
+            let bars = bins
                 .iter()
                 .enumerate()
                 .filter(|(_, &c)| c > 0)
                 .map(move |(k, &c)| {
                     let x0 = lo + width * k as f64;
-                    Rectangle::new([(x0, 0), (x0 + width, c)], colour.mix(0.45).filled())
+                    let top = counts.to_plot(c);
+                    Rectangle::new([(x0, 0.0), (x0 + width, top)], colour.mix(0.45).filled())
                 });
             chart
                 .draw_series(bars)

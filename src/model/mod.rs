@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod batches;
 pub mod gpu_mlp;
+pub mod import;
 pub mod layers;
 pub mod mlp;
 pub mod train;

@@ -8,10 +8,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::context;
+use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
+use crate::gpu::GpuContext;
 use crate::io::write_json;
-use crate::model::train::{evaluate, train, EpochMetrics, TrainOptions};
+use crate::model::train::{evaluate, train, EpochMetrics, EvalMetrics, TrainOptions};
 use crate::model::{GpuMlp, Mlp};
 use crate::run::{refuse_overwrite, ClassifierRunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 
@@ -69,7 +71,10 @@ pub fn train_classifier(
     if opts.eval_batch_size == 0 {
         bail!("the evaluation batch size must be >= 1");
     }
-    if config.training.num_epochs == 0 {
+    let Some(t) = config.training.clone() else {
+        bail!("train-classifier needs a training configuration");
+    };
+    if t.num_epochs == 0 {
         bail!("--num_epochs must be >= 1: zero epochs would store an untrained model");
     }
 
@@ -92,7 +97,6 @@ pub fn train_classifier(
     mlp_config.input_shape = [train_set.height, train_set.width, train_set.channels];
 
     let ctx = context(opts.progress)?;
-    let t = &config.training;
     let model = GpuMlp::upload(&ctx, &Mlp::init(mlp_config, t.seed)?)?;
     let train_gpu = GpuDataset::upload(&ctx, &train_set.as_images())?;
     drop(train_set);
@@ -113,41 +117,21 @@ pub fn train_classifier(
     )?;
     drop(train_gpu);
 
-    let test_gpu = GpuDataset::upload(&ctx, &test_set.as_images())?;
-    let all: Vec<u32> = (0..test_set.len() as u32).collect();
-    let batch = opts.eval_batch_size;
-    let clean = evaluate(&ctx, &model, &test_gpu, &all, None, t.seed, batch)?;
-    let (attack_success_rate, attack_samples) = match &config.train_data.backdoor {
-        Some(b) => {
-            let always = crate::data::backdoor::Backdoor {
-                p_backdoor: 1.0,
-                ..*b
-            };
-            let victims: Vec<u32> = all
-                .iter()
-                .copied()
-                .filter(|&i| test_set.labels[i as usize] as u32 != b.target_class)
-                .collect();
-            let m = evaluate(
-                &ctx,
-                &model,
-                &test_gpu,
-                &victims,
-                Some(&always),
-                t.seed,
-                batch,
-            )?;
-            (Some(m.accuracy), m.samples)
-        }
-        None => (None, 0),
-    };
+    let test = evaluate_test(
+        &ctx,
+        &model,
+        &test_set,
+        config.train_data.backdoor.as_ref(),
+        t.seed,
+        opts.eval_batch_size,
+    )?;
     let trained = model.download(&ctx)?;
 
     let metrics = ClassifierMetrics {
-        clean_test_accuracy: clean.accuracy,
-        clean_test_loss: clean.loss,
-        attack_success_rate,
-        attack_samples,
+        clean_test_accuracy: test.clean.accuracy,
+        clean_test_loss: test.clean.loss,
+        attack_success_rate: test.attack_success_rate,
+        attack_samples: test.attack_samples,
         steps: report.steps,
         samples_per_second: report.samples_per_second,
         train_seconds: report.seconds,
@@ -162,4 +146,47 @@ pub fn train_classifier(
         write_json(&dir.join(METRICS_FILE), &metrics)?;
     }
     Ok(metrics)
+}
+
+/// A model's clean test metrics and, with a trigger, its attack success.
+pub(super) struct TestResults {
+    pub clean: EvalMetrics,
+    pub attack_success_rate: Option<f64>,
+    pub attack_samples: usize,
+}
+
+/// Clean accuracy on `test_set`; with `backdoor`, the fraction of triggered test images
+/// whose true label is not the target that the model classifies as the target.
+pub(super) fn evaluate_test(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    test_set: &Dataset,
+    backdoor: Option<&Backdoor>,
+    seed: u32,
+    batch: usize,
+) -> Result<TestResults> {
+    let test_gpu = GpuDataset::upload(ctx, &test_set.as_images())?;
+    let all: Vec<u32> = (0..test_set.len() as u32).collect();
+    let clean = evaluate(ctx, model, &test_gpu, &all, None, seed, batch)?;
+    let (attack_success_rate, attack_samples) = match backdoor {
+        Some(b) => {
+            let always = Backdoor {
+                p_backdoor: 1.0,
+                ..*b
+            };
+            let victims: Vec<u32> = all
+                .iter()
+                .copied()
+                .filter(|&i| test_set.labels[i as usize] as u32 != b.target_class)
+                .collect();
+            let m = evaluate(ctx, model, &test_gpu, &victims, Some(&always), seed, batch)?;
+            (Some(m.accuracy), m.samples)
+        }
+        None => (None, 0),
+    };
+    Ok(TestResults {
+        clean,
+        attack_success_rate,
+        attack_samples,
+    })
 }

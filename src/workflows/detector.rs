@@ -15,7 +15,7 @@ use crate::detectors::{
     Aggregation, Detector, FitData, LayerScores, MixSamples, SampleSet, ScoreScale,
 };
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
-use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, LOG_FPR_MIN};
+use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, HistogramAxes, LOG_FPR_MIN};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
 use crate::io::{write_atomic, write_json};
@@ -23,7 +23,7 @@ use crate::model::GpuMlp;
 use crate::registry::Registry;
 use crate::run::{
     refuse_overwrite, DetectorRunConfig, DETECTOR_CONFIG_FILE, DETECTOR_FILE, EVAL_FILE, FIT_FILE,
-    HISTOGRAM_FILE, ROC_FILE, ROC_LOG_FILE, SCORES_FILE,
+    HISTOGRAM_FILE, HISTOGRAM_LOG_FILE, ROC_FILE, ROC_LOG_FILE, SCORES_FILE,
 };
 use crate::tasks::{SampleSpec, Source, Task};
 
@@ -291,6 +291,7 @@ pub fn eval_detector(
         EVAL_FILE,
         SCORES_FILE,
         HISTOGRAM_FILE,
+        HISTOGRAM_LOG_FILE,
         ROC_FILE,
         ROC_LOG_FILE,
     ];
@@ -432,7 +433,14 @@ pub fn eval_detector(
     write_atomic(&out.join(SCORES_FILE), csv.as_bytes())?;
     let (n, a) = total.split_at(num_normal);
     let title = format!("{} detector, {} task", detector.kind(), task.kind());
-    histogram_svg(&out.join(HISTOGRAM_FILE), &title, n, a, 100, false)?;
+    for (file, log_count) in [(HISTOGRAM_FILE, false), (HISTOGRAM_LOG_FILE, true)] {
+        let axes = HistogramAxes {
+            bins: 100,
+            log_x: false,
+            log_count,
+        };
+        histogram_svg(&out.join(file), &title, n, a, &axes)?;
+    }
     roc_svg(&out.join(ROC_FILE), &title, &curves)?;
     roc_log_svg(&out.join(ROC_LOG_FILE), &title, &curves)?;
     write_json(&out.join(EVAL_FILE), &report)?;

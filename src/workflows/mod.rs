@@ -7,6 +7,7 @@ pub mod adversarial;
 pub mod backdoor_mnist;
 pub mod classifier;
 pub mod detector;
+pub mod import;
 pub mod suite;
 
 use std::fs::{File, OpenOptions, TryLockError};

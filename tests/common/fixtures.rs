@@ -2,8 +2,9 @@
 //! written independently of the readers.
 
 use std::io::Write;
+use std::path::Path;
 
-use cupbearer::data::Dataset;
+use cupbearer::data::{Dataset, Split};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
@@ -58,6 +59,16 @@ pub fn cifar_batches(counts: &[usize], first: usize) -> Vec<Vec<u8>> {
             file
         })
         .collect()
+}
+
+/// Writes the files of `split` into `dir` (see [`cifar_batches`]).
+pub fn write_cifar(dir: &Path, split: Split, counts: &[usize], first: usize) {
+    let names = cupbearer::data::cifar::file_names(split);
+    assert_eq!(names.len(), counts.len());
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in names.iter().zip(cifar_batches(counts, first)) {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
 }
 
 /// Checks that `ds` holds generated records `first..first + n`, pixel by pixel in HWC order.

@@ -1,0 +1,91 @@
+//! The training-data flags of `train-classifier`, which `import-model` shares (there
+//! they say what the imported model was trained on).
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+
+use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
+use crate::data::DatasetName;
+use crate::run::TrainDataConfig;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TriggerKind {
+    Corner,
+    Noise,
+}
+
+#[derive(clap::Args)]
+pub struct TrainDataArgs {
+    /// Training data: a data set (mnist, fashion_mnist, cifar10), or `backdoor` = a data set
+    /// (--train_data.original) poisoned with a trigger (--train_data.backdoor).
+    #[arg(long, value_name = "DATA")]
+    train_data: String,
+    /// The clean data set under a backdoor: mnist, fashion_mnist or cifar10.
+    #[arg(long, value_name = "DATASET")]
+    train_data_original: Option<DatasetName>,
+    /// Trigger of the training backdoor.
+    #[arg(long, value_enum, value_name = "TRIGGER")]
+    train_data_backdoor: Option<TriggerKind>,
+    /// Fraction of training samples poisoned (per epoch). The original's default of 1.0
+    /// poisons every image and yields a constant classifier; 0.05 is what it intended.
+    #[arg(long, default_value_t = 0.05, value_name = "P")]
+    train_data_backdoor_p_backdoor: f32,
+    /// Trigger pixel: top-left, top-right, bottom-left or bottom-right (the names mean
+    /// what they say; the original swapped top-right and bottom-left).
+    #[arg(long, default_value = "top-left", value_name = "CORNER")]
+    train_data_backdoor_corner: Corner,
+    /// Label given to poisoned samples.
+    #[arg(long, default_value_t = 0, value_name = "CLASS")]
+    train_data_backdoor_target_class: u32,
+    /// Standard deviation of the noise trigger.
+    #[arg(long, default_value_t = DEFAULT_NOISE_STD, value_name = "STD")]
+    train_data_backdoor_std: f32,
+    /// Clip noisy images to [0, 1] (the original 0.0.1 did not).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    train_data_backdoor_clip: bool,
+    /// Use only the first N training samples.
+    #[arg(long, value_name = "N")]
+    pub(super) train_data_max_size: Option<usize>,
+}
+
+impl TrainDataArgs {
+    /// The data set and trigger, checked against a model of `output_dim` classes.
+    pub fn resolve(&self, output_dim: usize) -> Result<TrainDataConfig> {
+        let (dataset, backdoor) = match self.train_data.as_str() {
+            "backdoor" => {
+                let original = self.train_data_original.context(
+                    "--train_data backdoor needs --train_data.original (mnist, fashion_mnist or cifar10)",
+                )?;
+                let kind = self.train_data_backdoor.context(
+                    "--train_data backdoor needs --train_data.backdoor (corner or noise)",
+                )?;
+                let trigger = match kind {
+                    TriggerKind::Corner => Trigger::Corner {
+                        corner: self.train_data_backdoor_corner,
+                    },
+                    TriggerKind::Noise => Trigger::Noise {
+                        std: self.train_data_backdoor_std,
+                        clip: self.train_data_backdoor_clip,
+                    },
+                };
+                let b = Backdoor {
+                    trigger,
+                    p_backdoor: self.train_data_backdoor_p_backdoor,
+                    target_class: self.train_data_backdoor_target_class,
+                };
+                b.validate(output_dim)?;
+                (original, Some(b))
+            }
+            name => (
+                DatasetName::parse(name)
+                    .context("--train_data takes `backdoor` or a data set name")?,
+                None,
+            ),
+        };
+        Ok(TrainDataConfig {
+            dataset,
+            max_size: self.train_data_max_size,
+            backdoor,
+        })
+    }
+}
