@@ -86,16 +86,19 @@ pub fn checked_tensor<'a>(
     Ok(t)
 }
 
-/// The f32 values of tensor `name`, checked for presence, dtype, `shape` (when given)
-/// and finiteness: a NaN or infinity in stored weights or statistics is an error naming
-/// the tensor, not a silently wrong result.
+/// The values of float tensor `name` as f32 (stored as f32, f16, bf16 or f64: files
+/// saved with `--dtype` read back transparently), checked for presence, `shape` (when
+/// given) and finiteness: a NaN or infinity in stored weights or statistics is an error
+/// naming the tensor, not a silently wrong result.
 pub fn f32_tensor(
     st: &safetensors::SafeTensors<'_>,
     path: &Path,
     name: &str,
     shape: Option<&[usize]>,
 ) -> Result<Vec<f32>> {
-    let t = checked_tensor(st, path, name, safetensors::Dtype::F32)?;
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
     if let Some(shape) = shape.filter(|&s| s != t.shape()) {
         anyhow::bail!(
             "{}: tensor {name} has shape {:?}, expected {shape:?}",
@@ -103,13 +106,112 @@ pub fn f32_tensor(
             t.shape()
         );
     }
-    let values: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    tensor_f32(&t, path, name)
+}
+
+/// A tensor's values as f32 (f16, bf16 and f64 converted), checked finite.
+pub fn tensor_f32(
+    view: &safetensors::tensor::TensorView<'_>,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<f32>> {
+    let data = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        other => anyhow::bail!(
+            "{}: tensor {name} is {other:?}; weights must be f32, f16, bf16 or f64",
+            path.display()
+        ),
+    };
     check_finite(&values, || format!("{}: tensor {name}", path.display()))?;
     Ok(values)
+}
+
+/// The precision tensors are saved in (`--dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Rewrites the f32 tensors of the safetensors file at `path` in `dtype` (round to
+/// nearest even), atomically, keeping its other tensors and metadata; f32 does nothing.
+pub fn store_as(path: &Path, dtype: SaveDtype) -> Result<()> {
+    if dtype == SaveDtype::F32 {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: corrupt safetensors file", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut converted: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let (dt, data) = if view.dtype() == safetensors::Dtype::F32 {
+            let values = tensor_f32(&view, path, &name)?;
+            match dtype {
+                SaveDtype::F16 => (
+                    safetensors::Dtype::F16,
+                    values
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect(),
+                ),
+                _ => (
+                    safetensors::Dtype::BF16,
+                    values
+                        .iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                ),
+            }
+        } else {
+            (view.dtype(), view.data().to_vec())
+        };
+        converted.push((name, dt, view.shape().to_vec(), data));
+    }
+    let views = converted
+        .iter()
+        .map(|(name, dt, shape, data)| {
+            Ok((
+                name.as_str(),
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), data)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = meta.metadata().clone();
+    let out = safetensors::serialize(views, metadata)?;
+    let back = safetensors::SafeTensors::deserialize(&out)?;
+    // f16 overflows above 65504: refuse rather than store infinities.
+    for (name, view) in back.tensors() {
+        if view.dtype() == safetensors::Dtype::I64 {
+            continue;
+        }
+        tensor_f32(&view, path, &name).with_context(|| {
+            format!(
+                "{} does not fit {dtype:?} (values out of its range)",
+                path.display()
+            )
+        })?;
+    }
+    write_atomic(path, &out)
 }
 
 /// Fails on the first NaN or infinity in `values`, naming `what` and the index.

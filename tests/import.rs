@@ -258,3 +258,106 @@ fn pytorch_checkpoints_import_and_match_numpy() {
         stderr(&out)
     );
 }
+
+/// Dtype of every tensor of a safetensors file.
+fn dtypes(path: &Path) -> Vec<safetensors::Dtype> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(_, v)| v.dtype()).collect()
+}
+
+#[test]
+fn saved_dtypes_read_back_transparently() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    common::write_small_mnist(&cwd.join("data"));
+    let train = "train_classifier --train_data backdoor --train_data.original mnist \
+                 --train_data.backdoor corner --train_data.backdoor.p_backdoor 0.2 \
+                 --num_epochs 3 --model.hidden_dims 48 32 --quiet";
+    for (dir, dtype) in [("c32", "f32"), ("c16", "f16")] {
+        let mut args: Vec<&str> = train.split_whitespace().collect();
+        args.extend(["--dtype", dtype, "--dir.full", dir]);
+        let out = cupbearer(cwd, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert!(dtypes(&cwd.join("c16/model.safetensors"))
+        .iter()
+        .all(|&d| d == safetensors::Dtype::F16));
+    // The f16 file holds the f32 weights rounded to nearest even, read back as f32.
+    let (full, half) = (
+        ClassifierRun::load(&cwd.join("c32")).unwrap().model,
+        ClassifierRun::load(&cwd.join("c16")).unwrap().model,
+    );
+    for (a, b) in full.layers.iter().zip(&half.layers) {
+        let rounded: Vec<f32> = a
+            .kernel
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(rounded, b.kernel);
+    }
+
+    let mut aucs = Vec::new();
+    let task = "--task backdoor --task.backdoor corner --task.run_path c32";
+    for (dir, dtype) in [("d32", "f32"), ("d16", "bf16")] {
+        let fit = format!(
+            "train-detector --detector mahalanobis {task} --dtype {dtype} --dir.full {dir} --quiet"
+        );
+        let out = cupbearer(cwd, &fit.split_whitespace().collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let eval = format!("eval-detector --detector from_run --detector.path {dir} {task} --dir.full {dir}/eval --quiet");
+        let out = cupbearer(cwd, &eval.split_whitespace().collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(cwd.join(dir).join("eval/eval.json")).unwrap(),
+        )
+        .unwrap();
+        aucs.push(report["AUC_ROC"].as_f64().unwrap());
+    }
+    let stored = dtypes(&cwd.join("d16/detector.safetensors"));
+    assert!(
+        stored.contains(&safetensors::Dtype::BF16) && !stored.contains(&safetensors::Dtype::F32),
+        "{stored:?}"
+    );
+    assert!(
+        (aucs[0] - aucs[1]).abs() < 0.01,
+        "f32 {} vs bf16 {}",
+        aucs[0],
+        aucs[1]
+    );
+    assert!(aucs[0] > 0.9, "{aucs:?}");
+    // A Mahalanobis precision exceeds f16's range: refused, and the run is not complete.
+    let fit =
+        format!("train-detector --detector mahalanobis {task} --dtype f16 --dir.full dx --quiet");
+    let out = cupbearer(cwd, &fit.split_whitespace().collect::<Vec<_>>());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not fit F16"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!cwd.join("dx/config.json").exists());
+}
+
+#[test]
+fn values_beyond_f16_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("big.safetensors");
+    let values = [1.0f32, 1e6];
+    cupbearer::io::write_f32_safetensors(
+        &path,
+        &[("x".into(), vec![2], &values[..])],
+        "k",
+        "{}".into(),
+    )
+    .unwrap();
+    let err = cupbearer::io::store_as(&path, cupbearer::io::SaveDtype::F16).unwrap_err();
+    assert!(format!("{err:#}").contains("does not fit F16"), "{err:#}");
+    // Left as it was.
+    assert_eq!(dtypes(&path), [safetensors::Dtype::F32]);
+    cupbearer::io::store_as(&path, cupbearer::io::SaveDtype::Bf16).unwrap();
+    assert_eq!(dtypes(&path), [safetensors::Dtype::BF16]);
+}

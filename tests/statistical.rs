@@ -483,8 +483,8 @@ fn untrusted_data_detectors_find_a_planted_trigger() {
             .unwrap();
         let detector = registry.build_detector(name, &config).unwrap();
         let fit = FitOptions {
-            seed: 0,
             layer_aggregation: Aggregation::Max,
+            ..FitOptions::default()
         };
         let report = train_detector(task, detector, &fit, &quiet(&det_dir)).unwrap();
         // Every layer's score scale is recorded, measured on the fit data.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::detectors::Aggregation;
+use crate::io::SaveDtype;
 use crate::registry::{RawOptions, Registry, TaskEnv};
 use crate::tasks::Task;
 use crate::workflows::detector::DetectorSource;
@@ -101,6 +102,10 @@ pub struct DetectorCommandArgs {
     /// eval-detector uses the run's unless given [default: mean].
     #[arg(long, value_parser = super::serde_enum::<Aggregation>, value_name = "mean|max")]
     pub detector_layer_aggregation: Option<Aggregation>,
+    /// train-detector: precision of detector.safetensors (f32, f16 or bf16; read back
+    /// transparently).
+    #[arg(long, value_parser = super::serde_enum::<SaveDtype>, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: SaveDtype,
     #[command(flatten)]
     pub common: super::CommonArgs,
     /// Filled from the command line by [`split_options`].

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::train_data_args::TrainDataArgs;
 use crate::data::resolve_data_dir;
+use crate::io::SaveDtype;
 use crate::model::import::InputLayout;
 use crate::workflows::import::{import_model, ImportModelOptions};
 use crate::workflows::Output;
@@ -31,6 +32,9 @@ pub struct Args {
     /// Batch size of the test evaluation.
     #[arg(long, default_value_t = 2048, value_name = "N")]
     max_batch_size: usize,
+    /// Precision of the stored model.safetensors: f32, f16 or bf16.
+    #[arg(long, value_parser = super::serde_enum::<SaveDtype>, default_value = "f32", value_name = "DTYPE")]
+    dtype: SaveDtype,
     #[command(flatten)]
     common: super::CommonArgs,
 }
@@ -49,6 +53,7 @@ pub fn run(args: Args) -> Result<()> {
             data_dir: resolve_data_dir(c.data_dir.as_deref()),
             eval_batch_size: args.max_batch_size,
             seed: c.seed,
+            dtype: args.dtype,
         },
         &Output {
             dir: dir.as_deref(),

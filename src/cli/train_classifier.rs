@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 
 use crate::data::resolve_data_dir;
+use crate::io::SaveDtype;
 use crate::model::train::LrSchedule;
 use crate::model::MlpConfig;
 use crate::run::{ClassifierRunConfig, TrainingConfig};
@@ -60,6 +61,10 @@ pub struct Args {
     /// Learning-rate schedule over the planned steps (ours; the original's is constant).
     #[arg(long, value_parser = super::serde_enum::<LrSchedule>, default_value = "constant", value_name = "SCHEDULE")]
     optim_schedule: LrSchedule,
+    /// Precision of model.safetensors: f32, f16 or bf16 (read back transparently;
+    /// metrics.json is measured before rounding).
+    #[arg(long, value_parser = super::serde_enum::<SaveDtype>, default_value = "f32", value_name = "DTYPE")]
+    dtype: SaveDtype,
     #[command(flatten)]
     common: super::CommonArgs,
 }
@@ -123,6 +128,7 @@ pub fn run(mut args: Args) -> Result<()> {
             overwrite: c.overwrite,
             eval_batch_size: args.max_batch_size,
             progress: !c.quiet,
+            dtype: args.dtype,
         },
     )?;
     let target = dir.map_or("(debug: nothing written)".into(), |d| {

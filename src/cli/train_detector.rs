@@ -28,6 +28,7 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         &FitOptions {
             seed: c.seed,
             layer_aggregation: args.detector_layer_aggregation.unwrap_or_default(),
+            dtype: args.dtype,
         },
         &out,
     )?;

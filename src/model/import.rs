@@ -9,11 +9,11 @@ use std::cmp::Ordering;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::mlp::{Dense, Mlp, MlpConfig};
+pub use crate::io::tensor_f32;
 
 /// The naming and layout of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,35 +51,6 @@ pub struct Imported {
     pub input_layout: InputLayout,
     /// The tensors read, in layer order.
     pub tensors: Vec<String>,
-}
-
-/// A tensor's values as f32 (f16, bf16 and f64 converted), checked finite.
-pub fn tensor_f32(view: &TensorView<'_>, path: &Path, name: &str) -> Result<Vec<f32>> {
-    let data = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        other => bail!(
-            "{}: tensor {name} is {other:?}; weights must be f32, f16, bf16 or f64",
-            path.display()
-        ),
-    };
-    crate::io::check_finite(&values, || format!("{}: tensor {name}", path.display()))?;
-    Ok(values)
 }
 
 /// Orders module paths by their dot-separated parts, numbers numerically

@@ -16,6 +16,7 @@ use super::Output;
 use crate::data::backdoor::{Backdoor, Corner, Trigger};
 use crate::data::{download, Dataset, DatasetName, Split};
 use crate::detectors::mahalanobis::MahalanobisConfig;
+use crate::io::SaveDtype;
 use crate::model::MlpConfig;
 use crate::registry::{Registry, TaskEnv};
 use crate::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
@@ -91,6 +92,7 @@ pub fn run(opts: &PipelineOptions) -> Result<PipelineReport> {
             overwrite: true,
             eval_batch_size: 2048,
             progress: opts.progress,
+            dtype: SaveDtype::F32,
         },
     )?;
     let train_seconds = start.elapsed().as_secs_f64();

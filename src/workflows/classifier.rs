@@ -12,7 +12,7 @@ use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
-use crate::io::write_json;
+use crate::io::{store_as, write_json, SaveDtype};
 use crate::model::train::{evaluate, train, EpochMetrics, EvalMetrics, TrainOptions};
 use crate::model::{GpuMlp, Mlp};
 use crate::run::{refuse_overwrite, ClassifierRunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     pub eval_batch_size: usize,
     pub progress: bool,
+    /// Precision of `model.safetensors` (metrics are measured before rounding).
+    pub dtype: SaveDtype,
 }
 
 /// `metrics.json` of a classifier run.
@@ -143,6 +145,7 @@ pub fn train_classifier(
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         write_json(&dir.join(CONFIG_FILE), &config)?;
         trained.save(&dir.join(MODEL_FILE))?;
+        store_as(&dir.join(MODEL_FILE), opts.dtype)?;
         write_json(&dir.join(METRICS_FILE), &metrics)?;
     }
     Ok(metrics)

@@ -18,7 +18,7 @@ use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, HistogramAxes, LOG_FPR_MIN};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::GpuContext;
-use crate::io::{write_atomic, write_json};
+use crate::io::{store_as, write_atomic, write_json, SaveDtype};
 use crate::model::GpuMlp;
 use crate::registry::Registry;
 use crate::run::{
@@ -77,6 +77,8 @@ pub struct FitReport {
 pub struct FitOptions {
     pub seed: u32,
     pub layer_aggregation: Aggregation,
+    /// Precision of `detector.safetensors` (f32 by default).
+    pub dtype: SaveDtype,
 }
 
 /// Fits a detector on the task's trusted data and writes the detector run dir.
@@ -139,6 +141,7 @@ pub fn train_detector(
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         detector.save(&dir.join(DETECTOR_FILE))?;
+        store_as(&dir.join(DETECTOR_FILE), opts.dtype)?;
     }
     let report = FitReport {
         trusted_samples: trusted.as_ref().map_or(0, |t| t.indices.len()),

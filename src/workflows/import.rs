@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::classifier::{evaluate_test, ClassifierMetrics};
 use super::{claim, context, Output};
 use crate::data::{Dataset, Split};
-use crate::io::write_json;
+use crate::io::{store_as, write_json, SaveDtype};
 use crate::model::import::{import_checkpoint, tensor_f32, ImportOptions, Imported, InputLayout};
 use crate::model::GpuMlp;
 use crate::run::{
@@ -35,6 +35,8 @@ pub struct ImportModelOptions<'a> {
     pub data_dir: PathBuf,
     pub eval_batch_size: usize,
     pub seed: u32,
+    /// Precision of the stored `model.safetensors`.
+    pub dtype: SaveDtype,
 }
 
 /// Logits the imported model must reproduce: the largest difference allowed, relative
@@ -184,6 +186,7 @@ pub fn import_model(opts: &ImportModelOptions<'_>, out: &Output<'_>) -> Result<C
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         imported.mlp.save(&dir.join(MODEL_FILE))?;
+        store_as(&dir.join(MODEL_FILE), opts.dtype)?;
         write_json(&dir.join(METRICS_FILE), &metrics)?;
         write_json(&dir.join(CONFIG_FILE), &run)?;
     }

@@ -474,6 +474,7 @@ impl Suite {
                 overwrite: true,
                 eval_batch_size: 2048,
                 progress: opts.progress,
+                dtype: Default::default(),
             },
         )?;
         Ok((dir, metrics))
@@ -545,6 +546,7 @@ impl Suite {
                 let fit = FitOptions {
                     seed: task.seed,
                     layer_aggregation: det.layer_aggregation.unwrap_or_default(),
+                    ..Default::default()
                 };
                 train_detector(build_task(&Vec::new())?.as_ref(), detector, &fit, &out)?;
             }

@@ -117,6 +117,7 @@ pub fn backdoored_run(dir: &Path) -> std::path::PathBuf {
             overwrite: false,
             eval_batch_size: 512,
             progress: false,
+            dtype: Default::default(),
         },
     )
     .unwrap();
