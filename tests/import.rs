@@ -300,6 +300,28 @@ fn saved_dtypes_read_back_transparently() {
         assert_eq!(rounded, b.kernel);
     }
 
+    // Our own (Flax-style) files import as they are.
+    let out = cupbearer(
+        cwd,
+        &[
+            "import-model",
+            "--checkpoint",
+            "c32/model.safetensors",
+            "--train_data",
+            "mnist",
+            "--dir.full",
+            "ours",
+            "--quiet",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ours = ClassifierRun::load(&cwd.join("ours")).unwrap();
+    assert_eq!(ours.model.layers, full.layers);
+    assert_eq!(
+        ours.config.imported.unwrap().layout,
+        cupbearer::model::import::Layout::Flax
+    );
+
     let mut aucs = Vec::new();
     let task = "--task backdoor --task.backdoor corner --task.run_path c32";
     for (dir, dtype) in [("d32", "f32"), ("d16", "bf16")] {
