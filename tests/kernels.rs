@@ -297,22 +297,94 @@ fn adam_matches_reference_over_steps() {
     assert_close(&got, &p64, 1e-6, 1e-5, "adam params");
 }
 
+/// One Adam update of 8 parameters from 1.0 with gradient 1 in `ctx`: the new values.
+fn adam_once(ctx: &GpuContext) -> anyhow::Result<Vec<f32>> {
+    let params = ctx.buffer_from("p", &[1.0f32; 8])?;
+    let grads = ctx.buffer_from("g", &[1.0f32; 8])?;
+    let (m, v) = (ctx.zeros("m", 8)?, ctx.zeros("v", 8)?);
+    let mut step = StepParams::default();
+    set_adam_step(&mut step, 0.1, 1);
+    let step = ctx.uniform("step", &step);
+    let whole = Slice::whole;
+    let op = adam(
+        ctx,
+        8,
+        whole(&params),
+        whole(&grads),
+        whole(&m),
+        whole(&v),
+        &step,
+    )?;
+    ctx.submit([&op]);
+    ctx.read(Slice::new(&params, 0, 8))
+}
+
 #[test]
-fn shader_errors_are_results_not_panics() {
-    let Some(ctx) = gpu() else { return };
-    let err = ctx
-        .kernel(&cupbearer::gpu::KernelSpec {
-            key: "broken".into(),
-            source: "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }",
-            entry: "main",
-            bindings: &[],
-            constants: &[],
-        })
-        .err()
-        .expect("invalid WGSL must be an error");
-    assert!(format!("{err:#}").contains("broken"), "{err:#}");
-    ctx.check()
-        .expect("a captured compile error leaves the device usable");
+fn kernel_files_can_be_overridden_and_bad_ones_are_clear_errors() {
+    use cupbearer::gpu::shaders::{Shaders, BUILTIN};
+    if gpu().is_none() {
+        return;
+    }
+    let builtin_adam = BUILTIN.iter().find(|(n, _)| *n == "adam").unwrap().1;
+    let with = |files: &[(&str, String)]| -> anyhow::Result<GpuContext> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        GpuContext::with_shaders(Shaders::from_dir(dir.path())?)
+    };
+    let base = adam_once(&with(&[]).unwrap()).unwrap();
+    assert!((base[0] - 0.9).abs() < 1e-5, "{base:?}");
+    // An edited file runs instead of the built-in one (here: twice the step) and is
+    // reported with its SHA-256.
+    let doubled = builtin_adam.replace(
+        "params[i] -= step.learning_rate",
+        "params[i] -= 2.0 * step.learning_rate",
+    );
+    assert_ne!(doubled, builtin_adam);
+    let ctx = with(&[("adam.wgsl", doubled)]).unwrap();
+    let got = adam_once(&ctx).unwrap();
+    assert!((got[0] - 0.8).abs() < 1e-5, "{got:?}");
+    let o = ctx.shaders.overrides();
+    assert_eq!(
+        (o.len(), o[0].kernel.as_str(), o[0].sha256.len()),
+        (1, "adam", 64)
+    );
+
+    // A syntax error: the override's own path, line and column, and the source line.
+    let broken = builtin_adam.replace("let m_hat", "let m_hat = = ");
+    let err = adam_once(&with(&[("adam.wgsl", broken)]).unwrap()).unwrap_err();
+    let msg = format!("{err:#}");
+    let line = builtin_adam
+        .lines()
+        .position(|l| l.contains("let m_hat"))
+        .unwrap()
+        + 1;
+    assert!(msg.contains(&format!("adam.wgsl:{line}:")), "{msg}");
+    assert!(msg.contains("let m_hat = = "), "{msg}");
+    // A validation error (a type mismatch), also located.
+    let mistyped = builtin_adam.replace("let g = grads[i];", "let g = grads[i] + 1u;");
+    let msg = format!(
+        "{:#}",
+        adam_once(&with(&[("adam.wgsl", mistyped)]).unwrap()).unwrap_err()
+    );
+    assert!(msg.contains("adam.wgsl:"), "{msg}");
+    // A missing entry point.
+    let renamed = builtin_adam.replace("fn main(", "fn main2(");
+    let msg = format!(
+        "{:#}",
+        adam_once(&with(&[("adam.wgsl", renamed)]).unwrap()).unwrap_err()
+    );
+    assert!(msg.contains("no entry point `main`"), "{msg}");
+    // A file that names no kernel file.
+    let err = with(&[("adamw.wgsl", String::new())]).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("no kernel file is called adamw.wgsl"),
+        "{err:#}"
+    );
+    // Errors leave the device usable.
+    let ctx = with(&[]).unwrap();
+    ctx.check().unwrap();
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod detector_args;
 mod download;
 mod eval_detector;
 mod import_model;
+mod kernels;
 mod make_adversarial_examples;
 mod suite;
 mod train_classifier;
@@ -34,6 +35,11 @@ const AFTER_HELP: &str = "Flags also accept the original cupbearer's dotted spel
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Kernel files to use instead of the built-in ones: DIR/<name>.wgsl replaces
+    /// shaders/<name>.wgsl (`cupbearer kernels export DIR` writes them all to start
+    /// from) [default: $CUPBEARER_SHADER_DIR].
+    #[arg(long, global = true, value_name = "DIR")]
+    shader_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +67,8 @@ enum Command {
     ImportModel(import_model::Args),
     /// Download a data set from public mirrors, verifying SHA-256 checksums.
     Download(download::Args),
+    /// The WGSL kernel files: list them, or export them to edit (--shader-dir).
+    Kernels(kernels::Args),
 }
 
 /// `--optim` / `--detector.train.optimizer`: the original offered only Adam.
@@ -180,6 +188,9 @@ pub fn main_with(registry: &Registry) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if cli.shader_dir.is_some() {
+        crate::gpu::shaders::set_default_dir(cli.shader_dir.clone());
+    }
     let result = match cli.command {
         Command::TrainClassifier(args) => train_classifier::run(args),
         Command::TrainDetector(mut args) => {
@@ -194,6 +205,7 @@ pub fn main_with(registry: &Registry) -> ExitCode {
         Command::Suite(args) => suite::run(args, registry),
         Command::Download(args) => download::run(args),
         Command::ImportModel(args) => import_model::run(args),
+        Command::Kernels(args) => kernels::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

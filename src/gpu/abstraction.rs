@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -56,7 +56,7 @@ fn launch(
     let kernel = simple_kernel(
         ctx,
         &format!("abstraction_{entry}"),
-        &[STEP_WGSL, include_str!("../../shaders/abstraction.wgsl")],
+        &["step", "abstraction"],
         entry,
         &[
             Binding::ReadOnly,

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, StepParams, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, StepParams};
 
 pub const BETA1: f32 = 0.9;
 pub const BETA2: f32 = 0.999;
@@ -41,7 +41,7 @@ pub fn adam(
     let kernel = simple_kernel(
         ctx,
         "adam",
-        &[STEP_WGSL, include_str!("../../shaders/adam.wgsl")],
+        &["step", "adam"],
         "main",
         &[
             Binding::ReadWrite,

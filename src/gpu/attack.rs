@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, RNG_WGSL, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 use crate::rng::{rand_u32, rand_unit, STREAM_ATTACK_START};
 
 /// The L∞ attack's parameters.
@@ -84,11 +84,7 @@ pub fn attack_ops(
         let kernel = simple_kernel(
             ctx,
             &format!("attack_{entry}"),
-            &[
-                RNG_WGSL,
-                STEP_WGSL,
-                include_str!("../../shaders/attack.wgsl"),
-            ],
+            &["rng", "step", "attack"],
             entry,
             &[
                 Binding::ReadWrite,

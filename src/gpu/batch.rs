@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, RNG_WGSL, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
 /// u8 images (HWC per sample, scaled by 1/255 on the GPU) and their labels on the host.
 pub struct ByteImages<'a> {
@@ -263,11 +263,7 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
     let kernel = simple_kernel(
         ctx,
         "gather_batch",
-        &[
-            RNG_WGSL,
-            STEP_WGSL,
-            include_str!("../../shaders/batch.wgsl"),
-        ],
+        &["rng", "step", "batch"],
         "main",
         &[
             Binding::ReadOnly,

@@ -5,7 +5,6 @@ use anyhow::{bail, Result};
 
 use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
-const SOURCE: &str = include_str!("../../shaders/beatrix.wgsl");
 const BINDINGS: [Binding; 6] = [
     Binding::ReadOnly,
     Binding::ReadOnly,
@@ -90,7 +89,7 @@ pub fn gram_features(
     let kernel = simple_kernel(
         ctx,
         "beatrix_features",
-        &[SOURCE],
+        &["beatrix"],
         "features",
         &BINDINGS,
         &[],
@@ -121,7 +120,7 @@ pub fn gram_deviation(
     let kernel = simple_kernel(
         ctx,
         "beatrix_deviation",
-        &[SOURCE],
+        &["beatrix"],
         "deviation",
         &BINDINGS,
         &[],

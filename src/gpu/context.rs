@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use wgpu::util::DeviceExt;
 
+use super::shaders::Shaders;
+
 /// The package that provides a GPU adapter on a machine without a GPU.
 pub const SOFTWARE_DRIVER_HINT: &str = "no GPU adapter found. On a machine without a GPU install \
     the software Vulkan driver: `apt-get install mesa-vulkan-drivers libvulkan1` (Debian/Ubuntu), \
@@ -26,7 +28,10 @@ pub enum Binding {
 pub struct KernelSpec<'a> {
     /// Unique per (source, entry point, constants): the pipeline cache key.
     pub key: String,
-    pub source: &'a str,
+    /// Kernel files ([`crate::gpu::shaders::BUILTIN`] names), concatenated in order,
+    /// then `generated` code (the matmul's register-blocked entry point).
+    pub parts: &'a [&'a str],
+    pub generated: Option<&'a str>,
     pub entry: &'a str,
     pub bindings: &'a [Binding],
     /// Values of WGSL `override` constants.
@@ -95,6 +100,8 @@ pub struct GpuContext {
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// The kernel sources, built-in or overridden from a directory.
+    pub shaders: Shaders,
     /// First uncaptured error or device loss, reported by [`GpuContext::check`].
     fault: Arc<Mutex<Option<String>>>,
     /// Bound in place of optional read-only / read-write bindings a variant does not use.
@@ -114,8 +121,14 @@ fn adapter_rank(t: wgpu::DeviceType) -> u8 {
 
 impl GpuContext {
     /// Picks an adapter (honouring `WGPU_BACKEND`; hardware GPUs before software
-    /// ones) and creates a device with the adapter's full limits.
+    /// ones) and creates a device with the adapter's full limits; kernel files come
+    /// from [`Shaders::from_environment`] (`--shader-dir`, `CUPBEARER_SHADER_DIR`).
     pub fn new() -> Result<Self> {
+        Self::with_shaders(Shaders::from_environment()?)
+    }
+
+    /// [`GpuContext::new`] compiling `shaders`.
+    pub fn with_shaders(shaders: Shaders) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
@@ -162,6 +175,7 @@ impl GpuContext {
             adapter_info,
             limits,
             pipelines: Mutex::default(),
+            shaders,
             fault,
             dummy_ro,
             dummy_rw,
@@ -192,12 +206,17 @@ impl GpuContext {
         if let Some(k) = self.pipelines.lock().unwrap().get(&spec.key) {
             return Ok(k.clone());
         }
+        let mut source: String = spec.parts.iter().map(|p| self.shaders.get(p)).collect();
+        source.push_str(spec.generated.unwrap_or(""));
+        if let Err(e) = crate::gpu::shaders::validate(&source, spec, &self.shaders) {
+            bail!("compiling kernel {}: {e}", spec.key);
+        }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(&spec.key),
-                source: wgpu::ShaderSource::Wgsl(spec.source.into()),
+                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
             });
         let entries: Vec<_> = spec
             .bindings

@@ -123,7 +123,7 @@ pub fn conv_op(ctx: &GpuContext, op: ConvOp, shape: Nhwc, args: &ConvArgs<'_>) -
     let kernel = simple_kernel(
         ctx,
         &format!("conv_{}", op.entry()),
-        &[include_str!("../../shaders/conv.wgsl")],
+        &["conv"],
         op.entry(),
         &[
             Binding::ReadOnly,

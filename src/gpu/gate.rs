@@ -22,7 +22,7 @@ fn launch(
     let kernel = simple_kernel(
         ctx,
         entry,
-        &[include_str!("../../shaders/gate.wgsl")],
+        &["gate"],
         entry,
         &[
             Binding::ReadOnly,

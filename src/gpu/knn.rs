@@ -6,7 +6,6 @@ use anyhow::{bail, Result};
 
 use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
-const SOURCE: &str = include_str!("../../shaders/knn.wgsl");
 const BINDINGS: [Binding; 5] = [
     Binding::ReadOnly,
     Binding::ReadOnly,
@@ -54,7 +53,7 @@ fn launch(
     let kernel = simple_kernel(
         ctx,
         &format!("knn_{entry}"),
-        &[SOURCE],
+        &["knn"],
         entry,
         &BINDINGS,
         &[],

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice, STEP_WGSL};
+use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -34,7 +34,7 @@ pub fn softmax_cross_entropy(
     let kernel = simple_kernel(
         ctx,
         "softmax_cross_entropy",
-        &[STEP_WGSL, include_str!("../../shaders/loss.wgsl")],
+        &["step", "loss"],
         "main",
         &[
             Binding::ReadOnly,

@@ -6,7 +6,6 @@ use anyhow::{bail, Result};
 
 use super::context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
 
-const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 const BINDINGS: [Binding; 8] = [
     Binding::ReadOnly,  // a
     Binding::ReadOnly,  // b
@@ -90,12 +89,13 @@ fn kernel(
     schedule: Schedule,
     vec: VecLoads,
 ) -> Result<Arc<Kernel>> {
-    let (source, entry) = match schedule {
+    // The register-blocked schedule's entry point is generated after the file.
+    let (generated, entry) = match schedule {
         Schedule::RegisterBlocked { bm, bn4 } => (
-            format!("{SOURCE}\n{}", register_blocked(bm, bn4, vec, flags)),
+            Some(format!("\n{}", register_blocked(bm, bn4, vec, flags))),
             "main_regblock",
         ),
-        Schedule::Tiled => (SOURCE.to_string(), "main_tiled"),
+        Schedule::Tiled => (None, "main_tiled"),
     };
     let f = flags;
     let constants = [
@@ -107,7 +107,8 @@ fn kernel(
     ];
     ctx.kernel(&KernelSpec {
         key: format!("matmul_{schedule:?}_{flags:?}_{vec:?}"),
-        source: &source,
+        parts: &["matmul"],
+        generated: generated.as_deref(),
         entry,
         bindings: &BINDINGS,
         constants: &constants,

@@ -13,12 +13,10 @@ pub mod knn;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;
+pub mod shaders;
 pub mod stats;
 
 pub use context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
-
-pub(crate) const STEP_WGSL: &str = include_str!("../../shaders/step.wgsl");
-pub(crate) const RNG_WGSL: &str = include_str!("../../shaders/rng.wgsl");
 
 /// `struct Step` of `shaders/step.wgsl`: rewritten before every training step.
 #[repr(C)]
@@ -36,7 +34,8 @@ pub struct StepParams {
     pub _pad1: [f32; 2],
 }
 
-/// Compiles a simple kernel family (no schedule variants) from its parts.
+/// Compiles a simple kernel family (no schedule variants) from kernel files `parts`
+/// (names in [`shaders::BUILTIN`], concatenated in order).
 pub(crate) fn simple_kernel(
     ctx: &GpuContext,
     name: &str,
@@ -48,7 +47,8 @@ pub(crate) fn simple_kernel(
     let key = format!("{name}_{constants:?}");
     ctx.kernel(&KernelSpec {
         key,
-        source: &parts.concat(),
+        parts,
+        generated: None,
         entry,
         bindings,
         constants,

@@ -25,7 +25,7 @@ pub fn column_sums(
     let kernel = simple_kernel(
         ctx,
         "column_sums",
-        &[include_str!("../../shaders/reduce.wgsl")],
+        &["reduce"],
         "column_sums",
         &[Binding::ReadOnly, Binding::ReadWrite, Binding::Uniform],
         &[],

@@ -10,7 +10,6 @@ use super::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use super::reduce::column_sums;
 use super::{simple_kernel, Binding, Dispatch, GpuContext, Slice};
 
-const SOURCE: &str = include_str!("../../shaders/stats.wgsl");
 const BINDINGS: [Binding; 5] = [
     Binding::ReadOnly,
     Binding::ReadOnly,
@@ -102,7 +101,7 @@ fn launch(
     params: &wgpu::Buffer,
     items: usize,
 ) -> Result<Dispatch> {
-    let kernel = simple_kernel(ctx, entry, &[SOURCE], entry, &BINDINGS, &[])?;
+    let kernel = simple_kernel(ctx, entry, &["stats"], entry, &BINDINGS, &[])?;
     let [x, y, z] = inputs;
     ctx.dispatch(
         &kernel,

@@ -11,6 +11,7 @@ use super::context;
 use crate::data::backdoor::Backdoor;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
+use crate::gpu::shaders::Override;
 use crate::gpu::GpuContext;
 use crate::io::{store_as, write_json, SaveDtype};
 use crate::model::train::{evaluate, train, EpochMetrics, EvalMetrics, TrainOptions};
@@ -44,6 +45,9 @@ pub struct ClassifierMetrics {
     pub train_seconds: f64,
     pub wall_seconds: f64,
     pub adapter: String,
+    /// Kernel files replaced by `--shader-dir` (name, path, SHA-256); none: built-in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_overrides: Vec<Override>,
 }
 
 impl ClassifierMetrics {
@@ -140,6 +144,7 @@ pub fn train_classifier(
         epochs: report.epochs,
         wall_seconds: wall.elapsed().as_secs_f64(),
         adapter: ctx.adapter_name(),
+        kernel_overrides: ctx.shaders.overrides(),
     };
     if let Some(dir) = &opts.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -17,6 +17,7 @@ use crate::detectors::{
 use crate::eval::metrics::{detection_metrics, roc_curve, DetectionMetrics};
 use crate::eval::plots::{histogram_svg, roc_log_svg, roc_svg, HistogramAxes, LOG_FPR_MIN};
 use crate::gpu::batch::GpuDataset;
+use crate::gpu::shaders::Override;
 use crate::gpu::GpuContext;
 use crate::io::{store_as, write_atomic, write_json, SaveDtype};
 use crate::model::GpuMlp;
@@ -69,6 +70,9 @@ pub struct FitReport {
     pub untrusted_samples: usize,
     pub fit_seconds: f64,
     pub wall_seconds: f64,
+    /// Kernel files replaced by `--shader-dir` (name, path, SHA-256); none: built-in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_overrides: Vec<Override>,
 }
 
 /// How train-detector fits: triggers drawn from `seed`; `layer_aggregation` is recorded
@@ -148,6 +152,7 @@ pub fn train_detector(
         untrusted_samples: untrusted.iter().map(|u| u.samples.indices.len()).sum(),
         fit_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
+        kernel_overrides: gpu.ctx.shaders.overrides(),
     };
     if let Some(dir) = out.dir {
         write_json(&dir.join(FIT_FILE), &report)?;
@@ -248,6 +253,9 @@ pub struct EvalReport {
     pub adapter: String,
     pub score_seconds: f64,
     pub wall_seconds: f64,
+    /// Kernel files replaced by `--shader-dir` (name, path, SHA-256); none: built-in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_overrides: Vec<Override>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -415,6 +423,7 @@ pub fn eval_detector(
         adapter: gpu.ctx.adapter_name(),
         score_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
+        kernel_overrides: gpu.ctx.shaders.overrides(),
     };
     let Some(out) = out.dir else {
         return Ok(report);

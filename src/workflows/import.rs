@@ -182,6 +182,7 @@ pub fn import_model(opts: &ImportModelOptions<'_>, out: &Output<'_>) -> Result<C
         train_seconds: 0.0,
         wall_seconds: wall.elapsed().as_secs_f64(),
         adapter: ctx.adapter_name(),
+        kernel_overrides: ctx.shaders.overrides(),
     };
     if let Some(dir) = out.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

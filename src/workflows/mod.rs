@@ -30,6 +30,15 @@ pub struct Output<'a> {
 fn context(progress: bool) -> Result<GpuContext> {
     let ctx = GpuContext::new()?;
     crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
+    for o in ctx.shaders.overrides() {
+        // Always said: a result made with edited kernels must not pass for the built-in's.
+        eprintln!(
+            "kernel file {}.wgsl overridden by {} (sha256 {})",
+            o.kernel,
+            o.path.display(),
+            &o.sha256[..12]
+        );
+    }
     Ok(ctx)
 }
 

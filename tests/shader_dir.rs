@@ -1,0 +1,125 @@
+//! Kernel files at run time: `kernels export` writes the engine's sources, an exported
+//! copy trains bit-identically, an edited one changes the result and is recorded, a
+//! broken one is a clear error; `kernels list` describes every file.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cupbearer(cwd: &Path, args: &[&str], shader_env: Option<&Path>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cupbearer"));
+    c.current_dir(cwd)
+        .args(args)
+        .env("CUPBEARER_DATA_DIR", cwd.join("data"))
+        .env_remove("CUPBEARER_SHADER_DIR");
+    if let Some(dir) = shader_env {
+        c.env("CUPBEARER_SHADER_DIR", dir);
+    }
+    c.output().expect("running cupbearer")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn exported_edited_and_broken_kernels() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    common::write_small_mnist(&cwd.join("data"));
+
+    let listing = ok(&cupbearer(cwd, &["kernels", "list"], None));
+    for name in cupbearer::gpu::shaders::BUILTIN.iter().map(|(n, _)| n) {
+        assert!(
+            listing.contains(&format!("{name}.wgsl")),
+            "{name} not listed"
+        );
+    }
+    assert!(
+        listing.contains("checked against: adam_reference"),
+        "{listing}"
+    );
+    assert_eq!(
+        cupbearer::gpu::shaders::NOTES.len(),
+        cupbearer::gpu::shaders::BUILTIN.len(),
+        "every kernel file has notes"
+    );
+
+    ok(&cupbearer(cwd, &["kernels", "export", "k"], None));
+    let again = cupbearer(cwd, &["kernels", "export", "k"], None);
+    assert!(!again.status.success(), "export refuses to overwrite");
+
+    let train = |dir: &str, extra: &[&str], env: Option<&Path>| {
+        let mut args = vec![
+            "train-classifier",
+            "--train_data",
+            "mnist",
+            "--num_epochs",
+            "1",
+            "--model.hidden_dims",
+            "16",
+            "--quiet",
+            "--dir.full",
+            dir,
+        ];
+        args.extend(extra);
+        cupbearer(cwd, &args, env)
+    };
+    ok(&train("builtin", &[], None));
+    // The exported files are the engine's: bit-identical weights.
+    ok(&train("exported", &["--shader-dir", "k"], None));
+    let weights = |d: &str| std::fs::read(cwd.join(d).join("model.safetensors")).unwrap();
+    assert_eq!(weights("builtin"), weights("exported"));
+    let m = json(&cwd.join("exported/metrics.json"));
+    assert_eq!(m["kernel_overrides"].as_array().unwrap().len(), 14, "{m}");
+    assert!(json(&cwd.join("builtin/metrics.json"))
+        .get("kernel_overrides")
+        .is_none());
+
+    // An edited Adam (twice the step), through the environment variable: another
+    // result, and the one override recorded with its SHA-256.
+    let edited = cwd.join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    let adam = std::fs::read_to_string(cwd.join("k/adam.wgsl")).unwrap();
+    let doubled = adam.replace(
+        "params[i] -= step.learning_rate",
+        "params[i] -= 2.0 * step.learning_rate",
+    );
+    std::fs::write(edited.join("adam.wgsl"), &doubled).unwrap();
+    let out = train("edited_run", &[], Some(&edited));
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel file adam.wgsl overridden by"));
+    assert_ne!(weights("builtin"), weights("edited_run"));
+    let o = &json(&cwd.join("edited_run/metrics.json"))["kernel_overrides"];
+    assert_eq!(o.as_array().unwrap().len(), 1);
+    assert_eq!(o[0]["kernel"], "adam");
+    assert_eq!(o[0]["sha256"].as_str().unwrap().len(), 64);
+
+    // A broken one: the file, line and source line, nothing written.
+    std::fs::write(
+        edited.join("adam.wgsl"),
+        adam.replace("let m_hat", "let m_hat = = "),
+    )
+    .unwrap();
+    let out = train("broken", &["--shader-dir", edited.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("adam.wgsl:") && err.contains("let m_hat = = "),
+        "{err}"
+    );
+    assert!(!cwd.join("broken/model.safetensors").exists());
+}
