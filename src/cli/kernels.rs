@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use anyhow::{bail, Context, Result};
 
 use crate::gpu::shaders::{describe, Shaders, BUILTIN};
@@ -41,32 +44,40 @@ pub fn run(args: Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&infos)?);
                 return Ok(());
             }
+            let mut text = String::new();
             for k in infos {
-                println!("{}.wgsl  ({})", k.name, k.origin);
+                let _ = writeln!(text, "{}.wgsl  ({})", k.name, k.origin);
                 if !k.prepended.is_empty() {
-                    println!("  compiled after: {}", k.prepended.join(", "));
+                    let _ = writeln!(text, "  compiled after: {}", k.prepended.join(", "));
                 }
                 for (name, [x, y, z]) in &k.entry_points {
-                    println!("  entry point {name} @workgroup_size({x}, {y}, {z})");
+                    let _ = writeln!(text, "  entry point {name} @workgroup_size({x}, {y}, {z})");
                 }
                 for b in &k.bindings {
-                    println!(
-                        "  @group({}) @binding({}) {} ({})",
-                        b.group, b.binding, b.name, b.space
-                    );
+                    let (g, i, n, s) = (b.group, b.binding, &b.name, &b.space);
+                    let _ = writeln!(text, "  @group({g}) @binding({i}) {n} ({s})");
                 }
                 if !k.override_constants.is_empty() {
-                    println!("  override constants: {}", k.override_constants.join(", "));
+                    let _ = writeln!(
+                        text,
+                        "  override constants: {}",
+                        k.override_constants.join(", ")
+                    );
                 }
                 if !k.variants.is_empty() {
-                    println!("  variants: {}", k.variants);
+                    let _ = writeln!(text, "  variants: {}", k.variants);
                 }
-                println!("  launcher: {}", k.launcher);
+                let _ = writeln!(text, "  launcher: {}", k.launcher);
                 if !k.references.is_empty() {
-                    println!("  checked against: {}", k.references);
+                    let _ = writeln!(text, "  checked against: {}", k.references);
                 }
             }
-            Ok(())
+            // A closed pipe (`| head`) ends the listing quietly instead of panicking.
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         KernelsCommand::Export { dir, overwrite } => {
             let paths = export(&dir, overwrite)?;
