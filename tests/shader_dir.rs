@@ -84,7 +84,12 @@ fn exported_edited_and_broken_kernels() {
     let weights = |d: &str| std::fs::read(cwd.join(d).join("model.safetensors")).unwrap();
     assert_eq!(weights("builtin"), weights("exported"));
     let m = json(&cwd.join("exported/metrics.json"));
-    assert_eq!(m["kernel_overrides"].as_array().unwrap().len(), 14, "{m}");
+    let n_files = cupbearer::gpu::shaders::BUILTIN.len();
+    assert_eq!(
+        m["kernel_overrides"].as_array().unwrap().len(),
+        n_files,
+        "{m}"
+    );
     assert!(json(&cwd.join("builtin/metrics.json"))
         .get("kernel_overrides")
         .is_none());

@@ -13,7 +13,6 @@ use cupbearer::detectors::supervised_probe::{Probe, ProbeConfig};
 use cupbearer::detectors::{
     read_activations, Aggregation, Detector, FitData, LayerScores, SampleSet, ScoreScale,
 };
-use cupbearer::gpu::adam::adam_reference;
 use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::gpu::GpuContext;
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
@@ -25,6 +24,7 @@ use cupbearer::workflows::detector::{
     eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
 };
 use cupbearer::workflows::Output;
+use faer::linalg::solvers::Solve;
 use faer::Mat;
 
 fn corner(p: f32) -> Backdoor {
@@ -141,11 +141,12 @@ fn max_aggregation_takes_the_largest_standardised_layer_score() {
     assert_eq!((got[0].mean, got[1].mean), (2.0 / 3.0, 70.0 / 3.0));
 }
 
-/// Logistic regression as the probe trains it, in f64: standardised features, a
-/// two-class softmax layer from zero, full-batch Adam; returns the log-odds of class 1
-/// as weights and bias on raw features.
+/// The probe's objective minimised in f64 by Newton's method to full precision:
+/// standardised features and a bias, mean log-loss + ‖w‖²/(2·c·n) (bias not penalised);
+/// returns the log-odds of class 1 as weights and bias on raw features.
 fn logistic_reference(x: &[f64], d: usize, y: &[f64], c: &ProbeConfig) -> (Vec<f64>, f64) {
     let n = y.len();
+    let k = d + 1;
     let mean: Vec<f64> = (0..d)
         .map(|j| x.chunks(d).map(|r| r[j]).sum::<f64>() / n as f64)
         .collect();
@@ -159,46 +160,46 @@ fn logistic_reference(x: &[f64], d: usize, y: &[f64], c: &ProbeConfig) -> (Vec<f
             }
         })
         .collect();
-    let xs: Vec<f64> = x
+    let rows: Vec<Vec<f64>> = x
         .chunks(d)
-        .flat_map(|r| (0..d).map(|j| (r[j] - mean[j]) / sd[j]).collect::<Vec<_>>())
+        .map(|r| {
+            (0..d)
+                .map(|j| (r[j] - mean[j]) / sd[j])
+                .chain([1.0])
+                .collect()
+        })
         .collect();
-    // Parameters: kernel [d][2] row-major, then the two biases.
-    let mut p = vec![0.0; 2 * d + 2];
-    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
-    for t in 1..=c.steps {
-        let mut g = vec![0f32; p.len()];
-        let mut gd = vec![0.0; p.len()];
-        for (row, &label) in xs.chunks(d).zip(y) {
-            let z: Vec<f64> = (0..2)
-                .map(|k| p[2 * d + k] + (0..d).map(|j| row[j] * p[2 * j + k]).sum::<f64>())
-                .collect();
-            let top = z[0].max(z[1]);
-            let e: Vec<f64> = z.iter().map(|z| (z - top).exp()).collect();
-            for k in 0..2 {
-                let dz =
-                    (e[k] / (e[0] + e[1]) - f64::from(u8::from(label as usize == k))) / n as f64;
-                for j in 0..d {
-                    gd[2 * j + k] += row[j] * dz;
+    let lambda = 1.0 / (c.c * n as f64);
+    let mut w = vec![0.0; k];
+    for _ in 0..100 {
+        let mut g = vec![0.0; k];
+        let mut h = Mat::<f64>::zeros(k, k);
+        for (row, &label) in rows.iter().zip(y) {
+            let z: f64 = row.iter().zip(&w).map(|(a, b)| a * b).sum();
+            let p = 1.0 / (1.0 + (-z).exp());
+            for a in 0..k {
+                g[a] += (p - label) * row[a] / n as f64;
+                for b in 0..k {
+                    h[(a, b)] += p * (1.0 - p) * row[a] * row[b] / n as f64;
                 }
-                gd[2 * d + k] += dz;
             }
         }
-        for (g, gd) in g.iter_mut().zip(&gd) {
-            *g = *gd as f32;
+        for j in 0..d {
+            g[j] += lambda * w[j];
+            h[(j, j)] += lambda;
         }
-        adam_reference(
-            &mut p,
-            &g,
-            &mut m,
-            &mut v,
-            f64::from(c.learning_rate),
-            t as i32,
-        );
+        let rhs = Mat::from_fn(k, 1, |j, _| g[j]);
+        let step = h.llt(faer::Side::Lower).unwrap().solve(&rhs);
+        for j in 0..k {
+            w[j] -= step[(j, 0)];
+        }
+        if g.iter().all(|v| v.abs() < 1e-13) {
+            break;
+        }
     }
-    let w: Vec<f64> = (0..d).map(|j| (p[2 * j + 1] - p[2 * j]) / sd[j]).collect();
-    let b = p[2 * d + 1] - p[2 * d] - w.iter().zip(&mean).map(|(w, m)| w * m).sum::<f64>();
-    (w, b)
+    let weights: Vec<f64> = (0..d).map(|j| w[j] / sd[j]).collect();
+    let b = w[d] - weights.iter().zip(&mean).map(|(w, m)| w * m).sum::<f64>();
+    (weights, b)
 }
 
 #[test]
@@ -325,13 +326,9 @@ fn spectral_and_que_match_f64_references_and_reload_identically() {
         assert_eq!(loaded.layer_scores(&ctx, &model, &scored, 64).unwrap(), got);
     }
 
-    // The supervised probe: full-batch Adam on standardised features, against the same
-    // logistic regression in f64 (the log-odds of "anomalous" as the score).
-    let config = ProbeConfig {
-        steps: 40,
-        learning_rate: 0.05,
-        ..ProbeConfig::default()
-    };
+    // The supervised probe: Newton steps with the sums on the GPU, against the same
+    // regularised logistic regression solved in f64 (the log-odds of "anomalous").
+    let config = ProbeConfig::default();
     let mut probe = Probe::new(config.clone()).unwrap();
     probe.fit_data(&ctx, &model, &data_for_fit, false).unwrap();
     let got = probe.layer_scores(&ctx, &model, &scored, 37).unwrap();

@@ -1,10 +1,13 @@
 //! The supervised linear probe (the later upstream's `SupervisedLinearProbe`, a
 //! "skyline": it sees the untrusted data's anomaly labels, which no real detector has).
-//! Per chosen layer a logistic regression on the untrusted activations, trained
-//! full-batch with Adam on the GPU as a one-layer stack with softmax cross-entropy over
-//! {clean, anomalous}, from zero weights (so no seed). Features are standardised first
-//! (upstream's optional `StandardScaler`, on by default here) and the scaler is folded
-//! into the stored weights, so scoring is one row dot per sample: the log-odds
+//! Per chosen layer an L2-regularised logistic regression on the untrusted activations,
+//! the upstream's scikit-learn default objective (inverse regularisation `c` = 1, the
+//! bias not penalised), solved by Newton's method (IRLS) from zero: per step the GPU
+//! computes the logits, per-sample terms (`shaders/logistic.wgsl`), the gradient and
+//! the Hessian (the Gram matrix of the weighted rows, one matmul); the host solves the
+//! (d+1)² system in f64 with a backtracking line search. Features are standardised
+//! first (upstream's optional `StandardScaler`, on by default here) and the scaler is
+//! folded into the stored weights, so scoring is one row dot per sample: the log-odds
 //! `w·x + b` of "anomalous" (upstream returns the probability: the same ranking, but it
 //! saturates at 1.0, which ties the most anomalous samples). Unlike upstream, every
 //! chosen layer gets its own probe.
@@ -12,6 +15,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use faer::linalg::solvers::Solve;
+use faer::Mat;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +24,10 @@ use super::quadratic::select_layers;
 use super::{
     for_each_activation_batch, read_activations, Detector, FitData, LayerScores, SampleSet, Uses,
 };
-use crate::gpu::adam::{adam, set_adam_step};
-use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
+use crate::gpu::logistic::{irls_terms, scale_rows, IrlsTerms};
+use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags};
 use crate::gpu::stats::{row_dot, StatsParams};
-use crate::gpu::{GpuContext, Slice, StepParams};
-use crate::model::batches::MAX_IN_FLIGHT;
-use crate::model::layers::{BoundStack, Layer, Needs, ParamLayout, StackBackward, StackForward};
+use crate::gpu::{Dispatch, GpuContext, Slice};
 use crate::model::mlp::{load_layer, save_layers, Dense};
 use crate::model::GpuMlp;
 use crate::registry::{defaults_of, opt, ConfigSpec, DetectorEntry, Kind, Opt};
@@ -38,9 +41,13 @@ pub struct ProbeConfig {
     pub layers: Vec<usize>,
     /// Standardise each feature (mean 0, variance 1 over the untrusted samples).
     pub standardize: bool,
-    /// Full-batch Adam steps.
-    pub steps: usize,
-    pub learning_rate: f32,
+    /// Inverse regularisation strength (scikit-learn's `C`): the objective is the mean
+    /// log-loss plus ‖w‖² / (2·c·n).
+    pub c: f64,
+    /// Newton steps at most.
+    pub max_iter: usize,
+    /// Stop when every gradient component of the objective is below this.
+    pub tol: f64,
     /// Samples per batch when reading activations and scoring.
     pub batch_size: usize,
     /// Train on at most this many untrusted samples, the same share of each set
@@ -53,8 +60,9 @@ impl Default for ProbeConfig {
         ProbeConfig {
             layers: Vec::new(),
             standardize: true,
-            steps: 200,
-            learning_rate: 0.03,
+            c: 1.0,
+            max_iter: 100,
+            tol: 1e-6,
             batch_size: 2048,
             max_samples: 0,
         }
@@ -72,7 +80,7 @@ pub struct LayerProbe {
 pub struct Probe {
     pub config: ProbeConfig,
     pub probes: Vec<LayerProbe>,
-    /// The mean training loss of each layer's probe after training.
+    /// Each layer's regularised training objective after training.
     pub train_loss: Vec<f64>,
 }
 
@@ -89,14 +97,14 @@ impl Probe {
         if !(1..=65535).contains(&config.batch_size) {
             bail!("batch_size must be in 1..=65535, got {}", config.batch_size);
         }
-        if config.steps == 0 {
-            bail!("steps must be >= 1");
+        if config.max_iter == 0 {
+            bail!("max_iter must be >= 1");
         }
-        if !(config.learning_rate > 0.0 && config.learning_rate.is_finite()) {
-            bail!(
-                "learning_rate must be positive, got {}",
-                config.learning_rate
-            );
+        if !(config.c > 0.0 && config.c.is_finite()) {
+            bail!("c must be positive, got {}", config.c);
+        }
+        if !(config.tol > 0.0 && config.tol.is_finite()) {
+            bail!("tol must be positive, got {}", config.tol);
         }
         Ok(Probe {
             config,
@@ -132,136 +140,172 @@ impl Probe {
         Ok(Box::new(det))
     }
 
-    /// Trains one layer's logistic regression on the GPU.
+    /// Trains one layer's logistic regression (Newton steps, the sums on the GPU).
     fn train_layer(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
         t: &Training<'_>,
-    ) -> Result<(LayerProbe, f64)> {
+    ) -> Result<(LayerProbe, Fitted)> {
         let n = t.n;
         let d = t.x.len() / n;
+        let k = d + 1;
+        // Rows padded with zeros to a multiple of 4 columns: the matmuls then load vec4s.
+        let kp = k.next_multiple_of(4);
         let limit = ctx.limits.max_storage_buffer_binding_size as usize;
-        if n * d * 4 > limit {
+        if n * kp * 4 > limit {
             bail!(
                 "{n} untrusted samples of layer {} ({d} wide) exceed this adapter's storage \
-                 binding limit of {limit} bytes; use --detector.max_samples {} or less",
+                 binding limit of {limit} bytes; use --detector.train.max_samples {} or less",
                 t.layer,
-                limit / (4 * d)
+                limit / (4 * kp)
             );
         }
         let (shift, scale) = standardizer(t.x, d, self.config.standardize);
+        // Standardised features and a constant 1 for the bias.
         let xs: Vec<f32> =
             t.x.chunks_exact(d)
                 .flat_map(|row| {
                     row.iter()
                         .zip(shift.iter().zip(&scale))
                         .map(|(&v, (m, s))| ((f64::from(v) - m) / s) as f32)
+                        .chain([1.0])
+                        .chain(std::iter::repeat_n(0.0, kp - k))
                 })
                 .collect();
         let x = ctx.buffer_from("probe inputs", &xs)?;
-        let stack = crate::model::layers::Stack::new(vec![Layer::Dense {
-            fan_in: d,
-            fan_out: 2,
-            relu: false,
-        }]);
-        let layout = ParamLayout::for_dims(&stack.param_dims());
         let zeros = |name: &str, len: usize| ctx.zeros(name, len);
-        let (values, grads, m, v) = (
-            zeros("probe params", layout.total)?,
-            zeros("probe grads", layout.total)?,
-            zeros("probe adam m", layout.total)?,
-            zeros("probe adam v", layout.total)?,
+        let (w, z) = (zeros("probe weights", kp)?, zeros("probe logits", n)?);
+        let (r, sw, loss) = (
+            zeros("probe residuals", n)?,
+            zeros("probe irls weights", n)?,
+            zeros("probe losses", n)?,
         );
-        let (logits, dlogits) = (
-            zeros("probe logits", 2 * n)?,
-            zeros("probe dlogits", 2 * n)?,
+        let (xw, g, h) = (
+            zeros("probe weighted rows", n * kp)?,
+            zeros("probe gradient", kp)?,
+            zeros("probe hessian", kp * kp)?,
         );
-        let (loss, correct) = (zeros("probe loss", n)?, zeros("probe correct", n)?);
-        let needs = Needs {
-            backward: true,
-            param_grads: true,
-            input_grad: false,
-        };
-        let buffers = stack.buffers(ctx, n, needs)?;
-        let bound = BoundStack {
-            stack: &stack,
-            rows: n,
-            schedule: model.schedule,
-            slots: &layout.layers,
-            values: &values,
-            buffers: &buffers,
-        };
-        let step = ctx.uniform("step", &StepParams::default());
         let whole = Slice::whole;
-        let mut ops = bound.forward(
-            ctx,
-            &StackForward {
-                x: whole(&x),
-                x_t: None,
-                sparse: false,
-                out: whole(&logits),
-            },
-        )?;
-        let out = LossOutputs {
-            grad: whole(&dlogits),
-            sample_loss: whole(&loss),
-            sample_correct: whole(&correct),
+        let mm = |flags: MatmulFlags, (m, cols, inner): (usize, usize, usize), a, b, c| {
+            let args = MatmulArgs {
+                m,
+                n: cols,
+                k: inner,
+                a,
+                b,
+                c,
+                bias: None,
+                mask: None,
+            };
+            matmul(ctx, flags, model.schedule, &args)
         };
-        ops.push(softmax_cross_entropy(
-            ctx,
-            n,
-            2,
-            whole(&logits),
-            whole(t.labels),
-            &out,
-            &step,
+        let kmajor = MatmulFlags {
+            a_kmajor: true,
+            ..Default::default()
+        };
+        let terms = IrlsTerms {
+            residuals: Slice::new(&r, 0, n),
+            weights: Slice::new(&sw, 0, n),
+            losses: Slice::new(&loss, 0, n),
+        };
+        let z_n = Slice::new(&z, 0, n);
+        // The losses at `w`; with the Newton terms, also X̂ᵀr and (S·X̂)ᵀ(S·X̂).
+        let evaluate = vec![
+            mm(
+                MatmulFlags::default(),
+                (n, 1, kp),
+                whole(&x),
+                Slice::new(&w, 0, kp),
+                z_n,
+            )?,
+            irls_terms(ctx, n, z_n, whole(t.labels), &terms)?,
+        ];
+        let mut newton = evaluate.clone();
+        newton.push(mm(
+            kmajor,
+            (kp, 1, n),
+            whole(&x),
+            terms.residuals,
+            Slice::new(&g, 0, kp),
         )?);
-        ops.extend(bound.backward(
-            ctx,
-            &StackBackward {
-                x: whole(&x),
-                sparse: false,
-                g: whole(&dlogits),
-                grads: Some(&grads),
-                gx: None,
-                gx_mask: None,
-            },
+        let xw_s = Slice::new(&xw, 0, n * kp);
+        newton.push(scale_rows(ctx, (n, kp), whole(&x), terms.weights, xw_s)?);
+        newton.push(mm(
+            kmajor,
+            (kp, kp, n),
+            xw_s,
+            xw_s,
+            Slice::new(&h, 0, kp * kp),
         )?);
-        let update = adam(
-            ctx,
-            layout.total,
-            whole(&values),
-            whole(&grads),
-            whole(&m),
-            whole(&v),
-            &step,
-        )?;
-        ops.push(update);
-        let mut in_flight = std::collections::VecDeque::new();
-        for t in 1..=self.config.steps {
-            let mut p = StepParams::default();
-            set_adam_step(&mut p, self.config.learning_rate, t as u32);
-            ctx.queue.write_buffer(&step, 0, bytemuck::bytes_of(&p));
-            in_flight.push_back(ctx.submit(&ops));
-            if in_flight.len() > MAX_IN_FLIGHT {
-                ctx.wait(in_flight.pop_front())?;
+
+        let lambda = 1.0 / (self.config.c * n as f64);
+        // The regularised mean loss at `weights` (its terms read back).
+        let objective = |weights: &[f64], ops: &[Dispatch]| -> Result<f64> {
+            let w32: Vec<f32> = (0..kp)
+                .map(|j| weights.get(j).map_or(0.0, |&v| v as f32))
+                .collect();
+            ctx.queue.write_buffer(&w, 0, bytemuck::cast_slice(&w32));
+            ctx.wait(Some(ctx.submit(ops)))?;
+            let l: Vec<f32> = ctx.read(Slice::new(&loss, 0, n))?;
+            let penalty: f64 = weights[..d].iter().map(|v| v * v).sum::<f64>() * lambda / 2.0;
+            Ok(l.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64 + penalty)
+        };
+        let mut weights = vec![0f64; k];
+        let mut f = objective(&weights, &newton)?;
+        let mut steps = 0;
+        for _ in 0..self.config.max_iter {
+            let grad: Vec<f32> = ctx.read(Slice::new(&g, 0, k))?;
+            let hess: Vec<f32> = ctx.read(Slice::new(&h, 0, kp * kp))?;
+            let reg = |j: usize| if j < d { lambda } else { 0.0 };
+            let gradient = Mat::from_fn(k, 1, |j, _| f64::from(grad[j]) + reg(j) * weights[j]);
+            if (0..k).all(|j| gradient[(j, 0)].abs() < self.config.tol) {
+                break;
             }
+            // A tiny ridge keeps the system positive definite on separable data.
+            let hessian = Mat::from_fn(k, k, |a, b| {
+                f64::from(hess[a * kp + b]) + if a == b { reg(a) + 1e-12 } else { 0.0 }
+            });
+            let step = hessian
+                .llt(faer::Side::Lower)
+                .map_err(|e| anyhow::anyhow!("probe of layer {}: Newton system: {e:?}", t.layer))?
+                .solve(&gradient);
+            let slope: f64 = (0..k).map(|j| gradient[(j, 0)] * step[(j, 0)]).sum();
+            // Backtracking (Armijo): halve the step until the objective falls enough.
+            let mut size = 1.0;
+            let accepted = loop {
+                let trial: Vec<f64> = (0..k).map(|j| weights[j] - size * step[(j, 0)]).collect();
+                if objective(&trial, &evaluate)? <= f - 1e-4 * size * slope {
+                    break Some(trial);
+                }
+                size /= 2.0;
+                if size < 1e-10 {
+                    break None;
+                }
+            };
+            // No decrease left at f32 precision: converged as far as it goes.
+            let Some(trial) = accepted else { break };
+            weights = trial;
+            steps += 1;
+            f = objective(&weights, &newton)?;
         }
-        ctx.wait(None)?;
-        // The loss of the last step's forward pass (before its update).
-        let losses: Vec<f32> = ctx.read(Slice::new(&loss, 0, n))?;
-        let mean_loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
-        if !mean_loss.is_finite() {
-            bail!(
-                "the probe of layer {} diverged (loss {mean_loss}); try a smaller learning rate",
-                t.layer
-            );
+        if !f.is_finite() {
+            bail!("the probe of layer {} diverged (objective {f})", t.layer);
         }
-        let flat: Vec<f32> = ctx.read(whole(&values))?;
-        let trained = layout.unflatten(&flat).remove(0);
-        Ok((fold(&trained, &shift, &scale, t.layer), mean_loss))
+        Ok((
+            fold(&weights, &shift, &scale, t.layer),
+            Fitted {
+                objective: f,
+                steps,
+            },
+        ))
     }
+}
+
+/// How a layer's training ended.
+struct Fitted {
+    objective: f64,
+    steps: usize,
 }
 
 /// Per-feature shift and scale: mean and standard deviation (1 where constant), or
@@ -290,16 +334,11 @@ fn standardizer(x: &[f32], d: usize, standardize: bool) -> (Vec<f64>, Vec<f64>) 
     (mean, scale)
 }
 
-/// The log-odds of class 1 of a trained two-class layer on standardised inputs, as
-/// weights and bias on raw inputs.
-fn fold(trained: &Dense, shift: &[f64], scale: &[f64], layer: usize) -> LayerProbe {
-    let k = &trained.kernel;
-    let w: Vec<f64> = (0..shift.len())
-        .map(|j| (f64::from(k[2 * j + 1]) - f64::from(k[2 * j])) / scale[j])
-        .collect();
-    let b = f64::from(trained.bias[1])
-        - f64::from(trained.bias[0])
-        - w.iter().zip(shift).map(|(w, m)| w * m).sum::<f64>();
+/// Weights (and, last, the bias) on standardised inputs as weights and bias on raw ones.
+fn fold(trained: &[f64], shift: &[f64], scale: &[f64], layer: usize) -> LayerProbe {
+    let d = shift.len();
+    let w: Vec<f64> = (0..d).map(|j| trained[j] / scale[j]).collect();
+    let b = trained[d] - w.iter().zip(shift).map(|(w, m)| w * m).sum::<f64>();
     LayerProbe {
         layer,
         weights: w.into_iter().map(|v| v as f32).collect(),
@@ -357,7 +396,7 @@ impl Detector for Probe {
             m => m.min(total),
         };
         let mut features: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
-        let mut y: Vec<u32> = Vec::new();
+        let mut y: Vec<f32> = Vec::new();
         for (set, &anomalous) in data.untrusted.iter().zip(labels) {
             // The sets are random draws already, so a prefix is a random subsample.
             let take = (set.indices.len() * cap).div_ceil(total);
@@ -369,7 +408,7 @@ impl Detector for Probe {
             for (f, a) in features.iter_mut().zip(acts) {
                 f.extend(a);
             }
-            y.extend(std::iter::repeat_n(u32::from(anomalous), take));
+            y.extend(std::iter::repeat_n(f32::from(u8::from(anomalous)), take));
         }
         let labels = ctx.buffer_from("probe labels", &y)?;
         self.probes.clear();
@@ -381,15 +420,17 @@ impl Detector for Probe {
                 labels: &labels,
                 n: y.len(),
             };
-            let (probe, loss) = self.train_layer(ctx, model, &t)?;
+            let (probe, fitted) = self.train_layer(ctx, model, &t)?;
             if progress {
                 eprintln!(
-                    "probe layer{layer}: {} samples, training loss {loss:.4}",
-                    y.len()
+                    "probe layer{layer}: {} samples, {} Newton steps, objective {:.6}",
+                    y.len(),
+                    fitted.steps,
+                    fitted.objective
                 );
             }
             self.probes.push(probe);
-            self.train_loss.push(loss);
+            self.train_loss.push(fitted.objective);
         }
         Ok(())
     }
@@ -517,16 +558,22 @@ const OPTIONS: &[Opt] = &[
         "Standardise features before the regression (folded into the stored weights).",
     ),
     opt(
-        "train.steps",
-        &["/steps"],
-        Kind::Int,
-        "Full-batch Adam steps.",
+        "train.c",
+        &["/c"],
+        Kind::Float,
+        "Inverse L2 regularisation strength (scikit-learn's C; the bias is not penalised).",
     ),
     opt(
-        "train.learning_rate",
-        &["/learning_rate"],
+        "train.max_iter",
+        &["/max_iter"],
+        Kind::Int,
+        "Newton steps at most.",
+    ),
+    opt(
+        "train.tol",
+        &["/tol"],
         Kind::Float,
-        "Adam learning rate.",
+        "Stop when every gradient component of the objective is below this.",
     ),
     opt(
         "train.batch_size",
@@ -550,7 +597,7 @@ pub const ENTRY: DetectorEntry = DetectorEntry {
         defaults: defaults_of::<ProbeConfig>,
         options: OPTIONS,
         nested: &[],
-        debug: &[("/steps", "2"), ("/max_samples", "64")],
+        debug: &[("/max_iter", "2"), ("/max_samples", "64")],
     },
     build: Probe::build,
     load: Some(Probe::load),

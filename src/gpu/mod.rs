@@ -10,6 +10,7 @@ pub mod context;
 pub mod conv;
 pub mod gate;
 pub mod knn;
+pub mod logistic;
 pub mod loss;
 pub mod matmul;
 pub mod reduce;
