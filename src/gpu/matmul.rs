@@ -228,6 +228,48 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
     w
 }
 
+/// (label, generated WGSL, override constants) of one matmul variant.
+pub type GeneratedVariant = (String, String, Vec<(String, f64)>);
+
+/// Every register-blocked entry point the engine can generate for `bm` x `4·bn4`
+/// blocks: per flag combination and load width, (label, the WGSL appended to
+/// `matmul.wgsl`, the override constants it is compiled with). What the backend
+/// translation test checks on every target language.
+pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
+    let mut out = Vec::new();
+    for bits in 0..64u32 {
+        let flags = MatmulFlags {
+            a_kmajor: bits & 1 != 0,
+            b_nmajor: bits & 2 != 0,
+            bias: bits & 4 != 0,
+            relu: bits & 8 != 0,
+            relu_mask: bits & 16 != 0,
+            skip_zero_a: bits & 32 != 0,
+        };
+        if flags.relu && flags.relu_mask {
+            continue;
+        }
+        let constants = [
+            ("A_KMAJOR", flags.a_kmajor),
+            ("B_NMAJOR", flags.b_nmajor),
+            ("BIAS", flags.bias),
+            ("RELU", flags.relu),
+            ("RELU_MASK", flags.relu_mask),
+        ]
+        .map(|(k, v)| (k.to_string(), f64::from(u8::from(v))))
+        .to_vec();
+        for (a, b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let vec = VecLoads { a, b };
+            out.push((
+                format!("{flags:?} {vec:?}"),
+                register_blocked(bm, bn4, vec, flags),
+                constants.clone(),
+            ));
+        }
+    }
+    out
+}
+
 /// Builds one matmul dispatch; the shape lives in its own uniform buffer.
 pub fn matmul<'a>(
     ctx: &GpuContext,
