@@ -57,7 +57,7 @@ fn a_suite_runs_its_grid_resumes_and_records_failures() {
     let auroc = |det: &str, mix: &str| {
         results
             .iter()
-            .find(|r| r.detector == det && r.mix == mix)
+            .find(|r| r.detector == det && r.mix == mix && r.layer == "all")
             .and_then(|r| r.auc_roc)
             .unwrap_or_else(|| panic!("{det} {mix}: {results:?}"))
     };
@@ -86,8 +86,19 @@ fn a_suite_runs_its_grid_resumes_and_records_failures() {
     assert!(maha.fit_seconds.is_some_and(|s| s > 0.0), "{maha:?}");
     assert!(maha.train_seconds.is_some_and(|s| s > 0.0), "{maha:?}");
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
-    assert!(csv.starts_with("suite,task,detector,mix,auc_roc,ap,fpr_at_95_tpr,fit_seconds"));
-    assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
+    assert!(csv.starts_with("suite,task,detector,mix,layer,auc_roc,ap,fpr_at_95_tpr,fit_seconds"));
+    // Long format: per cell and mix the aggregate row, then one per layer.
+    let all: Vec<_> = results.iter().filter(|r| r.layer == "all").collect();
+    assert_eq!(all.len(), 5, "{results:?}");
+    let layer0 = results
+        .iter()
+        .find(|r| r.detector == "mahalanobis" && r.mix == "main" && r.layer == "layer0")
+        .unwrap_or_else(|| panic!("no per-layer row: {results:?}"));
+    assert!(
+        layer0.auc_roc.is_some_and(|a| (0.0..=1.0).contains(&a)) && layer0.fpr_at_95_tpr.is_none()
+    );
+    assert_eq!(csv.lines().count(), 1 + results.len(), "{csv}");
+    assert!(csv.contains(",mahalanobis,main,layer0,"), "{csv}");
     // One classifier, trained once; each cell is an ordinary detector run dir.
     let classifiers: Vec<_> = std::fs::read_dir(dir.join("classifiers"))
         .unwrap()

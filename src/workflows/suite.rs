@@ -252,6 +252,9 @@ pub struct CellResult {
     pub detector: String,
     /// `main`, or the ablation's name.
     pub mix: String,
+    /// `all` (the detector's sample score), or one layer's own score (`layer0`, ...).
+    #[serde(default = "all_layers")]
+    pub layer: String,
     pub auc_roc: Option<f64>,
     pub ap: Option<f64>,
     pub fpr_at_95_tpr: Option<f64>,
@@ -266,6 +269,13 @@ pub struct CellResult {
     pub error: Option<String>,
     pub cupbearer_version: String,
 }
+
+fn all_layers() -> String {
+    ALL.into()
+}
+
+/// The `layer` of a row about the aggregate score.
+const ALL: &str = "all";
 
 /// Where and how a suite runs.
 pub struct SuiteOptions {
@@ -590,7 +600,21 @@ impl Suite {
                 fit: fit.as_ref(),
                 classifier: Some(metrics),
             };
-            rows.push(self.row(&row, mix, None));
+            let all = self.row(&row, mix, None);
+            // Each layer's own AUROC and AP (no FPR@95 per layer in eval.json).
+            let layers: Vec<CellResult> = report
+                .layers
+                .iter()
+                .map(|l| CellResult {
+                    layer: l.layer.clone(),
+                    auc_roc: Some(l.auc_roc),
+                    ap: Some(l.ap),
+                    fpr_at_95_tpr: None,
+                    ..all.clone()
+                })
+                .collect();
+            rows.push(all);
+            rows.extend(layers);
         }
         Ok(rows)
     }
@@ -608,6 +632,7 @@ impl Suite {
             task: task.name.clone(),
             detector: det.name.clone(),
             mix: mix.into(),
+            layer: ALL.into(),
             auc_roc: r.map(|r| r.auc_roc),
             ap: r.map(|r| r.ap),
             fpr_at_95_tpr: r.map(|r| r.fpr_at_95_tpr),
@@ -644,7 +669,12 @@ impl Suite {
                     .map(|d| {
                         results
                             .iter()
-                            .find(|r| &r.task == task && &r.mix == mix && &r.detector == d)
+                            .find(|r| {
+                                &r.task == task
+                                    && &r.mix == mix
+                                    && &r.detector == d
+                                    && r.layer == ALL
+                            })
                             .and_then(|r| r.auc_roc)
                     })
                     .collect()
@@ -662,18 +692,19 @@ fn num(v: Option<f64>) -> String {
 
 fn csv(results: &[CellResult]) -> String {
     let mut s = String::from(
-        "suite,task,detector,mix,auc_roc,ap,fpr_at_95_tpr,fit_seconds,score_seconds,\
-         train_seconds,clean_accuracy,attack_success,error\n",
+        "suite,task,detector,mix,layer,auc_roc,ap,fpr_at_95_tpr,fit_seconds,score_seconds,\
+         train_seconds,clean_accuracy,attack_success,adapter,cupbearer_version,error\n",
     );
     for r in results {
         let error = r.error.as_deref().unwrap_or("").replace(['"', '\n'], "'");
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},\"{error}\"",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\",{},\"{error}\"",
             r.suite,
             r.task,
             r.detector,
             r.mix,
+            r.layer,
             num(r.auc_roc),
             num(r.ap),
             num(r.fpr_at_95_tpr),
@@ -682,6 +713,8 @@ fn csv(results: &[CellResult]) -> String {
             num(r.train_seconds),
             num(r.clean_accuracy),
             num(r.attack_success),
+            r.adapter.as_deref().unwrap_or(""),
+            r.cupbearer_version,
         );
     }
     s
@@ -706,9 +739,12 @@ fn leaderboard(suite: &Suite, results: &[CellResult]) -> String {
     }
     for (task, mix) in rows {
         let cell = |d: &str| {
-            results
-                .iter()
-                .find(|r| r.task == task && r.detector == d && (r.mix == mix || r.error.is_some()))
+            results.iter().find(|r| {
+                r.task == task
+                    && r.detector == d
+                    && r.layer == ALL
+                    && (r.mix == mix || r.error.is_some())
+            })
         };
         let best = detectors
             .iter()
