@@ -416,21 +416,12 @@ impl Detector for Beatrix {
                 Ok(())
             },
         )?;
-        let scores = bufs
+        let names = self
+            .stats
             .iter()
-            .map(|b| {
-                let s: Vec<f32> = ctx.read(Slice::new(&b.scores, 0, n))?;
-                Ok(s.into_iter().map(f64::from).collect())
-            })
-            .collect::<Result<_>>()?;
-        Ok(LayerScores {
-            names: self
-                .stats
-                .iter()
-                .map(|s| format!("layer{}", s.layer))
-                .collect(),
-            scores,
-        })
+            .map(|s| format!("layer{}", s.layer))
+            .collect();
+        LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
     }
 
     fn save(&self, path: &Path) -> Result<()> {
@@ -462,12 +453,7 @@ impl Detector for Beatrix {
 }
 
 const OPTIONS: &[Opt] = &[
-    opt(
-        "layers",
-        &["/layers"],
-        Kind::Layers,
-        "Activation layers to use, by index or name (0 or layer0 = the first) [none: all].",
-    ),
+    super::quadratic::COMMON_OPTIONS[0],
     opt(
         "powers",
         &["/powers"],

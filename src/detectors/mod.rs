@@ -111,6 +111,24 @@ impl LayerScores {
             .collect()
     }
 
+    /// Reads the first `n` scores of each layer's GPU buffer (`buffers` in `names`
+    /// order): how GPU detectors return what their kernels wrote.
+    pub fn read<'b>(
+        ctx: &GpuContext,
+        names: Vec<String>,
+        buffers: impl IntoIterator<Item = &'b wgpu::Buffer>,
+        n: usize,
+    ) -> Result<Self> {
+        let scores = buffers
+            .into_iter()
+            .map(|b| {
+                let s: Vec<f32> = ctx.read(crate::gpu::Slice::new(b, 0, n))?;
+                Ok(s.into_iter().map(f64::from).collect())
+            })
+            .collect::<Result<_>>()?;
+        Ok(LayerScores { names, scores })
+    }
+
     /// Appends another set's scores of the same layers.
     pub fn extend(&mut self, other: LayerScores) -> anyhow::Result<()> {
         if self.names.is_empty() {

@@ -290,17 +290,8 @@ pub fn scores(
             Ok(())
         },
     )?;
-    let scores = bufs
-        .iter()
-        .map(|b| {
-            let s: Vec<f32> = ctx.read(Slice::new(&b.scores, 0, n))?;
-            Ok(s.into_iter().map(f64::from).collect())
-        })
-        .collect::<Result<_>>()?;
-    Ok(LayerScores {
-        names: stats.iter().map(|s| format!("layer{}", s.layer)).collect(),
-        scores,
-    })
+    let names = stats.iter().map(|s| format!("layer{}", s.layer)).collect();
+    LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
 }
 
 /// Writes `stats` as safetensors, with `config` as the metadata.

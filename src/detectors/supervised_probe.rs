@@ -501,21 +501,12 @@ impl Detector for Probe {
                 Ok(())
             },
         )?;
-        let scores = bufs
+        let names = self
+            .probes
             .iter()
-            .map(|b| {
-                let s: Vec<f32> = ctx.read(Slice::new(&b.scores, 0, n))?;
-                Ok(s.into_iter().map(f64::from).collect())
-            })
-            .collect::<Result<_>>()?;
-        Ok(LayerScores {
-            names: self
-                .probes
-                .iter()
-                .map(|p| format!("layer{}", p.layer))
-                .collect(),
-            scores,
-        })
+            .map(|p| format!("layer{}", p.layer))
+            .collect();
+        LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
     }
 
     fn save(&self, path: &Path) -> Result<()> {

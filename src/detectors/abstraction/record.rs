@@ -98,21 +98,12 @@ impl Abstraction {
         losses: &[wgpu::Buffer],
         n: usize,
     ) -> Result<LayerScores> {
-        let scores = losses
-            .iter()
-            .map(|b| {
-                let s: Vec<f32> = ctx.read(Slice::new(b, 0, n))?;
-                Ok(s.into_iter().map(f64::from).collect())
-            })
-            .collect::<Result<_>>()?;
         let last = self.num_hidden() - 1;
-        Ok(LayerScores {
-            names: (1..=last)
-                .map(|l| format!("layer{l}"))
-                .chain(["output".to_string()])
-                .collect(),
-            scores,
-        })
+        let names = (1..=last)
+            .map(|l| format!("layer{l}"))
+            .chain(["output".to_string()])
+            .collect();
+        LayerScores::read(ctx, names, losses, n)
     }
 
     /// Runs the abstraction over `samples` (forward and losses; with `gradients`, the
