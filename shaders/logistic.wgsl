@@ -28,7 +28,8 @@ fn irls(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let e = exp(-abs(z));
         let p = select(e / (1.0 + e), 1.0 / (1.0 + e), z >= 0.0);
         out0[i] = (p - y) * params.inv_rows;
-        out1[i] = sqrt(p * (1.0 - p) * params.inv_rows);
+        // p(1 − p) = e / (1 + e)², which keeps its precision where 1 − p rounds to 0.
+        out1[i] = sqrt(e * params.inv_rows) / (1.0 + e);
         out2[i] = max(z, 0.0) + log(1.0 + e) - y * z;
     }
 }

@@ -1,6 +1,5 @@
-//! Beatrix: the Gram-feature and deviation kernels against f64 references on odd
-//! shapes, the detector's exact medians and scores against a host reference (dense and
-//! conv layers), reloads, and bad configurations.
+//! Beatrix: the detector's exact medians and scores against a host reference (dense
+//! and conv layers), reloads, and bad configurations (its kernels: tests/kernels.rs).
 
 mod common;
 
@@ -8,86 +7,9 @@ use cupbearer::data::Dataset;
 use cupbearer::detectors::beatrix::{Beatrix, BeatrixConfig};
 use cupbearer::detectors::{read_activations, Detector, SampleSet};
 use cupbearer::gpu::batch::GpuDataset;
-use cupbearer::gpu::beatrix::{
-    gram_deviation, gram_deviation_reference, gram_features, gram_features_reference, upper_pairs,
-    GramInputs, GramParams, GramShape,
-};
-use cupbearer::gpu::Slice;
+use cupbearer::gpu::beatrix::{gram_deviation_reference, gram_features_reference, GramShape};
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 use cupbearer::registry::Registry;
-
-#[test]
-fn gram_kernels_match_f64_references() {
-    let Some(ctx) = common::gpu() else { return };
-    for (rows, positions, channels) in [(5, 3, 7), (3, 1, 11), (2, 6, 1)] {
-        let shape = GramShape {
-            rows,
-            positions,
-            channels,
-        };
-        let f = shape.features();
-        let x = common::random(rows * positions * channels, 7);
-        let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
-        let xb = ctx.buffer_from("x", &x).unwrap();
-        let pairs = ctx
-            .buffer_from("pairs", &upper_pairs(channels).unwrap())
-            .unwrap();
-        for power in 1..=4u32 {
-            let what = format!("{shape:?} power {power}");
-            let want = gram_features_reference(&x64, shape, power as i32);
-            let params = ctx.uniform("p", &GramParams::new(shape, power, 1.0, 0));
-            let input = GramInputs {
-                x: Slice::whole(&xb),
-                pairs: Slice::whole(&pairs),
-                params: &params,
-            };
-            let out = ctx.zeros("g", rows * f).unwrap();
-            let op = gram_features(&ctx, shape, &input, Slice::whole(&out)).unwrap();
-            ctx.submit([&op]);
-            let got: Vec<f32> = ctx.read(Slice::new(&out, 0, rows * f)).unwrap();
-            common::assert_close(&got, &want, 1e-5, 1e-4, &format!("features {what}"));
-
-            // Bounds around the first row's features, so that some fall outside; the
-            // scores add to what the output holds, from `out_offset` on.
-            let lo: Vec<f32> = (0..f)
-                .map(|j| (want[j] - 0.1 * (j % 3) as f64) as f32)
-                .collect();
-            let hi: Vec<f32> = (0..f)
-                .map(|j| (want[j] + 0.05 * (j % 2) as f64) as f32)
-                .collect();
-            let (offset, scale) = (2, 0.5f64);
-            let params = ctx.uniform("p", &GramParams::new(shape, power, scale as f32, offset));
-            let input = GramInputs {
-                params: &params,
-                ..input
-            };
-            let (lb, hb) = (
-                ctx.buffer_from("lo", &lo).unwrap(),
-                ctx.buffer_from("hi", &hi).unwrap(),
-            );
-            let scores = ctx.buffer_from("s", &vec![1.0f32; rows + offset]).unwrap();
-            let bounds = (Slice::whole(&lb), Slice::whole(&hb));
-            let op = gram_deviation(&ctx, shape, &input, bounds, Slice::whole(&scores)).unwrap();
-            ctx.submit([&op]);
-            let got: Vec<f32> = ctx.read(Slice::whole(&scores)).unwrap();
-            let (lo64, hi64): (Vec<f64>, Vec<f64>) = lo
-                .iter()
-                .zip(&hi)
-                .map(|(&l, &h)| (f64::from(l), f64::from(h)))
-                .unzip();
-            let mut expect = vec![1.0; offset];
-            expect.extend(
-                want.chunks(f)
-                    .map(|g| 1.0 + scale * gram_deviation_reference(g, &lo64, &hi64)),
-            );
-            assert!(
-                expect[offset + 1] > 1.0,
-                "{what}: some features fall outside"
-            );
-            common::assert_close(&got, &expect, 1e-4, 1e-3, &format!("deviation {what}"));
-        }
-    }
-}
 
 /// The lower median.
 fn median(v: &mut [f64]) -> f64 {

@@ -1,9 +1,9 @@
-//! Streaming statistics against f64 references, the pseudo-inverse, Mahalanobis scores
+//! Gram column blocks, the pseudo-inverse, Mahalanobis scores
 //! against a CPU reference, and detection of a planted trigger end to end.
 
 mod common;
 
-use common::{gpu, random};
+use common::gpu;
 use cupbearer::data::backdoor::batch_reference;
 use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
@@ -14,42 +14,12 @@ use cupbearer::detectors::linalg::{covariance, pinv_symmetric, regularize, trace
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
 use cupbearer::gpu::batch::GpuDataset;
-use cupbearer::gpu::matmul::Schedule;
-use cupbearer::gpu::stats::{column_blocks, mean_and_gram_reference, StreamingCovariance};
-use cupbearer::gpu::{GpuContext, Slice};
+use cupbearer::gpu::stats::{column_blocks, mean_and_gram_reference};
+use cupbearer::gpu::GpuContext;
 use cupbearer::model::train::{train, LrSchedule, TrainOptions};
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 use cupbearer::registry::Registry;
 use faer::Mat;
-
-/// Streams `x` (rows x d) through [`StreamingCovariance`] in batches of the given sizes,
-/// with Gram blocks at most `block_columns` wide (0: one block); returns (mean, centred
-/// Gram).
-fn gpu_stats(
-    ctx: &GpuContext,
-    x: &[f32],
-    d: usize,
-    batches: &[usize],
-    block_columns: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let max = *batches.iter().max().unwrap();
-    let stream = StreamingCovariance::new(ctx, d, max, block_columns).unwrap();
-    let input = ctx.zeros("x", max * d).unwrap();
-    let mut offset = 0;
-    for &rows in batches {
-        let batch = &x[offset * d..(offset + rows) * d];
-        ctx.queue
-            .write_buffer(&input, 0, bytemuck::cast_slice(batch));
-        stream.prepare(ctx, offset as u64, rows as u64);
-        let xs = Slice::new(&input, 0, rows * d);
-        let ops = stream
-            .record(ctx, Schedule::for_context(ctx), rows, xs)
-            .unwrap();
-        ctx.submit(&ops);
-        offset += rows;
-    }
-    stream.read(ctx).unwrap()
-}
 
 #[test]
 fn column_blocks_fit_the_binding_and_cover_every_column() {
@@ -58,52 +28,6 @@ fn column_blocks_fit_the_binding_and_cover_every_column() {
     assert_eq!(column_blocks(256, 128 << 20, 0), vec![0..256]);
     assert_eq!(column_blocks(13, 1 << 20, 5), vec![0..5, 5..10, 10..13]);
     assert_eq!(column_blocks(3, 4, 0), vec![0..1, 1..2, 2..3]);
-}
-
-#[test]
-fn chan_merges_match_two_pass_statistics() {
-    let Some(ctx) = gpu() else { return };
-    let d = 13;
-    for batches in [vec![1; 23], vec![7, 5, 13, 1, 2], vec![40]] {
-        let rows: usize = batches.iter().sum();
-        let x: Vec<f32> = random(rows * d, 5)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v + (i % d) as f32)
-            .collect();
-        let (want_mean, want_gram) = mean_and_gram_reference(rows, d, &x);
-        // One block, and uneven blocks of at most 5 columns.
-        for block_columns in [0, 5] {
-            let (mean, gram) = gpu_stats(&ctx, &x, d, &batches, block_columns);
-            let what = format!("{batches:?}, blocks of {block_columns}");
-            common::assert_close(&mean, &want_mean, 1e-5, 1e-5, &format!("mean {what}"));
-            common::assert_close(&gram, &want_gram, 1e-4, 1e-4, &format!("gram {what}"));
-        }
-    }
-}
-
-#[test]
-fn sixty_thousand_samples_lose_no_precision() {
-    let Some(ctx) = gpu() else { return };
-    // A large offset relative to the spread is where E[x²] − E[x]² would fail.
-    let (d, rows) = (8, 60_000);
-    let x: Vec<f32> = random(rows * d, 9)
-        .iter()
-        .map(|v| 100.0 + 0.5 * v)
-        .collect();
-    let mut batches = vec![4096; rows / 4096];
-    batches.push(rows % 4096);
-    let (mean, gram) = gpu_stats(&ctx, &x, d, &batches, 0);
-    let (want_mean, want_gram) = mean_and_gram_reference(rows, d, &x);
-    common::assert_close(&mean, &want_mean, 0.0, 1e-6, "mean");
-    for a in 0..d {
-        for b in 0..d {
-            let (g, w) = (gram[a * d + b] as f64, want_gram[a * d + b]);
-            // Relative to the diagonal scale: off-diagonals are near zero.
-            let scale = (want_gram[a * d + a] * want_gram[b * d + b]).sqrt();
-            assert!((g - w).abs() <= 1e-4 * scale, "gram[{a}][{b}] {g} vs {w}");
-        }
-    }
 }
 
 #[test]

@@ -128,3 +128,67 @@ fn exported_edited_and_broken_kernels() {
     );
     assert!(!cwd.join("broken/model.safetensors").exists());
 }
+
+#[test]
+fn kernels_check_passes_built_in_files_and_fails_a_wrong_edit() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let text = ok(&cupbearer(
+        cwd,
+        &["kernels", "check", "--kernel", "adam"],
+        None,
+    ));
+    assert!(text.contains("adam  [adam, step]"), "{text}");
+    assert!(text.contains("comparisons passed"), "{text}");
+
+    // Twice the learning rate: it compiles and runs, and its check says it is wrong.
+    ok(&cupbearer(cwd, &["kernels", "export", "k"], None));
+    let adam = cwd.join("k/adam.wgsl");
+    let source = std::fs::read_to_string(&adam).unwrap();
+    let edited = source.replace(
+        "params[i] -= step.learning_rate",
+        "params[i] -= 2.0 * step.learning_rate",
+    );
+    assert_ne!(edited, source);
+    std::fs::write(&adam, edited).unwrap();
+    let args = [
+        "kernels",
+        "check",
+        "--kernel",
+        "adam",
+        "--json",
+        "check.json",
+    ];
+    let out = cupbearer(cwd, &args, Some(&cwd.join("k")));
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(stderr.contains("adam.wgsl overridden by"), "{stderr}");
+    assert!(
+        stderr.contains("identical to the built-in ones"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("comparisons failed"), "{stderr}");
+    let report = json(&cwd.join("check.json"));
+    let overrides = report["kernel_overrides"].as_array().unwrap();
+    let edited: Vec<&serde_json::Value> =
+        overrides.iter().filter(|o| o["edited"] == true).collect();
+    assert_eq!(edited.len(), 1, "{overrides:?}");
+    assert_eq!(edited[0]["kernel"], "adam");
+    let outcomes = report["outcomes"].as_array().unwrap();
+    assert!(outcomes.iter().all(|o| o["passed"] == false), "{report}");
+
+    let out = cupbearer(cwd, &["kernels", "check", "--kernel", "adamw"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no kernel file is called adamw"),
+        "{stderr}"
+    );
+}

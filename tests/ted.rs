@@ -1,5 +1,5 @@
-//! TED: the k-NN kernels (unit rows, top-k, ranks; ties and self-exclusion) against
-//! f64 references, the detector against a host reference, reloads and bad settings.
+//! TED: the detector against a host reference, reloads and bad settings (its k-NN
+//! kernels: tests/kernels.rs).
 
 mod common;
 
@@ -7,93 +7,10 @@ use cupbearer::detectors::linalg::pinv_symmetric;
 use cupbearer::detectors::ted::{Ted, TedConfig};
 use cupbearer::detectors::{read_activations, Detector, SampleSet};
 use cupbearer::gpu::batch::{FloatImages, GpuDataset};
-use cupbearer::gpu::knn::{normalize_rows, order_reference, ranks, top_k, KnnParams};
-use cupbearer::gpu::Slice;
+use cupbearer::gpu::knn::order_reference;
 use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 use cupbearer::registry::Registry;
 use faer::Mat;
-
-#[test]
-fn knn_kernels_match_references_with_ties_and_exclusion() {
-    let Some(ctx) = common::gpu() else { return };
-    let (rows, cols, k, dim) = (5, 37, 4, 3);
-    // Coarse values so that rows have ties.
-    let sims: Vec<f32> = common::random(rows * cols, 3)
-        .into_iter()
-        .map(|v| (v * 4.0).round() / 4.0)
-        .collect();
-    let s = ctx.buffer_from("sims", &sims).unwrap();
-    for exclude_from in [None, Some(2)] {
-        let params = ctx.uniform("p", &KnnParams::new(rows, cols, k, exclude_from));
-        let idx = ctx.zeros("idx", rows * k).unwrap();
-        let op = top_k(
-            &ctx,
-            rows,
-            Slice::whole(&s),
-            Slice::new(&idx, 0, rows * k),
-            &params,
-        )
-        .unwrap();
-        ctx.submit([&op]);
-        let got: Vec<u32> = ctx.read(Slice::new(&idx, 0, rows * k)).unwrap();
-        // Ranks of columns chosen for each row (not the top ones), in another order.
-        let chosen: Vec<u32> = (0..rows * k).map(|i| ((i * 7 + 3) % cols) as u32).collect();
-        let chosen_b = ctx.buffer_from("chosen", &chosen).unwrap();
-        let out = ctx.zeros("ranks", rows * k).unwrap();
-        let op = ranks(
-            &ctx,
-            rows,
-            k,
-            Slice::whole(&s),
-            Slice::whole(&chosen_b),
-            Slice::new(&out, 0, rows * k),
-            &params,
-        )
-        .unwrap();
-        ctx.submit([&op]);
-        let got_ranks: Vec<f32> = ctx.read(Slice::new(&out, 0, rows * k)).unwrap();
-        for r in 0..rows {
-            let row: Vec<f64> = sims[r * cols..(r + 1) * cols]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect();
-            let order = order_reference(&row, exclude_from.map(|e| e + r));
-            let want: Vec<u32> = order[..k].iter().map(|&c| c as u32).collect();
-            assert_eq!(
-                &got[r * k..(r + 1) * k],
-                &want[..],
-                "top-k row {r} ({exclude_from:?})"
-            );
-            for m in 0..k {
-                let c = chosen[r * k + m] as usize;
-                let want = order.iter().position(|&o| o == c);
-                // An excluded column has no rank; the kernel counts what precedes it.
-                if let Some(want) = want {
-                    assert_eq!(
-                        got_ranks[r * k + m],
-                        want as f32,
-                        "rank row {r} col {c} ({exclude_from:?}) row {:?}",
-                        &row
-                    );
-                }
-            }
-        }
-    }
-    let x = common::random(rows * dim, 5);
-    let xb = ctx.buffer_from("x", &x).unwrap();
-    let out = ctx.zeros("unit", rows * dim).unwrap();
-    let op = normalize_rows(&ctx, rows, dim, Slice::whole(&xb), Slice::whole(&out)).unwrap();
-    ctx.submit([&op]);
-    let got: Vec<f32> = ctx.read(Slice::new(&out, 0, rows * dim)).unwrap();
-    let want: Vec<f64> = x
-        .chunks(dim)
-        .flat_map(|r| {
-            let n = r.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-            r.iter().map(move |&v| f64::from(v) / n).collect::<Vec<_>>()
-        })
-        .collect();
-    common::assert_close(&got, &want, 1e-6, 1e-5, "unit rows");
-}
 
 /// Host TED: per reference layer the rank vectors of `queries` against `reference`
 /// unit rows (each query i skipping reference column i when `self_excluded`).

@@ -1,18 +1,16 @@
-//! The batch/trigger kernel, MLP gradients against finite differences, and training
-//! on small generated data.
+//! The batch/trigger kernel's seeding, chunking and corner names, and training on
+//! small generated data (the kernels' references and gradients: tests/kernels.rs).
 
 mod common;
 
 use common::gpu;
+use cupbearer::checks::gather_on_gpu;
 use cupbearer::data::backdoor::{batch_reference, Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
-use cupbearer::gpu::batch::{gather_batch, BatchOutputs, FloatImages, Gather, GpuDataset};
-use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
-use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
-use cupbearer::model::gpu_mlp::Workspace;
-use cupbearer::model::layers::ParamLayout;
+use cupbearer::gpu::batch::{FloatImages, GpuDataset};
+use cupbearer::gpu::GpuContext;
 use cupbearer::model::train::{evaluate, predict_logits, train, LrSchedule, TrainOptions};
-use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
+use cupbearer::model::{GpuMlp, Mlp, MlpConfig};
 
 fn corner(corner: Corner, p: f32) -> Backdoor {
     Backdoor {
@@ -22,7 +20,7 @@ fn corner(corner: Corner, p: f32) -> Backdoor {
     }
 }
 
-/// Runs the batch kernel for `indices` in `epoch`: (x, xt, labels).
+/// Runs the batch kernel for `indices` in `epoch`: (x, labels), the transposed copy checked.
 fn gpu_batch(
     ctx: &GpuContext,
     data: &GpuDataset,
@@ -31,84 +29,9 @@ fn gpu_batch(
     seed: u32,
     epoch: u32,
 ) -> (Vec<f32>, Vec<u32>) {
-    let rows = indices.len();
-    let dim = data.sample_dim();
-    let idx = ctx.buffer_from("idx", indices).unwrap();
-    let (x, y) = (
-        ctx.zeros("x", rows * dim).unwrap(),
-        ctx.zeros("y", rows).unwrap(),
-    );
-    let xt = ctx.zeros("xt", rows * dim).unwrap();
-    let step = ctx.uniform(
-        "step",
-        &StepParams {
-            epoch,
-            ..Default::default()
-        },
-    );
-    let poison = backdoor.map(|b| b.poison(data.height, data.width, data.num_classes).unwrap());
-    let gather = Gather {
-        data,
-        rows,
-        indices: Slice::whole(&idx),
-        poison,
-        seed,
-        step: &step,
-    };
-    let outputs = BatchOutputs {
-        x: Slice::whole(&x),
-        xt: Some(Slice::whole(&xt)),
-        labels: Slice::whole(&y),
-    };
-    let op = gather_batch(ctx, &gather, &outputs).unwrap();
-    ctx.submit([&op]);
-    let x: Vec<f32> = ctx.read(Slice::new(&x, 0, rows * dim)).unwrap();
-    let xt: Vec<f32> = ctx.read(Slice::new(&xt, 0, rows * dim)).unwrap();
-    for r in 0..rows {
-        for p in 0..dim {
-            assert_eq!(xt[p * rows + r], x[r * dim + p], "transposed copy");
-        }
-    }
-    (x, ctx.read(Slice::new(&y, 0, rows)).unwrap())
-}
-
-#[test]
-fn gather_matches_reference_with_and_without_triggers() {
-    let Some(ctx) = gpu() else { return };
-    let data = Dataset::synthetic(53, 9, 7, 5);
-    let gdata = GpuDataset::upload(&ctx, &data.as_images()).unwrap();
-    let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
-    let noise = Backdoor {
-        trigger: Trigger::Noise {
-            std: 0.3,
-            clip: true,
-        },
-        p_backdoor: 0.5,
-        target_class: 1,
-    };
-    let unclipped = Backdoor {
-        trigger: Trigger::Noise {
-            std: 0.3,
-            clip: false,
-        },
-        ..noise
-    };
-    for backdoor in [
-        None,
-        Some(corner(Corner::BottomLeft, 0.5)),
-        Some(noise),
-        Some(unclipped),
-    ] {
-        let (x, y) = gpu_batch(&ctx, &gdata, &indices, backdoor.as_ref(), 7, 2);
-        let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
-        common::assert_close(&x, &want_x, 1e-5, 1e-5, &format!("batch {backdoor:?}"));
-        assert_eq!(y, want_y, "labels {backdoor:?}");
-    }
-    // Unclipped noise leaves [0, 1] somewhere; clipped never does.
-    let (x, ..) = gpu_batch(&ctx, &gdata, &indices, Some(&unclipped), 7, 2);
-    assert!(x.iter().any(|&v| !(0.0..=1.0).contains(&v)));
-    let (x, ..) = gpu_batch(&ctx, &gdata, &indices, Some(&noise), 7, 2);
-    assert!(x.iter().all(|&v| (0.0..=1.0).contains(&v)));
+    let (x, y, transposed) = gather_on_gpu(ctx, data, indices, backdoor, (seed, epoch)).unwrap();
+    assert!(transposed, "transposed copy");
+    (x, y)
 }
 
 #[test]
@@ -202,199 +125,6 @@ fn coin_flips_are_seeded_per_epoch_and_at_the_requested_rate() {
     let (x, ..) = gpu_batch(&ctx, &gdata, &rev, Some(&b), 11, 0);
     for (r, &s) in rev.iter().enumerate() {
         assert_eq!(x[r * 16] == 1.0, e0[s as usize]);
-    }
-}
-
-/// Mean cross-entropy of the f64 reference forward pass.
-fn reference_loss(mlp: &Mlp, x: &[f64], labels: &[u32]) -> f64 {
-    let rows = labels.len();
-    let (_, logits) = mlp.forward_reference(x, rows);
-    let c = mlp.config.output_dim;
-    (0..rows)
-        .map(|r| {
-            let row = &logits[r * c..(r + 1) * c];
-            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
-            lse - row[labels[r] as usize]
-        })
-        .sum::<f64>()
-        / rows as f64
-}
-
-/// A small MLP, or CNN, with non-zero biases (so every gradient path is exercised) on
-/// synthetic images, and 13 of its samples. The CNN's blocks see 8x7 and 4x3 inputs,
-/// so pooling drops a column and the global pool covers two positions.
-struct GradientCase {
-    data: Dataset,
-    mlp: Mlp,
-    indices: Vec<u32>,
-}
-
-impl GradientCase {
-    fn new(cnn: bool) -> Self {
-        let (h, w) = if cnn { (8, 7) } else { (5, 3) };
-        let config = MlpConfig {
-            input_shape: [h, w, 1],
-            conv_channels: if cnn { vec![3, 4] } else { Vec::new() },
-            hidden_dims: if cnn { vec![5] } else { vec![7, 6] },
-            output_dim: 10,
-        };
-        let mut mlp = Mlp::init(&config, 3).unwrap();
-        for d in &mut mlp.layers {
-            for (i, b) in d.bias.iter_mut().enumerate() {
-                *b = 0.05 * ((i % 3) as f32 - 1.0);
-            }
-        }
-        GradientCase {
-            data: Dataset::synthetic(19, h, w, 4),
-            mlp,
-            indices: (0..13).map(|i| (i * 5) % 19).collect(),
-        }
-    }
-
-    /// Runs gather, forward, loss and `backward(model, ws)` on the GPU.
-    fn run(
-        &self,
-        ctx: &GpuContext,
-        gradients: Gradients,
-        backward: impl Fn(&GpuMlp, &Workspace) -> Vec<Dispatch>,
-    ) -> (GpuMlp, Workspace) {
-        let rows = self.indices.len();
-        let model = GpuMlp::upload(ctx, &self.mlp).unwrap();
-        let gdata = GpuDataset::upload(ctx, &self.data.as_images()).unwrap();
-        let ws = model.workspace(ctx, rows, true, gradients).unwrap();
-        let idx = ctx.buffer_from("idx", &self.indices).unwrap();
-        let step = ctx.uniform("step", &StepParams::default());
-        let metrics = ctx.zeros("metrics", rows).unwrap();
-        let mut ops = vec![gather_batch(
-            ctx,
-            &Gather {
-                data: &gdata,
-                rows,
-                indices: Slice::whole(&idx),
-                poison: None,
-                seed: 0,
-                step: &step,
-            },
-            &BatchOutputs {
-                x: Slice::whole(&ws.x),
-                xt: (!self.mlp.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
-                labels: Slice::whole(&ws.labels),
-            },
-        )
-        .unwrap()];
-        ops.extend(model.forward(ctx, &ws).unwrap());
-        ops.push(
-            softmax_cross_entropy(
-                ctx,
-                rows,
-                10,
-                Slice::whole(&ws.logits),
-                Slice::whole(&ws.labels),
-                &LossOutputs {
-                    grad: Slice::whole(&ws.dlogits),
-                    sample_loss: Slice::whole(&metrics),
-                    sample_correct: Slice::whole(&metrics),
-                },
-                &step,
-            )
-            .unwrap(),
-        );
-        ops.extend(backward(&model, &ws));
-        ctx.submit(&ops);
-        (model, ws)
-    }
-}
-
-#[test]
-fn mlp_and_cnn_gradients_match_finite_differences() {
-    let Some(ctx) = gpu() else { return };
-    for cnn in [false, true] {
-        let case = GradientCase::new(cnn);
-        let (mlp, config) = (&case.mlp, &case.mlp.config);
-        let grads = ctx.zeros("grads", ParamLayout::new(config).total).unwrap();
-        let (model, _ws) = case.run(&ctx, Gradients::Params, |model, ws| {
-            model.backward(&ctx, ws, &grads).unwrap()
-        });
-        let flat: Vec<f32> = ctx.read(Slice::whole(&grads)).unwrap();
-        let got = model.layout.unflatten(&flat);
-
-        let (data, indices) = (&case.data, &case.indices);
-        let (x, labels) = batch_reference(data, indices, None, (0, 0));
-        let h = 1e-4;
-        let mut checked = 0;
-        for (l, got_l) in got.iter().enumerate() {
-            let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
-            for (i, is_bias) in (0..nk)
-                .map(|i| (i, false))
-                .chain((0..nb).map(|i| (i, true)))
-            {
-                let fd = {
-                    let mut plus = mlp.clone();
-                    let mut minus = mlp.clone();
-                    let (p, m) = if is_bias {
-                        (&mut plus.layers[l].bias[i], &mut minus.layers[l].bias[i])
-                    } else {
-                        (
-                            &mut plus.layers[l].kernel[i],
-                            &mut minus.layers[l].kernel[i],
-                        )
-                    };
-                    *p += h as f32;
-                    *m -= h as f32;
-                    let dp = (*p as f64) - (*m as f64);
-                    (reference_loss(&plus, &x, &labels) - reference_loss(&minus, &x, &labels)) / dp
-                };
-                let g = if is_bias {
-                    got_l.bias[i]
-                } else {
-                    got_l.kernel[i]
-                } as f64;
-                assert!(
-                    (g - fd).abs() <= 2e-4 + 2e-3 * fd.abs(),
-                    "cnn {cnn} layer {l} {} {i}: gpu {g}, finite difference {fd}",
-                    if is_bias { "bias" } else { "kernel" }
-                );
-                checked += 1;
-            }
-        }
-        assert_eq!(checked, mlp.num_params());
-    }
-}
-
-#[test]
-fn mlp_and_cnn_input_gradients_match_finite_differences() {
-    let Some(ctx) = gpu() else { return };
-    for cnn in [false, true] {
-        let case = GradientCase::new(cnn);
-        let (_model, ws) = case.run(&ctx, Gradients::Input, |model, ws| {
-            model.input_gradient(&ctx, ws).unwrap()
-        });
-        let got: Vec<f32> = ctx.read(Slice::whole(ws.dx.as_ref().unwrap())).unwrap();
-        let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
-        assert_eq!(got.len(), x.len());
-        let h = 1e-5;
-        let mut nonzero = 0;
-        for i in 0..x.len() {
-            let (mut plus, mut minus) = (x.clone(), x.clone());
-            plus[i] += h;
-            minus[i] -= h;
-            let fd = (reference_loss(&case.mlp, &plus, &labels)
-                - reference_loss(&case.mlp, &minus, &labels))
-                / (2.0 * h);
-            let g = got[i] as f64;
-            assert!(
-                (g - fd).abs() <= 1e-5 + 2e-3 * fd.abs(),
-                "cnn {cnn} input {i}: gpu {g}, finite difference {fd}"
-            );
-            nonzero += (fd.abs() > 1e-6) as usize;
-        }
-        // Most inputs must matter, or the comparison proves little.
-        assert!(
-            nonzero > x.len() / 2,
-            "cnn {cnn}: {nonzero} of {} non-zero",
-            x.len()
-        );
     }
 }
 

@@ -34,6 +34,21 @@ enum KernelsCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Run every kernel variant against its f64 CPU reference on odd shapes, and the
+    /// finite-difference gradient checks that use it (of --shader-dir's files where they
+    /// override): max abs / rel error and pass/fail per check and variant; exit status 1
+    /// on any failure.
+    Check {
+        /// Only the checks that exercise this kernel file (e.g. matmul).
+        #[arg(long, value_name = "NAME")]
+        kernel: Option<String>,
+        /// Every comparison, not one line per variant.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Write every comparison as JSON to FILE (`-` for stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -71,6 +86,16 @@ pub fn run(args: Args) -> Result<()> {
                 if !k.references.is_empty() {
                     let _ = writeln!(text, "  checked against: {}", k.references);
                 }
+                let checks: Vec<&str> = crate::checks::select(Some(&k.name))?
+                    .iter()
+                    .map(|c| c.name)
+                    .collect();
+                let _ = writeln!(
+                    text,
+                    "  checks (cupbearer kernels check --kernel {}): {}",
+                    k.name,
+                    checks.join(", ")
+                );
             }
             // A closed pipe (`| head`) ends the listing quietly instead of panicking.
             let mut out = std::io::stdout().lock();
@@ -79,6 +104,11 @@ pub fn run(args: Args) -> Result<()> {
                 _ => Ok(()),
             }
         }
+        KernelsCommand::Check {
+            kernel,
+            verbose,
+            json,
+        } => check(kernel.as_deref(), verbose, json.as_deref()),
         KernelsCommand::Export { dir, overwrite } => {
             let paths = export(&dir, overwrite)?;
             println!(
@@ -90,6 +120,99 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn check(kernel: Option<&str>, verbose: bool, json: Option<&Path>) -> Result<()> {
+    let to_stdout = json == Some(Path::new("-"));
+    // With JSON on stdout the table goes to stderr, so that stdout parses.
+    let say = |line: String| {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    let report = crate::workflows::kernels::check(kernel, |check, outcomes| {
+        say(format!("{}  [{}]", check.name, check.files.join(", ")));
+        for line in variant_lines(outcomes, verbose) {
+            say(line);
+        }
+    })?;
+    let failed: Vec<_> = report.failures().collect();
+    let total = report.outcomes.len();
+    match json {
+        Some(p) if p == Path::new("-") => println!("{}", serde_json::to_string_pretty(&report)?),
+        Some(p) => crate::io::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?,
+        None => {}
+    }
+    if !failed.is_empty() {
+        let names: std::collections::BTreeSet<_> = failed
+            .iter()
+            .map(|o| format!("{} {}", o.check, o.variant).trim().to_string())
+            .collect();
+        let names: Vec<String> = names.into_iter().collect();
+        bail!(
+            "{} of {total} comparisons failed, on {} ({})",
+            failed.len(),
+            report.adapter,
+            names.join("; ")
+        );
+    }
+    say(format!(
+        "all {total} comparisons passed on {}",
+        report.adapter
+    ));
+    Ok(())
+}
+
+/// One line per variant (every comparison with `verbose`), and every failure with why.
+fn variant_lines(outcomes: &[crate::checks::Outcome], verbose: bool) -> Vec<String> {
+    let error = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{v:.1e}")
+        }
+    };
+    let line = |label: &str, group: &[&crate::checks::Outcome]| {
+        let max =
+            |f: fn(&crate::checks::Outcome) -> f64| group.iter().map(|o| f(o)).fold(0.0, f64::max);
+        let ok = group.iter().all(|o| o.passed);
+        format!(
+            "  {label:<58} {:>3} cases  max abs {:>7}  max rel {:>7}  {:>8} of tolerance  {}",
+            group.len(),
+            error(max(|o| o.max_abs_error)),
+            error(max(|o| o.max_rel_error)),
+            match max(|o| o.tolerance_used) {
+                u if u <= 1.0 => format!("{:.0}%", 100.0 * u),
+                u if u.is_finite() => format!("{u:.1}x"),
+                _ => "inf".to_string(),
+            },
+            if ok { "ok" } else { "FAILED" }
+        )
+    };
+    let mut lines = Vec::new();
+    let mut variants: Vec<&str> = Vec::new();
+    for o in outcomes {
+        if !variants.contains(&o.variant.as_str()) {
+            variants.push(&o.variant);
+        }
+    }
+    for v in variants {
+        let group: Vec<_> = outcomes.iter().filter(|o| o.variant == v).collect();
+        if verbose {
+            for o in &group {
+                lines.push(line(&format!("{v} / {}", o.case), &[o]));
+            }
+        } else {
+            lines.push(line(if v.is_empty() { "(all)" } else { v }, &group));
+        }
+        for o in group.iter().filter(|o| !o.passed) {
+            let why = o.message.as_deref().unwrap_or("");
+            lines.push(format!("    FAILED {}: {why}", o.case));
+        }
+    }
+    lines
 }
 
 /// Writes every built-in kernel file into `dir` (the starting point of an override

@@ -35,6 +35,30 @@ pub struct MatmulFlags {
 }
 
 /// Which schedule runs; [`Schedule::for_context`] picks by adapter type.
+impl std::fmt::Display for MatmulFlags {
+    /// The set flags joined by `+` (`row-major` when none is set).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let named = [
+            (self.a_kmajor, "a_kmajor"),
+            (self.b_nmajor, "b_nmajor"),
+            (self.bias, "bias"),
+            (self.relu, "relu"),
+            (self.relu_mask, "relu_mask"),
+            (self.skip_zero_a, "skip_zero_a"),
+        ];
+        let set: Vec<&str> = named
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if set.is_empty() {
+            f.write_str("row-major")
+        } else {
+            f.write_str(&set.join("+"))
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
     /// Barrier-free register blocking: `bm` rows x `4*bn4` columns per invocation.

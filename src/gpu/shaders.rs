@@ -42,6 +42,9 @@ pub struct Override {
     pub kernel: String,
     pub path: PathBuf,
     pub sha256: String,
+    /// Whether it differs from the built-in file (an unedited export does not).
+    #[serde(default)]
+    pub edited: bool,
     #[serde(skip)]
     pub source: String,
 }
@@ -106,6 +109,7 @@ impl Shaders {
                 Override {
                     kernel: stem.to_string(),
                     sha256: format!("{:x}", Sha256::digest(source.as_bytes())),
+                    edited: BUILTIN.iter().any(|(n, b)| *n == stem && *b != source),
                     path,
                     source,
                 },

@@ -8,6 +8,7 @@ pub mod backdoor_mnist;
 pub mod classifier;
 pub mod detector;
 pub mod import;
+pub mod kernels;
 pub mod suite;
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -30,13 +31,25 @@ pub struct Output<'a> {
 fn context(progress: bool) -> Result<GpuContext> {
     let ctx = GpuContext::new()?;
     crate::progress::note(progress, &format!("adapter: {}", ctx.adapter_name()));
-    for o in ctx.shaders.overrides() {
-        // Always said: a result made with edited kernels must not pass for the built-in's.
+    // Always said: a result made with edited kernels must not pass for the built-in's.
+    let overrides = ctx.shaders.overrides();
+    for o in overrides.iter().filter(|o| o.edited) {
         eprintln!(
-            "kernel file {}.wgsl overridden by {} (sha256 {})",
+            "kernel file {}.wgsl overridden by {} (edited, sha256 {})",
             o.kernel,
             o.path.display(),
             &o.sha256[..12]
+        );
+    }
+    let same: Vec<String> = overrides
+        .iter()
+        .filter(|o| !o.edited)
+        .map(|o| format!("{}.wgsl", o.kernel))
+        .collect();
+    if !same.is_empty() {
+        eprintln!(
+            "kernel files identical to the built-in ones, from the shader dir: {}",
+            same.join(", ")
         );
     }
     Ok(ctx)

@@ -1,0 +1,43 @@
+//! `kernels check` and `kernels bench` as library calls: the engine's self-checks and
+//! benchmarks on this process's kernel files (built-in, or `--shader-dir` overrides).
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::checks::{self, Check, Outcome};
+use crate::gpu::shaders::Override;
+
+/// Every outcome of a `kernels check` run and what it ran on.
+#[derive(Serialize)]
+pub struct CheckReport {
+    pub adapter: String,
+    pub kernel_overrides: Vec<Override>,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl CheckReport {
+    pub fn failures(&self) -> impl Iterator<Item = &Outcome> {
+        self.outcomes.iter().filter(|o| !o.passed)
+    }
+}
+
+/// Runs the checks of kernel file `kernel` (every check for None), telling `done`
+/// about each check as it finishes.
+pub fn check(
+    kernel: Option<&str>,
+    mut done: impl FnMut(&Check, &[Outcome]),
+) -> Result<CheckReport> {
+    let selected = checks::select(kernel)?;
+    let ctx = super::context(true)?;
+    let mut outcomes = Vec::new();
+    for check in selected {
+        let got = checks::run(&ctx, check);
+        done(check, &got);
+        outcomes.extend(got);
+    }
+    Ok(CheckReport {
+        adapter: ctx.adapter_name(),
+        kernel_overrides: ctx.shaders.overrides(),
+        outcomes,
+    })
+}
