@@ -458,3 +458,78 @@ fn a_write_failing_part_way_keeps_the_old_file_and_leaves_no_temporary() {
         .collect();
     assert_eq!(names, ["metrics.json"]);
 }
+
+#[test]
+fn a_kernel_that_does_not_finish_is_an_error_and_writes_nothing() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    common::write_small_mnist(&cwd.join("data"));
+    // An Adam whose loop never exits (software drivers cap loops, so it ends after a
+    // few seconds there; GPUs would run it forever).
+    let kernels = cwd.join("k");
+    std::fs::create_dir(&kernels).unwrap();
+    let builtin = cupbearer::gpu::shaders::BUILTIN
+        .iter()
+        .find(|(n, _)| *n == "adam")
+        .unwrap()
+        .1;
+    let spinning = builtin.replace(
+        "fn update(i: u32) {\n",
+        "fn update(i: u32) {\n    loop { m1[i].x = fract(m1[i].x * 1.37 + 0.1); if (m1[i].x > 2.0) { break; } }\n",
+    );
+    assert_ne!(spinning, builtin);
+    std::fs::write(kernels.join("adam.wgsl"), spinning).unwrap();
+    let run = cwd.join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .current_dir(cwd)
+        .args([
+            "--shader-dir",
+            "k",
+            "train-classifier",
+            "--train-data",
+            "mnist",
+        ])
+        .args(["--num-epochs", "1", "--dir-full", "run"])
+        .env("CUPBEARER_DATA_DIR", cwd.join("data"))
+        .env("CUPBEARER_GPU_TIMEOUT", "0.5")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the GPU finished no work for 0.5 s"),
+        "{stderr}"
+    );
+    assert!(!run.join("model.safetensors").exists());
+    assert!(!run.join("metrics.json").exists());
+
+    // A bad timeout is refused before any work.
+    let out = Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .args(["kernels", "check", "--kernel", "gate"])
+        .env("CUPBEARER_GPU_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CUPBEARER_GPU_TIMEOUT=soon: expected a number of seconds"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_lost_device_is_an_error_not_a_panic() {
+    let Some(ctx) = common::gpu() else { return };
+    let buf = ctx.buffer_from("x", &[1.0f32; 4]).unwrap();
+    ctx.device.destroy();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        ctx.read::<f32>(cupbearer::gpu::Slice::whole(&buf))
+    }));
+    let err = result
+        .expect("reading from a lost device panicked")
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("GPU device lost"), "{msg}");
+}

@@ -190,6 +190,11 @@ pub fn main_with(registry: &Registry) -> ExitCode {
     }
     if cli.shader_dir.is_some() {
         crate::gpu::shaders::set_default_dir(cli.shader_dir.clone());
+        // A submit stuck behind a hung kernel never returns: the watchdog ends the run.
+        crate::gpu::watchdog::set_hang_handler(|hang| {
+            eprintln!("error: {hang}");
+            exit_now()
+        });
     }
     let result = match cli.command {
         Command::TrainClassifier(args) => train_classifier::run(args),
@@ -211,7 +216,25 @@ pub fn main_with(registry: &Registry) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.chain().any(|c| c.is::<crate::gpu::GpuHang>()) {
+                exit_now();
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exits with status 1 at once: the exit handlers of a software driver join its worker
+/// threads, one of which still runs the hung kernel.
+fn exit_now() -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    #[cfg(unix)]
+    // SAFETY: _exit ends the process; nothing runs after it.
+    unsafe {
+        libc::_exit(1)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(1)
 }

@@ -3,13 +3,17 @@
 //! readback). Launchers in `src/gpu/*.rs` build [`Dispatch`]es against it.
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use wgpu::util::DeviceExt;
 
 use super::shaders::Shaders;
+use super::watchdog::Watch;
 
 /// The package that provides a GPU adapter on a machine without a GPU.
 pub const SOFTWARE_DRIVER_HINT: &str = "no GPU adapter found. On a machine without a GPU install \
@@ -95,8 +99,9 @@ impl<'a> Slice<'a> {
 }
 
 pub struct GpuContext {
-    pub device: wgpu::Device,
-    pub queue: wgpu::Queue,
+    /// Dropped by hand: not at all after a hung wait (see the `Drop` impl).
+    pub device: ManuallyDrop<wgpu::Device>,
+    pub queue: ManuallyDrop<wgpu::Queue>,
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
@@ -104,9 +109,48 @@ pub struct GpuContext {
     pub shaders: Shaders,
     /// First uncaptured error or device loss, reported by [`GpuContext::check`].
     fault: Arc<Mutex<Option<String>>>,
+    /// Submissions the GPU has finished (the watchdog of [`GpuContext::wait`]).
+    finished: Arc<AtomicU64>,
+    /// How long a GPU call may see no submission finish before it is an error.
+    watch: Arc<Watch>,
+    /// Set when a wait gave up on a kernel that did not end.
+    hung: AtomicBool,
     /// Bound in place of optional read-only / read-write bindings a variant does not use.
     dummy_ro: wgpu::Buffer,
     dummy_rw: wgpu::Buffer,
+}
+
+/// The error of a wait that saw no GPU work finish for `seconds`. The work is still
+/// running: a process that meets it should exit without waiting for the driver.
+#[derive(Debug)]
+pub struct GpuHang {
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for GpuHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the GPU finished no work for {} s: a kernel that does not end (an edited \
+             loop?) or a stalled driver. Set {GPU_TIMEOUT_ENV} (seconds) to allow longer",
+            self.seconds
+        )
+    }
+}
+
+impl std::error::Error for GpuHang {}
+
+/// Seconds a wait may see no GPU work finish before it fails (default 120).
+pub const GPU_TIMEOUT_ENV: &str = "CUPBEARER_GPU_TIMEOUT";
+
+fn gpu_timeout() -> Result<Duration> {
+    match std::env::var(GPU_TIMEOUT_ENV) {
+        Err(_) => Ok(Duration::from_secs(120)),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            _ => bail!("{GPU_TIMEOUT_ENV}={v}: expected a number of seconds > 0"),
+        },
+    }
 }
 
 fn adapter_rank(t: wgpu::DeviceType) -> u8 {
@@ -152,13 +196,19 @@ impl GpuContext {
         let fault: Arc<Mutex<Option<String>>> = Arc::default();
         let f = fault.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
-            f.lock().unwrap().get_or_insert_with(|| e.to_string());
+            // wgpu's Display says only "Validation Error"; the why is in the sources.
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
+            }
+            f.lock().unwrap().get_or_insert(msg);
         }));
         let f = fault.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            f.lock()
-                .unwrap()
-                .get_or_insert_with(|| format!("GPU device lost ({reason:?}): {msg}"));
+            // The loss explains any error that follows it, so it is what is reported.
+            *f.lock().unwrap() = Some(format!("GPU device lost ({reason:?}): {msg}"));
         });
         let dummy = |label| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -170,8 +220,11 @@ impl GpuContext {
         };
         let (dummy_ro, dummy_rw) = (dummy("dummy_ro"), dummy("dummy_rw"));
         Ok(GpuContext {
-            device,
-            queue,
+            finished: Arc::default(),
+            watch: Watch::new(gpu_timeout()?),
+            hung: AtomicBool::new(false),
+            device: ManuallyDrop::new(device),
+            queue: ManuallyDrop::new(queue),
             adapter_info,
             limits,
             pipelines: Mutex::default(),
@@ -372,19 +425,51 @@ impl GpuContext {
                 op.record(&mut pass);
             }
         }
-        self.queue.submit([encoder.finish()])
+        self.submit_commands(encoder.finish())
     }
 
-    /// Blocks until submission `index` (or everything, for None) has finished.
+    /// Submits `commands`, counting its completion for the watchdog.
+    fn submit_commands(&self, commands: wgpu::CommandBuffer) -> wgpu::SubmissionIndex {
+        let _call = self.watch.call();
+        let index = self.queue.submit([commands]);
+        let (finished, watch) = (self.finished.clone(), self.watch.clone());
+        self.queue.on_submitted_work_done(move || {
+            finished.fetch_add(1, Ordering::Relaxed);
+            watch.progress();
+        });
+        index
+    }
+
+    /// Blocks until submission `index` (or everything, for None) has finished. A wait
+    /// in which no submission finishes for [`GPU_TIMEOUT_ENV`] seconds is an error (a
+    /// kernel that does not end), as is a lost device.
     pub fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
-        let poll = match index {
-            Some(i) => wgpu::PollType::Wait {
-                submission_index: Some(i),
-                timeout: None,
-            },
-            None => wgpu::PollType::wait_indefinitely(),
-        };
-        self.device.poll(poll).context("waiting for the GPU")?;
+        let _call = self.watch.call();
+        let mut seen = self.finished.load(Ordering::Relaxed);
+        loop {
+            let poll = wgpu::PollType::Wait {
+                submission_index: index.clone(),
+                timeout: Some(self.watch.timeout),
+            };
+            match self.device.poll(poll) {
+                Ok(_) => break,
+                Err(wgpu::PollError::Timeout) => {
+                    // Fires the callbacks of what did finish, then looks for progress.
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    let now = self.finished.load(Ordering::Relaxed);
+                    if now == seen {
+                        self.check()?;
+                        self.hung.store(true, Ordering::Relaxed);
+                        return Err(GpuHang {
+                            seconds: self.watch.timeout.as_secs_f64(),
+                        }
+                        .into());
+                    }
+                    seen = now;
+                }
+                Err(e) => return Err(e).context("waiting for the GPU"),
+            }
+        }
         self.check()
     }
 
@@ -462,7 +547,7 @@ impl GpuContext {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         encoder.copy_buffer_to_buffer(slice.buffer, slice.offset * 4, &staging, 0, bytes);
-        self.queue.submit([encoder.finish()]);
+        self.submit_commands(encoder.finish());
         let (tx, rx) = std::sync::mpsc::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -480,6 +565,21 @@ impl GpuContext {
         };
         staging.unmap();
         Ok(data)
+    }
+}
+
+impl Drop for GpuContext {
+    /// Dropping a queue waits for its work to finish, which a hung kernel never does:
+    /// after a hung wait the device and queue are leaked instead, so that the command
+    /// can report the error and exit (taking the driver's threads with it).
+    fn drop(&mut self) {
+        if !self.hung.load(Ordering::Relaxed) {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut self.device);
+                ManuallyDrop::drop(&mut self.queue);
+            }
+        }
     }
 }
 

@@ -16,8 +16,11 @@ pub mod matmul;
 pub mod reduce;
 pub mod shaders;
 pub mod stats;
+pub mod watchdog;
 
-pub use context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
+pub use context::{
+    Binding, Dispatch, GpuContext, GpuHang, Kernel, KernelSpec, Slice, GPU_TIMEOUT_ENV,
+};
 
 /// `struct Step` of `shaders/step.wgsl`: rewritten before every training step.
 #[repr(C)]
