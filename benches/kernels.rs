@@ -6,59 +6,16 @@
 
 use std::time::Instant;
 
+use cupbearer::checks::bench::{mnist_model, random, time_ops, training_step};
 use cupbearer::data::Dataset;
 use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
 use cupbearer::detectors::{Detector, SampleSet};
-use cupbearer::gpu::adam::{adam, set_adam_step};
-use cupbearer::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
-use cupbearer::gpu::loss::{softmax_cross_entropy, LossOutputs};
+use cupbearer::gpu::batch::GpuDataset;
 use cupbearer::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
-use cupbearer::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use cupbearer::gpu::{Dispatch, GpuContext, Slice};
 use cupbearer::model::train::{train, LrSchedule, TrainOptions};
-use cupbearer::model::{GpuMlp, Gradients, Mlp, MlpConfig};
+use cupbearer::model::{GpuMlp, Mlp};
 use serde_json::json;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Median seconds of `reps` runs of `ops` (one submit each, waited for).
-fn time_ops(ctx: &GpuContext, ops: &[&Dispatch], reps: usize) -> anyhow::Result<f64> {
-    ctx.submit(ops.iter().copied());
-    ctx.wait(None)?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        ctx.submit(ops.iter().copied());
-        ctx.wait(None)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(times))
-}
-
-fn random(len: usize, seed: u32) -> Vec<f32> {
-    (0..len as u32)
-        .map(|i| cupbearer::rng::rand_unit(cupbearer::rng::rand_u32(seed, 0, i, 0, 0)))
-        .collect()
-}
-
-fn mnist_mlp() -> MlpConfig {
-    MlpConfig {
-        input_shape: [28, 28, 1],
-        conv_channels: Vec::new(),
-        hidden_dims: vec![256, 256],
-        output_dim: 10,
-    }
-}
-
-/// The original's CNN on MNIST: conv 32, conv 64, dense 256 256.
-fn mnist_cnn() -> MlpConfig {
-    MlpConfig {
-        conv_channels: vec![32, 64],
-        ..mnist_mlp()
-    }
-}
 
 /// Random operands of an m x n x k product and its output buffer.
 struct Operands {
@@ -205,64 +162,8 @@ fn bench_two_devices(ctx: &GpuContext) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Per-kernel milliseconds of one training step (batch 128) of an MNIST model.
-fn bench_step(
-    ctx: &GpuContext,
-    name: &str,
-    config: &MlpConfig,
-) -> anyhow::Result<serde_json::Value> {
-    let data = Dataset::synthetic(1024, 28, 28, 1);
-    let gdata = GpuDataset::upload(ctx, &data.as_images())?;
-    let model = GpuMlp::upload(ctx, &Mlp::init(config, 0)?)?;
-    let rows = 128;
-    let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
-    let idx: Vec<u32> = (0..1024).collect();
-    let indices = ctx.buffer_from("indices", &idx)?;
-    let mut params = StepParams::default();
-    set_adam_step(&mut params, 1e-3, 1);
-    let step = ctx.uniform("step", &params);
-    let n = model.layout.total;
-    let (grads, m, v) = (ctx.zeros("g", n)?, ctx.zeros("m", n)?, ctx.zeros("v", n)?);
-    let metrics = ctx.zeros("metrics", 1024)?;
-    let mut ops = vec![gather_batch(
-        ctx,
-        &Gather {
-            data: &gdata,
-            rows,
-            indices: Slice::whole(&indices),
-            poison: None,
-            seed: 0,
-            step: &step,
-        },
-        &BatchOutputs {
-            x: Slice::whole(&ws.x),
-            xt: (!config.is_cnn()).then(|| Slice::whole(&ws.xt)),
-            labels: Slice::whole(&ws.labels),
-        },
-    )?];
-    ops.extend(model.forward(ctx, &ws)?);
-    ops.push(softmax_cross_entropy(
-        ctx,
-        rows,
-        10,
-        Slice::whole(&ws.logits),
-        Slice::whole(&ws.labels),
-        &LossOutputs {
-            grad: Slice::whole(&ws.dlogits),
-            sample_loss: Slice::whole(&metrics),
-            sample_correct: Slice::whole(&metrics),
-        },
-        &step,
-    )?);
-    ops.extend(model.backward(ctx, &ws, &grads)?);
-    ops.push(adam(
-        ctx,
-        n,
-        Slice::whole(&model.params),
-        Slice::whole(&grads),
-        Slice::whole(&m),
-        Slice::whole(&v),
-        &step,
-    )?);
+fn bench_step(ctx: &GpuContext, name: &str, cnn: bool) -> anyhow::Result<serde_json::Value> {
+    let ops = training_step(ctx, &mnist_model(cnn))?;
     println!(
         "\n{:<70} {:>9}",
         format!("{name} training step (batch 128), per kernel"),
@@ -271,9 +172,9 @@ fn bench_step(
     let mut kernels = Vec::new();
     for op in &ops {
         let t = time_ops(ctx, &[op], 20)?;
-        let name: String = op.kernel_name().chars().take(70).collect();
+        let name: String = op.label().chars().take(70).collect();
         println!("{name:<70} {:>9.3}", t * 1e3);
-        kernels.push(json!({"kernel": op.kernel_name(), "ms": t * 1e3}));
+        kernels.push(json!({"kernel": op.label(), "ms": t * 1e3}));
     }
     let all: Vec<&Dispatch> = ops.iter().collect();
     let whole = time_ops(ctx, &all, 20)?;
@@ -290,15 +191,15 @@ fn main() -> anyhow::Result<()> {
     let adapter = ctx.adapter_name();
     println!("adapter: {adapter}");
     let matmuls = bench_matmul(&ctx, &filter)?;
-    let step = bench_step(&ctx, "MLP", &mnist_mlp())?;
-    let cnn_step = bench_step(&ctx, "CNN", &mnist_cnn())?;
+    let step = bench_step(&ctx, "MLP", false)?;
+    let cnn_step = bench_step(&ctx, "CNN", true)?;
     let devices = bench_two_devices(&ctx)?;
 
     // End to end: training, detector fit and scoring on MNIST-shaped synthetic data.
     let n = 20_000;
     let data = Dataset::synthetic(n, 28, 28, 7);
     let gdata = GpuDataset::upload(&ctx, &data.as_images())?;
-    let model = GpuMlp::upload(&ctx, &Mlp::init(&mnist_mlp(), 0)?)?;
+    let model = GpuMlp::upload(&ctx, &Mlp::init(&mnist_model(false), 0)?)?;
     let opts = TrainOptions {
         epochs: 1,
         batch_size: 128,

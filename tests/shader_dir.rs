@@ -192,3 +192,41 @@ fn kernels_check_passes_built_in_files_and_fails_a_wrong_edit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn kernels_bench_times_built_in_and_edited_files_side_by_side() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let text = ok(&cupbearer(cwd, &["kernels", "bench", "--reps", "1"], None));
+    assert!(text.contains("MLP training step"), "{text}");
+    assert!(text.contains("matmul 1024x1024x1024"), "{text}");
+    assert!(!text.contains("edited ms"), "{text}");
+
+    // An edited Adam (the same arithmetic, spelled differently) is timed beside the
+    // built-in one, dispatch for dispatch.
+    ok(&cupbearer(cwd, &["kernels", "export", "k"], None));
+    let adam = cwd.join("k/adam.wgsl");
+    let source = std::fs::read_to_string(&adam).unwrap();
+    let edited = source.replace("let g = grads[i];", "let g = grads[i] * 1.0;");
+    assert_ne!(edited, source);
+    std::fs::write(&adam, edited).unwrap();
+    let args = ["kernels", "bench", "--reps", "1", "--json", "bench.json"];
+    let text = ok(&cupbearer(cwd, &args, Some(&cwd.join("k"))));
+    assert!(text.contains("edited ms"), "{text}");
+    let report = json(&cwd.join("bench.json"));
+    let (builtin, edited) = (&report["builtin"], &report["overridden"]);
+    let kernels = builtin["mlp_step_kernels"].as_array().unwrap();
+    assert_eq!(
+        kernels.len(),
+        edited["mlp_step_kernels"].as_array().unwrap().len()
+    );
+    assert!(kernels.iter().any(|k| k["file"] == "adam"));
+    for k in kernels {
+        assert!(k["ms"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert!(builtin["matmul_1024"]["gflops"].as_f64().unwrap() > 0.0);
+    assert!(edited["mlp_step_ms"].as_f64().unwrap() > 0.0);
+}

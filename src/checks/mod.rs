@@ -1,8 +1,10 @@
 //! The engine's self-checks: every kernel file's variants against f64 CPU references on
 //! odd, non-tile-aligned shapes, and finite-difference checks of the backward passes
 //! built from them. `cupbearer kernels check` and the test suite run this same code, so
-//! an edited kernel (`--shader-dir`) is checked exactly as the built-in one is.
+//! an edited kernel (`--shader-dir`) is checked exactly as the built-in one is; and
+//! the benchmarks that compare an edited kernel's speed with the built-in one's.
 
+pub mod bench;
 mod detector_kernels;
 mod gradients;
 mod train_kernels;

@@ -49,6 +49,20 @@ enum KernelsCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Time the training step's kernels one by one (ms, GFLOP/s, GB/s), the whole MLP
+    /// (and CNN) step, a 1024^3 matmul and the covariance statistics: the built-in
+    /// kernel files and, side by side, --shader-dir's edited ones.
+    Bench {
+        /// Timed repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        reps: u32,
+        /// Also time the CNN step (about 0.5 s per step on a CPU).
+        #[arg(long)]
+        cnn: bool,
+        /// Write the figures as JSON to FILE (`-` for stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -109,6 +123,7 @@ pub fn run(args: Args) -> Result<()> {
             verbose,
             json,
         } => check(kernel.as_deref(), verbose, json.as_deref()),
+        KernelsCommand::Bench { reps, cnn, json } => bench(reps as usize, cnn, json.as_deref()),
         KernelsCommand::Export { dir, overwrite } => {
             let paths = export(&dir, overwrite)?;
             println!(
@@ -162,6 +177,89 @@ fn check(kernel: Option<&str>, verbose: bool, json: Option<&Path>) -> Result<()>
         "all {total} comparisons passed on {}",
         report.adapter
     ));
+    Ok(())
+}
+
+fn bench(reps: usize, cnn: bool, json: Option<&Path>) -> Result<()> {
+    use crate::checks::bench::{BenchOptions, KernelTime};
+    let r = crate::workflows::kernels::bench(BenchOptions { reps, cnn })?;
+    let mut text = String::new();
+    let other = r.overridden.as_ref();
+    let _ = writeln!(text, "adapter: {}", r.builtin.adapter);
+    let _ = writeln!(
+        text,
+        "{:<3} {:<10} {:<44} {:>9} {:>8} {:>7}{}",
+        "#",
+        "file",
+        "kernel",
+        "ms",
+        "GFLOP/s",
+        "GB/s",
+        if other.is_some() {
+            "   edited ms   ratio"
+        } else {
+            ""
+        }
+    );
+    let row = |text: &mut String, i: String, t: &KernelTime, o: Option<&KernelTime>| {
+        let name: String = t.kernel.chars().take(44).collect();
+        let gflops = t.gflops.map_or("-".to_string(), |g| format!("{g:.2}"));
+        let _ = write!(
+            text,
+            "{i:<3} {:<10} {name:<44} {:>9.3} {gflops:>8} {:>7.2}",
+            t.file, t.ms, t.gbps
+        );
+        if let Some(o) = o {
+            let _ = write!(text, "   {:>9.3} {:>7.2}", o.ms, o.ms / t.ms);
+        }
+        text.push('\n');
+    };
+    for (i, t) in r.builtin.mlp_step_kernels.iter().enumerate() {
+        let o = other.map(|o| &o.mlp_step_kernels[i]);
+        row(&mut text, i.to_string(), t, o);
+    }
+    row(
+        &mut text,
+        "-".into(),
+        &r.builtin.matmul_1024,
+        other.map(|o| &o.matmul_1024),
+    );
+    let cov = other.map(|o| &o.covariance_4096x256);
+    row(&mut text, "-".into(), &r.builtin.covariance_4096x256, cov);
+    let step = |name: &str, b: Option<f64>, o: Option<f64>| {
+        let (Some(b), text) = (b, name) else {
+            return String::new();
+        };
+        match o {
+            Some(o) => format!(
+                "{text}: {b:.2} ms built-in, {o:.2} ms edited (ratio {:.2})\n",
+                o / b
+            ),
+            None => format!("{text}: {b:.2} ms\n"),
+        }
+    };
+    text.push_str(&step(
+        "MLP training step (batch 128, one submit)",
+        Some(r.builtin.mlp_step_ms),
+        other.map(|o| o.mlp_step_ms),
+    ));
+    text.push_str(&step(
+        "CNN training step (batch 128, one submit)",
+        r.builtin.cnn_step_ms,
+        other.and_then(|o| o.cnn_step_ms),
+    ));
+    let report = serde_json::to_string_pretty(&r)?;
+    match json {
+        Some(p) if p == Path::new("-") => {
+            eprint!("{text}");
+            println!("{report}");
+        }
+        Some(p) => {
+            print!("{text}");
+            crate::io::write_atomic(p, report.as_bytes())?;
+        }
+        None => print!("{text}"),
+    }
     Ok(())
 }
 

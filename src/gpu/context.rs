@@ -45,6 +45,8 @@ pub struct KernelSpec<'a> {
 /// A compiled pipeline and the bind group layout it was built with.
 pub struct Kernel {
     pub name: String,
+    /// The kernel file it is compiled from (the last of its parts).
+    pub file: String,
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
     bindings: Vec<Binding>,
@@ -57,6 +59,12 @@ pub struct Dispatch {
     kernel: Arc<Kernel>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+    /// Bytes of the storage ranges it binds (each moved once at least), and its
+    /// floating-point operations where the launcher counts them: for `kernels bench`.
+    bytes: u64,
+    flops: u64,
+    /// What it computes, where the launcher says more than the kernel name.
+    label: Option<String>,
 }
 
 impl Dispatch {
@@ -69,6 +77,34 @@ impl Dispatch {
 
     pub fn kernel_name(&self) -> &str {
         &self.kernel.name
+    }
+
+    pub fn kernel_file(&self) -> &str {
+        &self.kernel.file
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn flops(&self) -> u64 {
+        self.flops
+    }
+
+    /// Replaces the counted work (a launcher that binds one range twice, or counts
+    /// its arithmetic) and names what the dispatch computes.
+    pub fn with_work(self, flops: u64, bytes: u64, label: String) -> Self {
+        Dispatch {
+            flops,
+            bytes,
+            label: Some(label),
+            ..self
+        }
+    }
+
+    /// The launcher's label, else the kernel name.
+    pub fn label(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.kernel.name)
     }
 }
 
@@ -326,6 +362,7 @@ impl GpuContext {
         }
         let kernel = Arc::new(Kernel {
             name: spec.key.clone(),
+            file: spec.parts.last().copied().unwrap_or_default().to_string(),
             pipeline,
             layout,
             bindings: spec.bindings.to_vec(),
@@ -355,10 +392,14 @@ impl GpuContext {
         let align = self.limits.min_storage_buffer_offset_alignment as u64;
         let max_binding = self.limits.max_storage_buffer_binding_size;
         let mut entries = Vec::with_capacity(resources.len());
+        let mut bytes = 0;
         for (i, (res, kind)) in resources.iter().zip(&kernel.bindings).enumerate() {
             let buffer_binding = match res {
                 Some(s) => {
                     let (offset, size) = (s.offset * 4, s.len.max(1) * 4);
+                    if *kind != Binding::Uniform {
+                        bytes += size;
+                    }
                     if offset % align != 0 {
                         bail!(
                             "kernel {} binding {i}: offset {offset} B not a multiple of {align} B",
@@ -411,6 +452,9 @@ impl GpuContext {
             kernel: kernel.clone(),
             bind_group,
             workgroups,
+            bytes,
+            flops: 0,
+            label: None,
         })
     }
 

@@ -372,6 +372,12 @@ pub fn matmul<'a>(
         ],
         workgroups,
     )
+    .map(|d| {
+        let extra = if flags.bias { n } else { 0 } + if flags.relu_mask { m * n } else { 0 };
+        let bytes = 4 * (m * k + k * n + m * n + extra) as u64;
+        let label = format!("matmul {m}x{n}x{k} {flags}");
+        d.with_work(2 * (m * n * k) as u64, bytes, label)
+    })
 }
 
 /// Host operands of [`matmul_reference`], laid out as [`MatmulArgs`]' are.

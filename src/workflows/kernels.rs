@@ -4,8 +4,10 @@
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::checks::bench::{self, BenchOptions, BenchReport};
 use crate::checks::{self, Check, Outcome};
-use crate::gpu::shaders::Override;
+use crate::gpu::shaders::{Override, Shaders};
+use crate::gpu::GpuContext;
 
 /// Every outcome of a `kernels check` run and what it ran on.
 #[derive(Serialize)]
@@ -39,5 +41,31 @@ pub fn check(
         adapter: ctx.adapter_name(),
         kernel_overrides: ctx.shaders.overrides(),
         outcomes,
+    })
+}
+
+/// The benchmarks on the built-in kernel files and, when this process has edited
+/// overrides, on those too (same adapter, one after the other).
+#[derive(Serialize)]
+pub struct BenchComparison {
+    pub kernel_overrides: Vec<Override>,
+    pub builtin: BenchReport,
+    pub overridden: Option<BenchReport>,
+}
+
+pub fn bench(opts: BenchOptions) -> Result<BenchComparison> {
+    let ctx = super::context(true)?;
+    let overrides = ctx.shaders.overrides();
+    let edited = overrides.iter().any(|o| o.edited);
+    let builtin = bench::run(&GpuContext::with_shaders(Shaders::builtin())?, opts)?;
+    let overridden = if edited {
+        Some(bench::run(&ctx, opts)?)
+    } else {
+        None
+    };
+    Ok(BenchComparison {
+        kernel_overrides: overrides,
+        builtin,
+        overridden,
     })
 }

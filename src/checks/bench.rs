@@ -1,0 +1,220 @@
+//! Benchmarks of the engine's kernels (`cupbearer kernels bench`, `cargo bench`): one
+//! MNIST training step's dispatches one by one (ms, GFLOP/s where the launcher counts
+//! its arithmetic, GB/s of the ranges it binds), the whole MLP and CNN steps as one
+//! submit each, a 1024^3 matmul and the covariance statistics. Times are medians of
+//! wall-clock submit-and-wait, so each includes a dispatch's fixed cost (15-70 us on
+//! lavapipe).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::Dataset;
+use crate::gpu::adam::{adam, set_adam_step};
+use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
+use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
+use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
+use crate::gpu::stats::StreamingCovariance;
+use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use crate::model::{GpuMlp, Gradients, Mlp, MlpConfig};
+
+/// Median seconds of `reps` runs of `ops` (one submit each, waited for), after one
+/// untimed run (the driver compiles pipelines at first use).
+pub fn time_ops(ctx: &GpuContext, ops: &[&Dispatch], reps: usize) -> Result<f64> {
+    ctx.submit(ops.iter().copied());
+    ctx.wait(None)?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        ctx.submit(ops.iter().copied());
+        ctx.wait(None)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Uniform values in [0, 1) (never-written buffers map the zero page and flatter).
+pub fn random(len: usize, seed: u32) -> Vec<f32> {
+    use crate::rng::{rand_u32, rand_unit};
+    (0..len as u32)
+        .map(|i| rand_unit(rand_u32(seed, 0, i, 0, 0)))
+        .collect()
+}
+
+/// The 0.0.1 pipeline's MLP on MNIST: 784-256-256-10; with `cnn`, the original's CNN
+/// (conv 32, conv 64, dense 256 256).
+pub fn mnist_model(cnn: bool) -> MlpConfig {
+    MlpConfig {
+        input_shape: [28, 28, 1],
+        conv_channels: if cnn { vec![32, 64] } else { Vec::new() },
+        hidden_dims: vec![256, 256],
+        output_dim: 10,
+    }
+}
+
+/// Every dispatch of one training step (batch 128) of `config` on MNIST-shaped
+/// synthetic data, in order: gather, forward, loss, backward, Adam.
+pub fn training_step(ctx: &GpuContext, config: &MlpConfig) -> Result<Vec<Dispatch>> {
+    let [h, w, _] = config.input_shape;
+    let data = Dataset::synthetic(1024, h, w, 1);
+    let gdata = GpuDataset::upload(ctx, &data.as_images())?;
+    let model = GpuMlp::upload(ctx, &Mlp::init(config, 0)?)?;
+    let rows = 128;
+    let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
+    let idx: Vec<u32> = (0..1024).collect();
+    let indices = ctx.buffer_from("indices", &idx)?;
+    let mut params = StepParams::default();
+    set_adam_step(&mut params, 1e-3, 1);
+    let step = ctx.uniform("step", &params);
+    let n = model.layout.total;
+    let (grads, m, v) = (ctx.zeros("g", n)?, ctx.zeros("m", n)?, ctx.zeros("v", n)?);
+    let metrics = ctx.zeros("metrics", 1024)?;
+    let gather = Gather {
+        data: &gdata,
+        rows,
+        indices: Slice::whole(&indices),
+        poison: None,
+        seed: 0,
+        step: &step,
+    };
+    let outputs = BatchOutputs {
+        x: Slice::whole(&ws.x),
+        xt: (!config.is_cnn()).then(|| Slice::whole(&ws.xt)),
+        labels: Slice::whole(&ws.labels),
+    };
+    let mut ops = vec![gather_batch(ctx, &gather, &outputs)?];
+    ops.extend(model.forward(ctx, &ws)?);
+    let loss = LossOutputs {
+        grad: Slice::whole(&ws.dlogits),
+        sample_loss: Slice::whole(&metrics),
+        sample_correct: Slice::whole(&metrics),
+    };
+    let (logits, labels) = (Slice::whole(&ws.logits), Slice::whole(&ws.labels));
+    ops.push(softmax_cross_entropy(
+        ctx, rows, 10, logits, labels, &loss, &step,
+    )?);
+    ops.extend(model.backward(ctx, &ws, &grads)?);
+    let w = Slice::whole;
+    ops.push(adam(
+        ctx,
+        n,
+        w(&model.params),
+        w(&grads),
+        w(&m),
+        w(&v),
+        &step,
+    )?);
+    Ok(ops)
+}
+
+/// One dispatch's time and throughput.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub file: String,
+    pub ms: f64,
+    /// None where the launcher does not count its arithmetic.
+    pub gflops: Option<f64>,
+    /// Bytes of the bound ranges over the time: a lower bound of the traffic.
+    pub gbps: f64,
+}
+
+impl KernelTime {
+    fn of(op: &Dispatch, seconds: f64) -> Self {
+        KernelTime {
+            kernel: op.label().to_string(),
+            file: op.kernel_file().to_string(),
+            ms: seconds * 1e3,
+            gflops: (op.flops() > 0).then(|| op.flops() as f64 / seconds / 1e9),
+            gbps: op.bytes() as f64 / seconds / 1e9,
+        }
+    }
+}
+
+/// What `kernels bench` measures on one context.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub adapter: String,
+    /// The MLP step's dispatches, each alone in a submit.
+    pub mlp_step_kernels: Vec<KernelTime>,
+    /// The whole MLP step, one submit.
+    pub mlp_step_ms: f64,
+    pub cnn_step_ms: Option<f64>,
+    pub matmul_1024: KernelTime,
+    /// Mean and centred Gram of 4096 rows of 256 (one detector statistics batch).
+    pub covariance_4096x256: KernelTime,
+}
+
+/// Repetitions per timing, and whether to time the (slow on CPUs) CNN step.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    pub reps: usize,
+    pub cnn: bool,
+}
+
+pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
+    let ops = training_step(ctx, &mnist_model(false))?;
+    let mut kernels = Vec::with_capacity(ops.len());
+    for op in &ops {
+        kernels.push(KernelTime::of(op, time_ops(ctx, &[op], opts.reps)?));
+    }
+    let all: Vec<&Dispatch> = ops.iter().collect();
+    let mlp_step_ms = time_ops(ctx, &all, opts.reps)? * 1e3;
+    let cnn_step_ms = if opts.cnn {
+        let ops = training_step(ctx, &mnist_model(true))?;
+        let all: Vec<&Dispatch> = ops.iter().collect();
+        Some(time_ops(ctx, &all, opts.reps.min(5))? * 1e3)
+    } else {
+        None
+    };
+
+    let n = 1024;
+    let (a, b) = (
+        ctx.buffer_from("a", &random(n * n, 1))?,
+        ctx.buffer_from("b", &random(n * n, 2))?,
+    );
+    let c = ctx.zeros("c", n * n)?;
+    let args = MatmulArgs {
+        m: n,
+        n,
+        k: n,
+        a: Slice::whole(&a),
+        b: Slice::whole(&b),
+        c: Slice::whole(&c),
+        bias: None,
+        mask: None,
+    };
+    let flags = MatmulFlags {
+        a_kmajor: true,
+        ..Default::default()
+    };
+    let op = matmul(ctx, flags, Schedule::for_context(ctx), &args)?;
+    let matmul_1024 = KernelTime::of(&op, time_ops(ctx, &[&op], opts.reps.min(5))?);
+
+    let (rows, d) = (4096, 256);
+    let stream = StreamingCovariance::new(ctx, d, rows, 0)?;
+    let x = ctx.buffer_from("x", &random(rows * d, 3))?;
+    stream.prepare(ctx, 0, rows as u64);
+    let ops = stream.record(ctx, Schedule::for_context(ctx), rows, Slice::whole(&x))?;
+    let all: Vec<&Dispatch> = ops.iter().collect();
+    let t = time_ops(ctx, &all, opts.reps.min(10))?;
+    // Read twice (mean, centring), the centred copy written once and read twice (Gram).
+    let bytes = (rows * d * 4 * 5) as u64;
+    let covariance_4096x256 = KernelTime {
+        kernel: format!("{} dispatches (mean, center, gram, merges)", ops.len()),
+        file: "stats".into(),
+        ms: t * 1e3,
+        gflops: Some(2.0 * (rows * d * d) as f64 / t / 1e9),
+        gbps: bytes as f64 / t / 1e9,
+    };
+    Ok(BenchReport {
+        adapter: ctx.adapter_name(),
+        mlp_step_kernels: kernels,
+        mlp_step_ms,
+        cnn_step_ms,
+        matmul_1024,
+        covariance_4096x256,
+    })
+}
