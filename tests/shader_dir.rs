@@ -230,3 +230,63 @@ fn kernels_bench_times_built_in_and_edited_files_side_by_side() {
     assert!(builtin["matmul_1024"]["gflops"].as_f64().unwrap() > 0.0);
     assert!(edited["mlp_step_ms"].as_f64().unwrap() > 0.0);
 }
+
+/// The shell lines of the README's code block after `marker` (comments dropped).
+fn readme_block(marker: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let after = &readme[readme.find(marker).expect("marker in README")..];
+    let start = after.find("```bash\n").unwrap() + "```bash\n".len();
+    let block = &after[start..start + after[start..].find("```").unwrap()];
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn readme_worked_example_runs() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    common::write_small_mnist(&cwd.join("data"));
+    let bin = Path::new(env!("CARGO_BIN_EXE_cupbearer")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let lines = readme_block("<!-- worked example: kernels -->");
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let mut outputs = Vec::new();
+    for line in &lines {
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", line])
+            .current_dir(cwd)
+            .env("PATH", &path)
+            .env("CUPBEARER_DATA_DIR", cwd.join("data"))
+            .env_remove("CUPBEARER_SHADER_DIR")
+            .output()
+            .unwrap();
+        outputs.push(ok(&out));
+    }
+    // The edit took, passed its check, was timed beside the built-in Adam, and the run
+    // records it.
+    let adam = std::fs::read_to_string(cwd.join("my_kernels/adam.wgsl")).unwrap();
+    assert!(adam.contains("@workgroup_size(256, 1, 1)") && adam.contains("nwg.x * 256u"));
+    assert!(outputs[2].contains("comparisons passed"), "{}", outputs[2]);
+    assert!(outputs[3].contains("edited ms"), "{}", outputs[3]);
+    let metrics = json(&cwd.join("logs/adam256/metrics.json"));
+    let edited: Vec<&serde_json::Value> = metrics["kernel_overrides"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["edited"] == true)
+        .collect();
+    assert_eq!(edited.len(), 1, "{metrics}");
+    assert_eq!(edited[0]["kernel"], "adam");
+}
