@@ -11,12 +11,14 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::Dataset;
-use crate::gpu::adam::{adam, set_adam_step};
-use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
-use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
+use crate::gpu::adam::set_adam_step;
+use crate::gpu::batch::GpuDataset;
 use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
 use crate::gpu::stats::StreamingCovariance;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use crate::model::batches::{BatchInputs, BatchPlan};
+use crate::model::gpu_mlp::Workspace;
+use crate::model::train::StepBuffers;
 use crate::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 
 /// Median seconds of `reps` runs of `ops` (one submit each, waited for), after one
@@ -55,58 +57,29 @@ pub fn mnist_model(cnn: bool) -> MlpConfig {
 }
 
 /// Every dispatch of one training step (batch 128) of `config` on MNIST-shaped
-/// synthetic data, in order: gather, forward, loss, backward, Adam.
+/// synthetic data, as training records it: gather, forward, loss, backward, Adam.
 pub fn training_step(ctx: &GpuContext, config: &MlpConfig) -> Result<Vec<Dispatch>> {
     let [h, w, _] = config.input_shape;
     let data = Dataset::synthetic(1024, h, w, 1);
     let gdata = GpuDataset::upload(ctx, &data.as_images())?;
     let model = GpuMlp::upload(ctx, &Mlp::init(config, 0)?)?;
-    let rows = 128;
-    let ws = model.workspace(ctx, rows, gdata.is_sparse(), Gradients::Params)?;
-    let idx: Vec<u32> = (0..1024).collect();
-    let indices = ctx.buffer_from("indices", &idx)?;
+    let buffers = StepBuffers::new(ctx, &model, data.len())?;
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    ctx.queue
+        .write_buffer(&buffers.indices, 0, bytemuck::cast_slice(&idx));
     let mut params = StepParams::default();
     set_adam_step(&mut params, 1e-3, 1);
-    let step = ctx.uniform("step", &params);
-    let n = model.layout.total;
-    let (grads, m, v) = (ctx.zeros("g", n)?, ctx.zeros("m", n)?, ctx.zeros("v", n)?);
-    let metrics = ctx.zeros("metrics", 1024)?;
-    let gather = Gather {
+    ctx.queue
+        .write_buffer(&buffers.step, 0, bytemuck::bytes_of(&params));
+    let inputs = BatchInputs {
         data: &gdata,
-        rows,
-        indices: Slice::whole(&indices),
-        poison: None,
+        indices: &buffers.indices,
+        step: &buffers.step,
+        backdoor: None,
         seed: 0,
-        step: &step,
     };
-    let outputs = BatchOutputs {
-        x: Slice::whole(&ws.x),
-        xt: (!config.is_cnn()).then(|| Slice::whole(&ws.xt)),
-        labels: Slice::whole(&ws.labels),
-    };
-    let mut ops = vec![gather_batch(ctx, &gather, &outputs)?];
-    ops.extend(model.forward(ctx, &ws)?);
-    let loss = LossOutputs {
-        grad: Slice::whole(&ws.dlogits),
-        sample_loss: Slice::whole(&metrics),
-        sample_correct: Slice::whole(&metrics),
-    };
-    let (logits, labels) = (Slice::whole(&ws.logits), Slice::whole(&ws.labels));
-    ops.push(softmax_cross_entropy(
-        ctx, rows, 10, logits, labels, &loss, &step,
-    )?);
-    ops.extend(model.backward(ctx, &ws, &grads)?);
-    let w = Slice::whole;
-    ops.push(adam(
-        ctx,
-        n,
-        w(&model.params),
-        w(&grads),
-        w(&m),
-        w(&v),
-        &step,
-    )?);
-    Ok(ops)
+    let extra = |ws: &Workspace| buffers.ops(ctx, &model, ws);
+    Ok(BatchPlan::new(ctx, &model, &inputs, 128, Gradients::Params, &extra)?.ops)
 }
 
 /// One dispatch's time and throughput.

@@ -7,15 +7,16 @@ use anyhow::Result;
 use super::{random, Check, Checker};
 use crate::data::backdoor::batch_reference;
 use crate::data::Dataset;
-use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
-use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
+use crate::gpu::batch::GpuDataset;
 use crate::gpu::matmul::Schedule;
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
+use crate::model::batches::{BatchInputs, BatchPlan};
 use crate::model::gpu_mlp::Workspace;
 use crate::model::layers::{
     BoundStack, Layer, Needs, ParamLayout, Shape, Stack, StackBackward, StackForward,
 };
 use crate::model::mlp::Dense;
+use crate::model::train::{loss_op, SampleMetrics};
 use crate::model::{GpuMlp, Gradients, Mlp, MlpConfig};
 
 /// What the layer checks compile: matmul, the conv family, column sums and the gate.
@@ -386,7 +387,8 @@ impl GradientCase {
         })
     }
 
-    /// Runs gather, forward, loss and `backward(model, ws)` on the GPU.
+    /// Runs gather, forward, loss and `backward(model, ws)` on the GPU, as training
+    /// records them.
     fn run(
         &self,
         ctx: &GpuContext,
@@ -396,36 +398,23 @@ impl GradientCase {
         let rows = self.indices.len();
         let model = GpuMlp::upload(ctx, &self.mlp)?;
         let gdata = GpuDataset::upload(ctx, &self.data.as_images())?;
-        let ws = model.workspace(ctx, rows, true, gradients)?;
-        let idx = ctx.buffer_from("idx", &self.indices)?;
+        let indices = ctx.buffer_from("idx", &self.indices)?;
         let step = ctx.uniform("step", &StepParams::default());
-        let metrics = ctx.zeros("metrics", rows)?;
-        let gather = Gather {
+        let metrics = SampleMetrics::new(ctx, rows)?;
+        let inputs = BatchInputs {
             data: &gdata,
-            rows,
-            indices: Slice::whole(&idx),
-            poison: None,
-            seed: 0,
+            indices: &indices,
             step: &step,
+            backdoor: None,
+            seed: 0,
         };
-        let outputs = BatchOutputs {
-            x: Slice::whole(&ws.x),
-            xt: (!self.mlp.config.is_cnn()).then(|| Slice::whole(&ws.xt)),
-            labels: Slice::whole(&ws.labels),
+        let extra = |ws: &Workspace| -> Result<Vec<Dispatch>> {
+            let mut ops = vec![loss_op(ctx, &model, ws, &metrics, &step)?];
+            ops.extend(backward(&model, ws)?);
+            Ok(ops)
         };
-        let mut ops = vec![gather_batch(ctx, &gather, &outputs)?];
-        ops.extend(model.forward(ctx, &ws)?);
-        let loss = LossOutputs {
-            grad: Slice::whole(&ws.dlogits),
-            sample_loss: Slice::whole(&metrics),
-            sample_correct: Slice::whole(&metrics),
-        };
-        let (logits, labels) = (Slice::whole(&ws.logits), Slice::whole(&ws.labels));
-        ops.push(softmax_cross_entropy(
-            ctx, rows, 10, logits, labels, &loss, &step,
-        )?);
-        ops.extend(backward(&model, &ws)?);
-        ctx.submit(&ops);
-        Ok((model, ws))
+        let plan = BatchPlan::new(ctx, &model, &inputs, rows, gradients, &extra)?;
+        ctx.submit(&plan.ops);
+        Ok((model, plan.ws))
     }
 }

@@ -97,10 +97,54 @@ impl SampleMetrics {
 }
 
 /// Optimiser state: gradients and Adam moments, laid out like the parameters.
-struct Optimizer {
+/// What one training step reads and writes beside the model and its workspace: the
+/// epoch's sample order, the step parameters, per-sample metrics and Adam's state.
+pub(crate) struct StepBuffers {
+    pub indices: wgpu::Buffer,
+    pub step: wgpu::Buffer,
+    pub metrics: SampleMetrics,
     grads: wgpu::Buffer,
     m: wgpu::Buffer,
     v: wgpu::Buffer,
+}
+
+impl StepBuffers {
+    /// For training `model` on `n` samples.
+    pub(crate) fn new(ctx: &GpuContext, model: &GpuMlp, n: usize) -> Result<Self> {
+        let total = model.layout.total;
+        Ok(StepBuffers {
+            indices: ctx.zeros("epoch_indices", n)?,
+            step: ctx.uniform("step", &StepParams::default()),
+            metrics: SampleMetrics::new(ctx, n)?,
+            grads: ctx.zeros("grads", total)?,
+            m: ctx.zeros("adam_m", total)?,
+            v: ctx.zeros("adam_v", total)?,
+        })
+    }
+
+    /// What a training step runs after the forward pass: loss, backward, Adam.
+    pub(crate) fn ops(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        ws: &Workspace,
+    ) -> Result<Vec<Dispatch>> {
+        let mut ops = vec![loss_op(ctx, model, ws, &self.metrics, &self.step)?];
+        ops.extend(model.backward(ctx, ws, &self.grads)?);
+        let whole = Slice::whole;
+        let (grads, m, v) = (whole(&self.grads), whole(&self.m), whole(&self.v));
+        let total = model.layout.total;
+        ops.push(adam(
+            ctx,
+            total,
+            whole(&model.params),
+            grads,
+            m,
+            v,
+            &self.step,
+        )?);
+        Ok(ops)
+    }
 }
 
 /// The loss kernel of a plan: per-sample metrics at the batch's position, dL/dlogits.
@@ -137,38 +181,16 @@ pub fn train(
         bail!("training needs at least one epoch and one step (num_epochs and max_steps >= 1)");
     }
     let n = data.len;
-    let indices = ctx.zeros("epoch_indices", n)?;
-    let step = ctx.uniform("step", &StepParams::default());
-    let metrics = SampleMetrics::new(ctx, n)?;
-    let total = model.layout.total;
-    let opt = Optimizer {
-        grads: ctx.zeros("grads", total)?,
-        m: ctx.zeros("adam_m", total)?,
-        v: ctx.zeros("adam_v", total)?,
-    };
+    let buffers = StepBuffers::new(ctx, model, n)?;
+    let (indices, step, metrics) = (&buffers.indices, &buffers.step, &buffers.metrics);
     let inputs = BatchInputs {
         data,
-        indices: &indices,
-        step: &step,
+        indices,
+        step,
         backdoor: opts.backdoor,
         seed: opts.seed,
     };
-    let train_ops = |ws: &Workspace| -> Result<Vec<Dispatch>> {
-        let mut ops = vec![loss_op(ctx, model, ws, &metrics, &step)?];
-        ops.extend(model.backward(ctx, ws, &opt.grads)?);
-        let whole = Slice::whole;
-        let params = whole(&model.params);
-        ops.push(adam(
-            ctx,
-            total,
-            params,
-            whole(&opt.grads),
-            whole(&opt.m),
-            whole(&opt.v),
-            &step,
-        )?);
-        Ok(ops)
-    };
+    let train_ops = |ws: &Workspace| buffers.ops(ctx, model, ws);
     let plans = BatchPlans::new(
         ctx,
         model,
@@ -196,7 +218,7 @@ pub fn train(
         progress: opts.progress,
     };
     (report.steps, report.samples) =
-        run_epochs(ctx, &plans, &indices, &step, &all, &schedule, |e| {
+        run_epochs(ctx, &plans, indices, step, &all, &schedule, |e| {
             // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
             let (loss, acc) = metrics.read_means(ctx, e.samples)?;
             if !loss.is_finite() {
