@@ -190,6 +190,7 @@ impl Registry {
         r.register_detector(detectors::supervised_probe::ENTRY);
         r.register_detector(detectors::beatrix::ENTRY);
         r.register_detector(detectors::ted::ENTRY);
+        r.register_detector(detectors::finetuning::ENTRY);
         r.register_task(tasks::backdoor::ENTRY);
         r.register_task(tasks::adversarial::ENTRY);
         r

@@ -9,6 +9,7 @@
 pub mod abstraction;
 pub mod adversarial_abstraction;
 pub mod beatrix;
+pub mod finetuning;
 pub mod linalg;
 pub mod mahalanobis;
 pub mod quadratic;

@@ -170,17 +170,39 @@ pub(crate) fn loss_op(
     )
 }
 
-/// Trains `model` in place; returns per-epoch metrics.
+/// Trains `model` in place on every sample of `data`; returns per-epoch metrics.
 pub fn train(
     ctx: &GpuContext,
     model: &GpuMlp,
     data: &GpuDataset,
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
+    let all: Vec<u32> = (0..data.len as u32).collect();
+    train_on(ctx, model, data, &all, opts)
+}
+
+/// Trains `model` in place on the samples `samples` of `data` (each epoch a seeded
+/// shuffle of them); returns per-epoch metrics.
+pub fn train_on(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    data: &GpuDataset,
+    samples: &[u32],
+    opts: &TrainOptions,
+) -> Result<TrainReport> {
+    if let Some(&bad) = samples.iter().find(|&&i| i as usize >= data.len) {
+        bail!(
+            "sample index {bad} out of range for a data set of {}",
+            data.len
+        );
+    }
     if opts.epochs == 0 || opts.max_steps == Some(0) {
         bail!("training needs at least one epoch and one step (num_epochs and max_steps >= 1)");
     }
-    let n = data.len;
+    let n = samples.len();
+    if n == 0 {
+        bail!("training needs at least one sample");
+    }
     let buffers = StepBuffers::new(ctx, model, n)?;
     let (indices, step, metrics) = (&buffers.indices, &buffers.step, &buffers.metrics);
     let inputs = BatchInputs {
@@ -208,7 +230,6 @@ pub fn train(
         seconds: 0.0,
         samples_per_second: 0.0,
     };
-    let all: Vec<u32> = (0..n as u32).collect();
     let schedule = EpochSchedule {
         epochs: opts.epochs,
         max_steps: opts.max_steps,
@@ -218,7 +239,7 @@ pub fn train(
         progress: opts.progress,
     };
     (report.steps, report.samples) =
-        run_epochs(ctx, &plans, indices, step, &all, &schedule, |e| {
+        run_epochs(ctx, &plans, indices, step, samples, &schedule, |e| {
             // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
             let (loss, acc) = metrics.read_means(ctx, e.samples)?;
             if !loss.is_finite() {
@@ -428,15 +449,25 @@ pub fn predict_logits(
     indices: &[u32],
     batch_size: usize,
 ) -> Result<Vec<f32>> {
-    let classes = model.config.output_dim;
-    let mut logits = Vec::with_capacity(indices.len() * classes);
     let samples = SampleSet {
         data,
         indices,
         backdoor: None,
         seed: 0,
     };
-    eval_batches(ctx, model, &samples, batch_size, |plan| {
+    sample_logits(ctx, model, &samples, batch_size)
+}
+
+/// The logits of `samples` (with their trigger, if any), row-major.
+pub fn sample_logits(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    samples: &SampleSet<'_>,
+    batch_size: usize,
+) -> Result<Vec<f32>> {
+    let classes = model.config.output_dim;
+    let mut logits = Vec::with_capacity(samples.indices.len() * classes);
+    eval_batches(ctx, model, samples, batch_size, |plan| {
         let len = plan.ws.rows * classes;
         logits.extend(ctx.read::<f32>(Slice::new(&plan.ws.logits, 0, len))?);
         Ok(())

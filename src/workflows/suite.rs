@@ -149,6 +149,9 @@ name = "beatrix"
 name = "ted"
 
 [[detector]]
+name = "finetuning"
+
+[[detector]]
 name = "abstraction"
 options = { "train.num_epochs" = 2 }
 
@@ -229,6 +232,9 @@ name = "beatrix"
 
 [[detector]]
 name = "ted"
+
+[[detector]]
+name = "finetuning"
 
 [[detector]]
 name = "abstraction"

@@ -77,18 +77,29 @@ pub fn write_small_mnist(dir: &Path) {
 /// `dir/data`, returned) poisoned with a bottom-right corner trigger on 20 % of the
 /// images (target 0): 48-32 MLP, 4 epochs, attack success checked above 0.9.
 pub fn backdoored_run(dir: &Path) -> std::path::PathBuf {
-    use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+    use cupbearer::data::backdoor::{Corner, Trigger};
+    backdoored_run_with(
+        dir,
+        Trigger::Corner {
+            corner: Corner::BottomRight,
+        },
+    )
+}
+
+/// [`backdoored_run`] with another trigger.
+pub fn backdoored_run_with(
+    dir: &Path,
+    trigger: cupbearer::data::backdoor::Trigger,
+) -> std::path::PathBuf {
+    use cupbearer::data::backdoor::Backdoor;
     use cupbearer::data::DatasetName;
     use cupbearer::model::MlpConfig;
     use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
-    use cupbearer::workflows::classifier::{train_classifier, RunOptions};
 
     let data_dir = dir.join("data");
     write_small_mnist(&data_dir);
     let backdoor = Backdoor {
-        trigger: Trigger::Corner {
-            corner: Corner::BottomRight,
-        },
+        trigger,
         p_backdoor: 0.2,
         target_class: 0,
     };
@@ -108,23 +119,33 @@ pub fn backdoored_run(dir: &Path) -> std::path::PathBuf {
             ..TrainingConfig::default()
         },
     );
-    let metrics = train_classifier(
-        config,
-        &RunOptions {
-            dir: Some(dir.join("classifier")),
-            test_limit: None,
-            data_dir: data_dir.clone(),
-            overwrite: false,
-            eval_batch_size: 512,
-            progress: false,
-            dtype: Default::default(),
-        },
-    )
-    .unwrap();
+    let metrics = classifier_run(config, &dir.join("classifier"), &data_dir);
     assert!(
         metrics.attack_success_rate.unwrap() > 0.9,
         "{}",
         metrics.summary()
     );
     data_dir
+}
+
+/// Trains `config` into the run dir `run` on the data under `data_dir`, quietly.
+pub fn classifier_run(
+    config: cupbearer::run::ClassifierRunConfig,
+    run: &Path,
+    data_dir: &Path,
+) -> cupbearer::workflows::classifier::ClassifierMetrics {
+    use cupbearer::workflows::classifier::{train_classifier, RunOptions};
+    train_classifier(
+        config,
+        &RunOptions {
+            dir: Some(run.to_path_buf()),
+            test_limit: None,
+            data_dir: data_dir.to_path_buf(),
+            overwrite: false,
+            eval_batch_size: 512,
+            progress: false,
+            dtype: Default::default(),
+        },
+    )
+    .unwrap()
 }

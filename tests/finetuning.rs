@@ -1,0 +1,209 @@
+//! The finetuning detector: its KL against a direct f64 formula, the classifier left
+//! untouched by the fit (the upstream once finetuned the original), a planted trigger
+//! found, a reload that scores identically, bad options and a mismatched model refused.
+
+mod common;
+
+use std::path::Path;
+
+use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+use cupbearer::detectors::finetuning::kl_of_logits;
+use cupbearer::registry::{Registry, TaskEnv};
+use cupbearer::run::MODEL_FILE;
+use cupbearer::tasks::backdoor::BackdoorTaskConfig;
+use cupbearer::workflows::detector::{
+    eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
+};
+use cupbearer::workflows::Output;
+
+#[test]
+fn kl_of_logits_matches_the_definition() {
+    let (p, q) = ([2.0f32, -1.0, 0.5], [0.0f32, 1.0, 3.0]);
+    let softmax = |z: &[f32]| -> Vec<f64> {
+        let e: Vec<f64> = z.iter().map(|&v| (v as f64).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    };
+    let (sp, sq) = (softmax(&p), softmax(&q));
+    let want: f64 = sp.iter().zip(&sq).map(|(a, b)| a * (a / b).ln()).sum();
+    assert!((kl_of_logits(&p, &q) - want).abs() < 1e-12);
+    assert_eq!(kl_of_logits(&p, &p), 0.0);
+    // Shifting logits changes nothing; huge logits do not overflow.
+    let shifted = p.map(|v| v + 500.0);
+    assert!((kl_of_logits(&shifted, &q) - want).abs() < 1e-9);
+}
+
+fn quiet(dir: &Path) -> Output<'_> {
+    Output {
+        dir: Some(dir),
+        overwrite: false,
+        progress: false,
+    }
+}
+
+/// Fits the finetuning detector (with `options`) on the backdoor task of `run_path`,
+/// evaluates it twice (the second from the stored weights) into `out`: the AUROC, and
+/// whether both evaluations wrote the same scores.
+fn fit_and_eval(
+    run_path: &Path,
+    env: &TaskEnv,
+    task: BackdoorTaskConfig,
+    options: &[(&str, &str)],
+    out: &Path,
+) -> (f64, bool) {
+    let registry = Registry::builtin();
+    let task = BackdoorTaskConfig {
+        run_path: run_path.to_path_buf(),
+        ..task
+    };
+    let task = registry
+        .build_task("backdoor", &serde_json::to_value(task).unwrap(), env)
+        .unwrap();
+    let options: Vec<(String, Vec<String>)> = options
+        .iter()
+        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+        .collect();
+    let config = registry
+        .detector("finetuning")
+        .unwrap()
+        .resolve(&options, false)
+        .unwrap();
+    let detector = registry.build_detector("finetuning", &config).unwrap();
+    let det_dir = out.join("det");
+    train_detector(
+        task.as_ref(),
+        detector,
+        &FitOptions::default(),
+        &quiet(&det_dir),
+    )
+    .unwrap();
+    let opts = EvalOptions {
+        registry: &registry,
+        batch_size: 256,
+        seed: 0,
+        aggregation: None,
+    };
+    let source = DetectorSource::Run(det_dir);
+    let first = eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e1"))).unwrap();
+    eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e2"))).unwrap();
+    let scores = |d: &str| std::fs::read(out.join(d).join("scores.csv")).unwrap();
+    (first.auc_roc, scores("e1") == scores("e2"))
+}
+
+#[test]
+fn the_fit_finetunes_a_copy_and_a_reload_scores_identically() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = common::backdoored_run(tmp.path());
+    let run_path = tmp.path().join("classifier");
+    let weights = std::fs::read(run_path.join(MODEL_FILE)).unwrap();
+    let env = TaskEnv { data_dir, seed: 0 };
+    let task = BackdoorTaskConfig {
+        backdoor: Backdoor {
+            trigger: Trigger::Corner {
+                corner: Corner::BottomRight,
+            },
+            p_backdoor: 1.0,
+            target_class: 0,
+        },
+        ..BackdoorTaskConfig::default()
+    };
+    let options = [("train.num_epochs", "3"), ("train.learning_rate", "0.003")];
+    let (auroc, identical) = fit_and_eval(&run_path, &env, task, &options, tmp.path());
+    // On these generated images the corner pixel is 0 in every clean image, so clean
+    // finetuning never moves the weights that read it: the backdoor survives intact and
+    // the score does not find it (see the MNIST test below for the real case).
+    eprintln!("finetuning on generated data: AUROC {auroc:.4}");
+    assert!(identical, "a reload must score identically");
+    assert_eq!(
+        std::fs::read(run_path.join(MODEL_FILE)).unwrap(),
+        weights,
+        "the fit must finetune a copy, not the classifier"
+    );
+
+    let registry = Registry::builtin();
+    for (key, value, msg) in [
+        ("train.num_epochs", "0", "num_epochs >= 1"),
+        (
+            "train.learning_rate",
+            "-1",
+            "learning_rate must be a number > 0",
+        ),
+    ] {
+        let config = registry
+            .detector("finetuning")
+            .unwrap()
+            .resolve(&vec![(key.to_string(), vec![value.to_string()])], false)
+            .unwrap();
+        let err = registry
+            .build_detector("finetuning", &config)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains(msg), "{err:#}");
+    }
+}
+
+/// The planted trigger on real MNIST (skipped without `../shared/data/mnist`): a
+/// classifier trained 2 epochs on 10 000 images with a 5 % corner backdoor; one epoch of
+/// clean finetuning moves its predictions on triggered images more than on clean ones.
+#[test]
+fn finetuning_finds_a_corner_backdoor_on_mnist() {
+    use cupbearer::data::DatasetName;
+    use cupbearer::model::MlpConfig;
+    use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+    if common::gpu().is_none() {
+        return;
+    }
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !data_dir.join("mnist").is_dir() {
+        eprintln!("skipping: no MNIST at {}", data_dir.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let backdoor = Backdoor {
+        trigger: Trigger::Corner {
+            corner: Corner::TopLeft,
+        },
+        p_backdoor: 0.05,
+        target_class: 0,
+    };
+    let config = ClassifierRunConfig::new(
+        TrainDataConfig {
+            dataset: DatasetName::Mnist,
+            max_size: Some(10_000),
+            backdoor: Some(backdoor),
+        },
+        MlpConfig {
+            hidden_dims: vec![256, 256],
+            output_dim: 10,
+            ..MlpConfig::default()
+        },
+        TrainingConfig {
+            num_epochs: 2,
+            ..TrainingConfig::default()
+        },
+    );
+    let run_path = tmp.path().join("classifier");
+    let metrics = common::classifier_run(config, &run_path, &data_dir);
+    assert!(
+        metrics.attack_success_rate.unwrap() > 0.8,
+        "{}",
+        metrics.summary()
+    );
+    let env = TaskEnv { data_dir, seed: 0 };
+    let task = BackdoorTaskConfig {
+        backdoor: Backdoor {
+            p_backdoor: 1.0,
+            ..backdoor
+        },
+        max_train_size: Some(10_000),
+        max_test_size: Some(2_000),
+        ..BackdoorTaskConfig::default()
+    };
+    let (auroc, identical) = fit_and_eval(&run_path, &env, task, &[], tmp.path());
+    eprintln!("finetuning on MNIST: AUROC {auroc:.4}");
+    assert!(identical);
+    assert!(auroc > 0.8, "AUROC {auroc}");
+}
