@@ -1,7 +1,7 @@
 // Builds a float batch in [0, 1] from the u8 data set resident on the GPU, gathering
 // the samples listed in `indices`, and injects the backdoor trigger: a per-sample coin
-// flip (probability p_backdoor) decides whether the sample is poisoned; a poisoned
-// sample gets the trigger and the label `target_class`.
+// flip decides whether the sample is poisoned (coin in [p_noise, p_noise + p_backdoor));
+// a poisoned sample gets the trigger and the label `target_class`.
 // Needs rng.wgsl and step.wgsl prepended.
 
 struct BatchParams {
@@ -20,9 +20,16 @@ struct BatchParams {
     seed: u32,
     // The pixels are split over data0..data3 (each within the storage binding limit).
     samples_per_chunk: u32,
+    height: u32,
+    // WaNet: the k x k control grid of (x, y) displacements, grid[c][i][j] packed 4 per
+    // vec4; coins below p_noise warp with random jitter too and keep their label.
+    grid_width: u32,
+    rescale: f32,
+    p_noise: f32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    grid: array<vec4<f32>, 32>,
 }
 
 // u8 pixels, 4 per word (or f32), of samples [k·samples_per_chunk, (k+1)·samples_per_chunk)
@@ -46,6 +53,7 @@ override F32_PIXELS: bool = false;
 
 const KIND_CORNER: u32 = 1u;
 const KIND_NOISE: u32 = 2u;
+const KIND_WARP: u32 = 3u;
 
 // One workgroup per row (few, large workgroups: cheap on CPU adapters too).
 @compute @workgroup_size(64, 1, 1)
@@ -54,7 +62,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let sample = indices[step.batch_offset + r];
     // Every invocation of a sample draws the same coin: keyed on (epoch, sample).
     let coin = rand_unit(rand_u32(params.seed, STREAM_COIN, step.epoch, sample, 0u));
-    let poisoned = params.kind != 0u && coin < params.p_backdoor;
+    let noised = params.kind == KIND_WARP && coin < params.p_noise;
+    let poisoned = params.kind != 0u && coin >= params.p_noise
+        && coin < params.p_noise + params.p_backdoor;
     if (lid.x == 0u) {
         y[r] = select(labels_all[sample], params.target_class, poisoned);
     }
@@ -62,7 +72,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let chunk = sample / params.samples_per_chunk;
     let base = (sample % params.samples_per_chunk) * params.sample_dim;
     for (var p = lid.x; p < params.sample_dim; p += 64u) {
-        let v = pixel(sample, chunk, base + p, p, poisoned);
+        var v: f32;
+        if (params.kind == KIND_WARP && (poisoned || noised)) {
+            v = warped(sample, chunk, base, p, noised);
+        } else {
+            v = pixel(sample, chunk, base + p, p, poisoned);
+        }
         x[r * params.sample_dim + p] = v;
         if (WRITE_T) {
             xt[p * params.rows + r] = v;
@@ -70,14 +85,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     }
 }
 
+// The value stored at `index` of data{chunk}, in [0, 1].
+fn load(chunk: u32, index: u32) -> f32 {
+    if (F32_PIXELS) {
+        return bitcast<f32>(word(chunk, index));
+    }
+    return f32((word(chunk, index / 4u) >> (8u * (index % 4u))) & 255u) / 255.0;
+}
+
 // Pixel p of a sample stored at `index` of data{chunk}.
 fn pixel(sample: u32, chunk: u32, index: u32, p: u32, poisoned: bool) -> f32 {
-    var v: f32;
-    if (F32_PIXELS) {
-        v = bitcast<f32>(word(chunk, index));
-    } else {
-        v = f32((word(chunk, index / 4u) >> (8u * (index % 4u))) & 255u) / 255.0;
-    }
+    var v = load(chunk, index);
     if (poisoned) {
         if (params.kind == KIND_CORNER) {
             let pixel = p / params.channels;
@@ -103,4 +121,75 @@ fn word(chunk: u32, i: u32) -> u32 {
         case 2u: { return data2[i]; }
         default: { return data3[i]; }
     }
+}
+
+fn grid_value(c: u32, i: u32, j: u32) -> f32 {
+    let idx = (c * params.grid_width + i) * params.grid_width + j;
+    return params.grid[idx / 4u][idx % 4u];
+}
+
+// Torch's bicubic convolution weights (A = -0.75) of the 4 taps around fraction t.
+fn cubic_weights(t: f32) -> vec4<f32> {
+    let a = -0.75;
+    let x = vec4<f32>(t + 1.0, t, 1.0 - t, 2.0 - t);
+    let near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    return vec4<f32>(far.x, near.y, near.z, far.w);
+}
+
+// Position i of n on the control grid (align corners), and in [-1, 1].
+fn along(i: u32, n: u32) -> f32 {
+    return select(0.0, f32(i) * f32(params.grid_width - 1u) / f32(n - 1u), n > 1u);
+}
+
+fn normalised(i: u32, n: u32) -> f32 {
+    return select(0.0, 2.0 * f32(i) / f32(n - 1u) - 1.0, n > 1u);
+}
+
+// Where pixel `pix` samples from, in pixel coordinates (x, y): the identity plus the
+// bicubically upsampled field, rescaled and clipped to the image, plus the noise
+// mode's jitter.
+fn warp_position(pix: u32, sample: u32, noised: bool) -> vec2<f32> {
+    let size = vec2<u32>(params.width, params.height);
+    let at = vec2<u32>(pix % params.width, pix / params.width);
+    let uv = vec2<f32>(along(at.x, size.x), along(at.y, size.y));
+    let wu = cubic_weights(uv.x - floor(uv.x));
+    let wv = cubic_weights(uv.y - floor(uv.y));
+    let last = i32(params.grid_width) - 1;
+    var field = vec2<f32>(0.0);
+    for (var a = 0; a < 4; a++) {
+        let ti = u32(clamp(i32(floor(uv.y)) + a - 1, 0, last));
+        for (var b = 0; b < 4; b++) {
+            let tj = u32(clamp(i32(floor(uv.x)) + b - 1, 0, last));
+            field += wv[a] * wu[b] * vec2<f32>(grid_value(0u, ti, tj), grid_value(1u, ti, tj));
+        }
+    }
+    let sizef = vec2<f32>(size);
+    let identity = vec2<f32>(normalised(at.x, size.x), normalised(at.y, size.y));
+    var g = clamp((identity + field / sizef) * params.rescale, vec2<f32>(-1.0), vec2<f32>(1.0));
+    if (noised) {
+        let jx = 2.0 * rand_unit(rand_u32(params.seed, STREAM_NOISE, step.epoch, sample, 2u * pix)) - 1.0;
+        let jy = 2.0 * rand_unit(rand_u32(params.seed, STREAM_NOISE, step.epoch, sample, 2u * pix + 1u)) - 1.0;
+        g = clamp(g + params.rescale * vec2<f32>(jx, jy) / sizef, vec2<f32>(-1.0), vec2<f32>(1.0));
+    }
+    return (g + 1.0) / 2.0 * vec2<f32>(max(size, vec2<u32>(1u)) - 1u);
+}
+
+// Value p (pixel p / channels, channel p % channels) of a sample at `base` of
+// data{chunk}, bilinearly resampled at its WaNet position.
+fn warped(sample: u32, chunk: u32, base: u32, p: u32, noised: bool) -> f32 {
+    let c = p % params.channels;
+    let pos = warp_position(p / params.channels, sample, noised);
+    let lo = floor(pos);
+    let f = pos - lo;
+    let x0 = min(u32(lo.x), params.width - 1u);
+    let y0 = min(u32(lo.y), params.height - 1u);
+    let x1 = min(x0 + 1u, params.width - 1u);
+    let y1 = min(y0 + 1u, params.height - 1u);
+    let row = params.width * params.channels;
+    let v00 = load(chunk, base + y0 * row + x0 * params.channels + c);
+    let v01 = load(chunk, base + y0 * row + x1 * params.channels + c);
+    let v10 = load(chunk, base + y1 * row + x0 * params.channels + c);
+    let v11 = load(chunk, base + y1 * row + x1 * params.channels + c);
+    return (1.0 - f.y) * ((1.0 - f.x) * v00 + f.x * v01) + f.y * ((1.0 - f.x) * v10 + f.x * v11);
 }

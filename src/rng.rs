@@ -35,6 +35,8 @@ pub const STREAM_NOISE: u32 = 2;
 pub const STREAM_SHUFFLE: u32 = 3;
 pub const STREAM_INIT: u32 = 4;
 pub const STREAM_ATTACK_START: u32 = 5;
+/// The WaNet control grid (drawn on the host only).
+pub const STREAM_WANET_GRID: u32 = 6;
 
 /// Fisher-Yates permutation of 0..n for (seed, epoch).
 pub fn shuffled_indices(n: usize, seed: u32, epoch: u32) -> Vec<u32> {

@@ -645,3 +645,120 @@ fn cnn_runs_end_to_end() {
     let report = eval_json(&cwd.join("logs/a/eval.json"));
     assert!(report["AUC_ROC"].as_f64().unwrap() >= 0.7, "{report}");
 }
+
+/// WaNet end to end: train-classifier stores the control grid in the run dir and the
+/// backdoor task reuses it; a classifier without one and a grid that is not the run's
+/// are refused, as are bad settings. (Its kernel against the f64 reference: the
+/// `gather` check of tests/kernels.rs.)
+#[test]
+fn wanet_trigger_end_to_end_with_the_runs_own_grid() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let classifier = |dir: &str, trigger: &str| {
+        format!(
+            "train-classifier --train_data backdoor --train_data.original mnist \
+             --train_data.backdoor {trigger} --train_data.backdoor.p_backdoor 0.2 \
+             --model.hidden_dims 48 32 --num_epochs 4 --dir.full {dir}"
+        )
+    };
+    // A strong field for 12x10 images (a few pixels).
+    let strong = "wanet --train_data.backdoor.warping_strength 3";
+    run_ok(cwd, &words(&classifier("cls", strong)));
+    assert!(cwd.join("cls/wanet_grid.safetensors").is_file());
+    let config = eval_json(&cwd.join("cls/config.json"));
+    let trigger = &config["train_data"]["backdoor"];
+    assert_eq!(
+        (trigger["kind"].as_str(), trigger["grid_seed"].as_u64()),
+        (Some("wanet"), Some(0))
+    );
+    let metrics = eval_json(&cwd.join("cls/metrics.json"));
+    eprintln!("wanet: attack success {}", metrics["attack_success_rate"]);
+    assert!(
+        metrics["attack_success_rate"].as_f64().unwrap() > 0.5,
+        "{metrics}"
+    );
+
+    let task = |run: &str| format!("--task backdoor --task.backdoor wanet --task.run_path {run}");
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train-detector --detector mahalanobis {} --dir.full det",
+            task("cls")
+        )),
+    );
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval-detector --detector from_run --detector.path det {} --dir.full ev",
+            task("cls")
+        )),
+    );
+    let auroc = eval_json(&cwd.join("ev/eval.json"))["AUC_ROC"]
+        .as_f64()
+        .unwrap();
+    eprintln!("wanet: mahalanobis AUROC {auroc:.4}");
+    assert!(auroc > 0.5, "AUROC {auroc}");
+
+    // A corner classifier has no field to reuse.
+    run_ok(cwd, &words(&classifier("corner", "corner")));
+    let fit = |run: &str, out: &str| {
+        cupbearer(
+            cwd,
+            &words(&format!(
+                "train-detector --detector mahalanobis {} --dir.full {out}",
+                task(run)
+            )),
+        )
+    };
+    let out = fit("corner", "d2");
+    assert!(
+        stderr(&out).contains("needs a classifier trained with a WaNet trigger"),
+        "{}",
+        stderr(&out)
+    );
+    // Another seed's grid in the run dir is another trigger.
+    run_ok(
+        cwd,
+        &words(&classifier(
+            "other",
+            &format!("{strong} --train_data.backdoor.grid_seed 5"),
+        )),
+    );
+    std::fs::copy(
+        cwd.join("other/wanet_grid.safetensors"),
+        cwd.join("cls/wanet_grid.safetensors"),
+    )
+    .unwrap();
+    let out = fit("cls", "d3");
+    assert!(
+        stderr(&out).contains("is not the run's trigger's"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!cwd.join("d3").exists());
+    for (flags, msg) in [
+        (
+            "wanet --train_data.backdoor.control_grid_width 9",
+            "must be in 2..=8",
+        ),
+        (
+            "wanet --train_data.backdoor.p_noise 0.9",
+            "p_noise + p_backdoor <= 1",
+        ),
+        (
+            "wanet --train_data.backdoor.grid_rescale 0",
+            "grid_rescale must be finite and > 0",
+        ),
+    ] {
+        let out = cupbearer(cwd, &words(&classifier("bad", flags)));
+        assert!(
+            !out.status.success() && stderr(&out).contains(msg),
+            "{flags}: {}",
+            stderr(&out)
+        );
+        assert!(!cwd.join("bad").exists());
+    }
+}

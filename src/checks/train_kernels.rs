@@ -520,8 +520,38 @@ pub const GATHER: Check = Check {
             p_backdoor: 0.5,
             target_class: 3,
         };
-        for backdoor in [None, Some(corner), Some(noise(true)), Some(noise(false))] {
-            let name = backdoor.map_or("clean".to_string(), |b| format!("{:?}", b.trigger));
+        let wanet = |warping_strength, grid_rescale, p_noise| Backdoor {
+            trigger: Trigger::Wanet {
+                control_grid_width: 4,
+                warping_strength,
+                grid_rescale,
+                p_noise,
+                grid_seed: 11,
+            },
+            p_backdoor: 0.4,
+            target_class: 2,
+        };
+        let triggers = [
+            None,
+            Some(corner),
+            Some(noise(true)),
+            Some(noise(false)),
+            Some(wanet(0.5, 1.0, 0.0)),
+            // Noise mode (jittered warps that keep their label) and a rescaled field.
+            Some(wanet(0.5, 0.9, 0.3)),
+            // A strong field: samples far from their pixel, clipped at the borders.
+            Some(wanet(8.0, 1.0, 0.2)),
+        ];
+        for backdoor in triggers {
+            let name = backdoor.map_or("clean".to_string(), |b| match b.trigger {
+                Trigger::Wanet {
+                    warping_strength: s,
+                    grid_rescale: r,
+                    p_noise: n,
+                    ..
+                } => format!("Wanet {{ strength: {s}, rescale: {r}, p_noise: {n} }}"),
+                t => format!("{t:?}"),
+            });
             c.variant(&name);
             let (x, y, transposed) =
                 gather_on_gpu(c.ctx, &gdata, &indices, backdoor.as_ref(), (7, 2))?;
@@ -531,6 +561,16 @@ pub const GATHER: Check = Check {
             c.require("transposed copy", transposed, || {
                 "differs from the rows".into()
             });
+            if let Some(Trigger::Wanet { .. }) = backdoor.map(|b| b.trigger) {
+                let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
+                let moved = x
+                    .iter()
+                    .zip(&clean)
+                    .any(|(&a, b)| (a as f64 - b).abs() > 0.05);
+                c.require("the warp moves pixels", moved, || {
+                    "the batch is the clean one".into()
+                });
+            }
             // Unclipped noise leaves [0, 1] somewhere; clipped never does.
             if let Some(Trigger::Noise { clip, .. }) = backdoor.map(|b| b.trigger) {
                 let inside = x.iter().all(|&v| (0.0..=1.0).contains(&v));
@@ -539,6 +579,24 @@ pub const GATHER: Check = Check {
                 });
             }
         }
+        // A zero field warps nothing: every pixel samples itself.
+        c.variant("Wanet identity (strength 0)");
+        let identity = Backdoor {
+            p_backdoor: 1.0,
+            ..wanet(0.0, 1.0, 0.0)
+        };
+        let (x, y, _) = gather_on_gpu(c.ctx, &gdata, &indices, Some(&identity), (7, 2))?;
+        let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
+        c.close(
+            "37 of 53 9x7 images vs the clean batch",
+            &x,
+            &clean,
+            1e-6,
+            0.0,
+        );
+        c.require("all relabelled", y.iter().all(|&l| l == 2), || {
+            format!("labels {y:?}")
+        });
         Ok(())
     },
 };

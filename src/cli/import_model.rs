@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<()> {
     let c = &args.common;
     let dir = c.output_dir(Some(Path::new("logs/import_model")));
     // The trigger is checked against the model's outputs once they are known.
-    let train_data = args.data.resolve(usize::MAX)?;
+    let train_data = args.data.resolve(usize::MAX, 0)?;
     let metrics = import_model(
         &ImportModelOptions {
             checkpoint: &args.checkpoint,

@@ -87,7 +87,7 @@ impl Args {
         };
         let Optimizer::Adam = self.optim;
         Ok(ClassifierRunConfig::new(
-            self.data.resolve(self.model_output_dim)?,
+            self.data.resolve(self.model_output_dim, self.common.seed)?,
             // The input shape is filled in from the data set.
             MlpConfig {
                 input_shape: [0; 3],

@@ -12,6 +12,7 @@ use crate::run::TrainDataConfig;
 enum TriggerKind {
     Corner,
     Noise,
+    Wanet,
 }
 
 #[derive(clap::Args)]
@@ -43,21 +44,38 @@ pub struct TrainDataArgs {
     /// Clip noisy images to [0, 1] (the original 0.0.1 did not).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     train_data_backdoor_clip: bool,
+    /// WaNet: the control grid is K x K (2..=8).
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    train_data_backdoor_control_grid_width: u32,
+    /// WaNet: the mean magnitude of the control grid's displacements, in pixels.
+    #[arg(long, default_value_t = 0.5, value_name = "S")]
+    train_data_backdoor_warping_strength: f32,
+    /// WaNet: scale of the warped coordinates about the image centre.
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    train_data_backdoor_grid_rescale: f32,
+    /// WaNet: the further share of samples warped with random jitter that keep their
+    /// label (the paper's noise mode).
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    train_data_backdoor_p_noise: f32,
+    /// WaNet: the seed of the control grid [default: --seed].
+    #[arg(long, value_name = "SEED")]
+    train_data_backdoor_grid_seed: Option<u32>,
     /// Use only the first N training samples.
     #[arg(long, value_name = "N")]
     pub(super) train_data_max_size: Option<usize>,
 }
 
 impl TrainDataArgs {
-    /// The data set and trigger, checked against a model of `output_dim` classes.
-    pub fn resolve(&self, output_dim: usize) -> Result<TrainDataConfig> {
+    /// The data set and trigger, checked against a model of `output_dim` classes; a
+    /// WaNet grid is drawn from `seed` unless its own seed is given.
+    pub fn resolve(&self, output_dim: usize, seed: u32) -> Result<TrainDataConfig> {
         let (dataset, backdoor) = match self.train_data.as_str() {
             "backdoor" => {
                 let original = self.train_data_original.context(
                     "--train_data backdoor needs --train_data.original (mnist, fashion_mnist or cifar10)",
                 )?;
                 let kind = self.train_data_backdoor.context(
-                    "--train_data backdoor needs --train_data.backdoor (corner or noise)",
+                    "--train_data backdoor needs --train_data.backdoor (corner, noise or wanet)",
                 )?;
                 let trigger = match kind {
                     TriggerKind::Corner => Trigger::Corner {
@@ -66,6 +84,13 @@ impl TrainDataArgs {
                     TriggerKind::Noise => Trigger::Noise {
                         std: self.train_data_backdoor_std,
                         clip: self.train_data_backdoor_clip,
+                    },
+                    TriggerKind::Wanet => Trigger::Wanet {
+                        control_grid_width: self.train_data_backdoor_control_grid_width,
+                        warping_strength: self.train_data_backdoor_warping_strength,
+                        grid_rescale: self.train_data_backdoor_grid_rescale,
+                        p_noise: self.train_data_backdoor_p_noise,
+                        grid_seed: self.train_data_backdoor_grid_seed.unwrap_or(seed),
                     },
                 };
                 let b = Backdoor {

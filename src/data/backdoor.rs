@@ -69,6 +69,115 @@ pub enum Trigger {
     Corner { corner: Corner },
     /// Additive Gaussian noise, clipped to [0, 1] unless `clip` is false.
     Noise { std: f32, clip: bool },
+    /// WaNet (Nguyen & Tran 2021): the image resampled through a smooth warping field,
+    /// a `control_grid_width`² grid of displacements drawn from `grid_seed`, normalised
+    /// to mean magnitude `warping_strength` and upsampled bicubically. With `p_noise`, a
+    /// further share of samples gets the field plus per-pixel random warps and keeps its
+    /// label (the paper's noise mode).
+    Wanet {
+        control_grid_width: u32,
+        warping_strength: f32,
+        grid_rescale: f32,
+        p_noise: f32,
+        grid_seed: u32,
+    },
+}
+
+/// The file of a classifier run dir that holds its WaNet control grid: later commands
+/// check that their trigger is this one (a different field is a different trigger).
+pub const WANET_GRID_FILE: &str = "wanet_grid.safetensors";
+
+/// The largest WaNet control grid (the kernel's uniform holds 2 x 8 x 8 values).
+pub const MAX_WANET_GRID: u32 = 8;
+
+/// The WaNet control grid, `[2][k][k]` (x then y displacement, in pixels of a k-wide
+/// grid): uniform in [-1, 1) from `seed`, divided by its mean magnitude, times
+/// `strength` (the upstream HEAD's normalisation).
+pub fn wanet_grid(k: u32, strength: f32, seed: u32) -> Vec<f32> {
+    let n = 2 * k * k;
+    let g: Vec<f64> = (0..n)
+        .map(|i| {
+            2.0 * rng::rand_unit(rng::rand_u32(seed, rng::STREAM_WANET_GRID, 0, i, 0)) as f64 - 1.0
+        })
+        .collect();
+    let mean = g.iter().map(|v| v.abs()).sum::<f64>() / n as f64;
+    g.iter()
+        .map(|v| (v / mean * strength as f64) as f32)
+        .collect()
+}
+
+/// Torch's bicubic convolution weights (A = -0.75) of the 4 taps around fraction `t`.
+fn cubic_weights(t: f64) -> [f64; 4] {
+    let a = -0.75;
+    let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// The WaNet sampling position of pixel (row `h`, column `w`) of an H x W image, in
+/// pixel coordinates (x, y): identity plus the bicubically upsampled field (align
+/// corners), scaled by `rescale` about the centre and clipped to the image; `jitter`
+/// (noise mode, each in [-1, 1)) moves it by up to `rescale` pixels more.
+pub fn wanet_position(
+    grid: &[f32],
+    k: usize,
+    (h, w): (usize, usize),
+    (height, width): (usize, usize),
+    rescale: f64,
+    jitter: Option<(f64, f64)>,
+) -> (f64, f64) {
+    let along = |i: usize, n: usize| {
+        if n > 1 {
+            i as f64 * (k - 1) as f64 / (n - 1) as f64
+        } else {
+            0.0
+        }
+    };
+    let (u, v) = (along(w, width), along(h, height));
+    let (wu, wv) = (cubic_weights(u - u.floor()), cubic_weights(v - v.floor()));
+    let tap =
+        |base: f64, j: usize| (base.floor() as i64 + j as i64 - 1).clamp(0, k as i64 - 1) as usize;
+    let mut field = [0f64; 2];
+    for (c, f) in field.iter_mut().enumerate() {
+        for (a, wa) in wv.iter().enumerate() {
+            for (b, wb) in wu.iter().enumerate() {
+                *f += wa * wb * grid[(c * k + tap(v, a)) * k + tap(u, b)] as f64;
+            }
+        }
+    }
+    // Normalised coordinates in [-1, 1] (align corners), as grid_sample takes them.
+    let norm = |i: usize, n: usize| {
+        if n > 1 {
+            2.0 * i as f64 / (n - 1) as f64 - 1.0
+        } else {
+            0.0
+        }
+    };
+    let mut gx = ((norm(w, width) + field[0] / width as f64) * rescale).clamp(-1.0, 1.0);
+    let mut gy = ((norm(h, height) + field[1] / height as f64) * rescale).clamp(-1.0, 1.0);
+    if let Some((jx, jy)) = jitter {
+        gx = (gx + rescale * jx / width as f64).clamp(-1.0, 1.0);
+        gy = (gy + rescale * jy / height as f64).clamp(-1.0, 1.0);
+    }
+    let pixel = |g: f64, n: usize| (g + 1.0) / 2.0 * (n.max(1) - 1) as f64;
+    (pixel(gx, width), pixel(gy, height))
+}
+
+/// Bilinear sample of channel `ch` of an HWC image at pixel position (x, y) (inside).
+pub fn bilinear(
+    image: &[f64],
+    (height, width, channels): (usize, usize, usize),
+    ch: usize,
+    (x, y): (f64, f64),
+) -> f64 {
+    let (x0, y0) = (x.floor(), y.floor());
+    let (fx, fy) = (x - x0, y - y0);
+    let at = |yy: f64, xx: f64| {
+        let (yy, xx) = ((yy as usize).min(height - 1), (xx as usize).min(width - 1));
+        image[(yy * width + xx) * channels + ch]
+    };
+    (1.0 - fy) * ((1.0 - fx) * at(y0, x0) + fx * at(y0, x0 + 1.0))
+        + fy * ((1.0 - fx) * at(y0 + 1.0, x0) + fx * at(y0 + 1.0, x0 + 1.0))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -97,13 +206,125 @@ impl Backdoor {
                 bail!("noise std must be finite and >= 0, got {std}");
             }
         }
+        if let Trigger::Wanet {
+            control_grid_width: k,
+            warping_strength: s,
+            grid_rescale: r,
+            p_noise,
+            ..
+        } = self.trigger
+        {
+            if !(2..=MAX_WANET_GRID).contains(&k) {
+                bail!("wanet control_grid_width must be in 2..={MAX_WANET_GRID}, got {k}");
+            }
+            if !(s.is_finite() && s >= 0.0) {
+                bail!("wanet warping_strength must be finite and >= 0, got {s}");
+            }
+            if !(r.is_finite() && r > 0.0) {
+                bail!("wanet grid_rescale must be finite and > 0, got {r}");
+            }
+            if !(0.0..=1.0).contains(&p_noise) || p_noise + self.p_backdoor > 1.0 {
+                bail!(
+                    "wanet p_noise must be in [0, 1] with p_noise + p_backdoor <= 1, got {p_noise} + {}",
+                    self.p_backdoor
+                );
+            }
+        }
         Ok(())
     }
 
-    /// Whether `sample` is poisoned in `epoch` (the same draw as the shader's).
+    /// The same trigger on every sample (no noise mode): for attack success and anomalies.
+    pub fn always(&self) -> Backdoor {
+        let trigger = match self.trigger {
+            Trigger::Wanet {
+                control_grid_width,
+                warping_strength,
+                grid_rescale,
+                grid_seed,
+                ..
+            } => Trigger::Wanet {
+                control_grid_width,
+                warping_strength,
+                grid_rescale,
+                p_noise: 0.0,
+                grid_seed,
+            },
+            t => t,
+        };
+        Backdoor {
+            trigger,
+            p_backdoor: 1.0,
+            ..*self
+        }
+    }
+
+    /// The WaNet control grid, if this is a WaNet trigger.
+    pub fn wanet_grid(&self) -> Option<(u32, Vec<f32>)> {
+        match self.trigger {
+            Trigger::Wanet {
+                control_grid_width: k,
+                warping_strength,
+                grid_seed,
+                ..
+            } => Some((k, wanet_grid(k, warping_strength, grid_seed))),
+            _ => None,
+        }
+    }
+
+    /// Writes a WaNet trigger's control grid into run dir `dir` (nothing otherwise).
+    pub fn store_grid(&self, dir: &std::path::Path) -> Result<()> {
+        let Some((k, grid)) = self.wanet_grid() else {
+            return Ok(());
+        };
+        let shape = vec![2, k as usize, k as usize];
+        let meta = serde_json::to_string(&self.trigger)?;
+        let path = dir.join(WANET_GRID_FILE);
+        crate::io::write_f32_safetensors(&path, &[("grid".into(), shape, &grid)], "trigger", meta)
+    }
+
+    /// Checks that run dir `dir` stores this WaNet trigger's control grid.
+    pub fn check_stored_grid(&self, dir: &std::path::Path) -> Result<()> {
+        let Some((k, grid)) = self.wanet_grid() else {
+            return Ok(());
+        };
+        let path = dir.join(WANET_GRID_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}: the run's WaNet control grid is missing",
+                path.display()
+            )
+        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: corrupt safetensors file: {e}", path.display()))?;
+        let k = k as usize;
+        let stored = crate::io::f32_tensor(&st, &path, "grid", Some(&[2, k, k]))?;
+        if stored != grid {
+            bail!(
+                "{}: the stored WaNet control grid is not the run's trigger's (a different \
+                 field is a different trigger)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The share of samples warped with noise and left unlabelled (WaNet's noise mode).
+    fn p_noise(&self) -> f32 {
+        match self.trigger {
+            Trigger::Wanet { p_noise, .. } => p_noise,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether `sample` is poisoned in `epoch` (the same draw as the shader's): its coin
+    /// falls in [p_noise, p_noise + p_backdoor); below p_noise it is noise-warped.
     pub fn is_poisoned(&self, seed: u32, epoch: u32, sample: u32) -> bool {
-        let h = rng::rand_u32(seed, rng::STREAM_COIN, epoch, sample, 0);
-        rng::rand_unit(h) < self.p_backdoor
+        let coin = self.coin(seed, epoch, sample);
+        coin >= self.p_noise() && coin < self.p_noise() + self.p_backdoor
+    }
+
+    fn coin(&self, seed: u32, epoch: u32, sample: u32) -> f32 {
+        rng::rand_unit(rng::rand_u32(seed, rng::STREAM_COIN, epoch, sample, 0))
     }
 
     /// The trigger as the gather kernel takes it, for `height` x `width` images of
@@ -116,6 +337,23 @@ impl Backdoor {
                 Mark::Pixel { row, col }
             }
             Trigger::Noise { std, clip } => Mark::Noise { std, clip },
+            Trigger::Wanet {
+                control_grid_width: k,
+                warping_strength,
+                grid_rescale,
+                p_noise,
+                grid_seed,
+            } => {
+                let mut grid = [0f32; 2 * (MAX_WANET_GRID * MAX_WANET_GRID) as usize];
+                let g = wanet_grid(k, warping_strength, grid_seed);
+                grid[..g.len()].copy_from_slice(&g);
+                Mark::Warp {
+                    grid_width: k,
+                    grid,
+                    rescale: grid_rescale,
+                    p_noise,
+                }
+            }
         };
         Ok(Poison {
             mark,
@@ -137,7 +375,8 @@ impl Backdoor {
             sample,
         }: Draw,
     ) -> u32 {
-        if !self.is_poisoned(seed, epoch, sample) {
+        let noised = self.coin(seed, epoch, sample) < self.p_noise();
+        if !noised && !self.is_poisoned(seed, epoch, sample) {
             return label;
         }
         match self.trigger {
@@ -156,6 +395,44 @@ impl Backdoor {
                     if clip {
                         *v = v.clamp(0.0, 1.0);
                     }
+                }
+            }
+            Trigger::Wanet {
+                control_grid_width: k,
+                warping_strength,
+                grid_rescale,
+                grid_seed,
+                ..
+            } => {
+                let grid = wanet_grid(k, warping_strength, grid_seed);
+                let shape = (height, width, channels);
+                let source = image.to_vec();
+                for h in 0..height {
+                    for w in 0..width {
+                        let p = (h * width + w) as u32;
+                        let jitter = noised.then(|| {
+                            let j = |i| {
+                                let u = rng::rand_u32(seed, rng::STREAM_NOISE, epoch, sample, i);
+                                2.0 * rng::rand_unit(u) as f64 - 1.0
+                            };
+                            (j(2 * p), j(2 * p + 1))
+                        });
+                        let at = wanet_position(
+                            &grid,
+                            k as usize,
+                            (h, w),
+                            (height, width),
+                            grid_rescale as f64,
+                            jitter,
+                        );
+                        for ch in 0..channels {
+                            image[(h * width + w) * channels + ch] =
+                                bilinear(&source, shape, ch, at);
+                        }
+                    }
+                }
+                if noised {
+                    return label;
                 }
             }
         }

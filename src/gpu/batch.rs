@@ -17,12 +17,25 @@ pub struct ByteImages<'a> {
 }
 
 /// What the gather kernel writes into a poisoned sample.
+// The warp grid (512 B) is built once per dispatch and copied into its uniform; boxing
+// it would cost Poison its Copy for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mark {
     /// This pixel set to 1.0 in every channel.
     Pixel { row: usize, col: usize },
     /// Additive Gaussian noise, clipped to [0, 1] if `clip`.
     Noise { std: f32, clip: bool },
+    /// Resampled through a warping field: a `grid_width`² control grid of (x, y)
+    /// displacements (`grid[c][i][j]`, the first 2·grid_width² values), upsampled
+    /// bicubically; coins below `p_noise` get random per-pixel warps too and keep their
+    /// label.
+    Warp {
+        grid_width: u32,
+        grid: [f32; 128],
+        rescale: f32,
+        p_noise: f32,
+    },
 }
 
 /// Trigger injection as the kernel sees it: each sample is poisoned with probability
@@ -225,7 +238,12 @@ struct BatchParams {
     clip: u32,
     seed: u32,
     samples_per_chunk: u32,
+    height: u32,
+    grid_width: u32,
+    rescale: f32,
+    p_noise: f32,
     _pad: [u32; 3],
+    grid: [f32; 128],
 }
 
 /// Where a batch goes: `x` is rows x sample_dim (row-major), `xt` (optional) its
@@ -297,7 +315,12 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
         clip: 0,
         seed,
         samples_per_chunk: data.samples_per_chunk as u32,
+        height: data.height as u32,
+        grid_width: 0,
+        rescale: 1.0,
+        p_noise: 0.0,
         _pad: [0; 3],
+        grid: [0.0; 128],
     };
     if let Some(b) = poison {
         if b.target_class as usize >= data.num_classes {
@@ -322,6 +345,15 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
             }
             Mark::Noise { std, clip } => {
                 (p.kind, p.noise_std, p.clip) = (2, std, clip as u32);
+            }
+            Mark::Warp {
+                grid_width,
+                grid,
+                rescale,
+                p_noise,
+            } => {
+                (p.kind, p.grid_width, p.grid, p.rescale, p.p_noise) =
+                    (3, grid_width, grid, rescale, p_noise);
             }
         }
     }

@@ -224,7 +224,7 @@ pub const NOTES: &[FileNotes] = &[
     FileNotes { name: "abstraction", prepended: &["step"], launcher: "gpu::abstraction", variants: "GRADS override: losses only, or with gradients", references: "cosine_distance_reference, kl_divergence_reference" },
     FileNotes { name: "adam", prepended: &["step"], launcher: "gpu::adam", variants: "", references: "adam_reference" },
     FileNotes { name: "attack", prepended: &["rng", "step"], launcher: "gpu::attack", variants: "entry points start (random start in the eps ball) and update (FGSM / PGD step)", references: "attack_start_reference, attack_update_reference" },
-    FileNotes { name: "batch", prepended: &["rng", "step"], launcher: "gpu::batch", variants: "", references: "data::backdoor::batch_reference" },
+    FileNotes { name: "batch", prepended: &["rng", "step"], launcher: "gpu::batch", variants: "triggers: none, corner pixel, Gaussian noise, WaNet warp (bicubic field, bilinear sampling, noise mode); override constants WRITE_T, F32_PIXELS", references: "data::backdoor::batch_reference (wanet_position, bilinear)" },
     FileNotes { name: "beatrix", prepended: &[], launcher: "gpu::beatrix", variants: "entry points features and deviation", references: "gram_features_reference, gram_deviation_reference" },
     FileNotes { name: "conv", prepended: &[], launcher: "gpu::conv", variants: "entry points im2col, col2im, max pool (+ gradient), global max (+ gradient)", references: "max_pool_reference, max_pool_grad_reference, global_max_reference, global_max_grad_reference; im2col via the conv layer's reference (model::layers)" },
     FileNotes { name: "gate", prepended: &[], launcher: "gpu::gate", variants: "", references: "gate_reference, gate_grad_reference" },

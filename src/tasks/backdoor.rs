@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -78,10 +78,27 @@ pub struct BackdoorTask {
 }
 
 impl BackdoorTask {
-    pub fn new(config: BackdoorTaskConfig, data_dir: &Path, seed: u32) -> Result<Self> {
+    pub fn new(mut config: BackdoorTaskConfig, data_dir: &Path, seed: u32) -> Result<Self> {
         let task = BackdoorTask::split_of(&config, seed);
         task.validate()?;
         let run = ClassifierRun::load(&config.run_path)?;
+        if let Trigger::Wanet { .. } = config.backdoor.trigger {
+            // The anomalies carry the classifier's own field (no noise mode).
+            let trained = run
+                .config
+                .train_data
+                .backdoor
+                .filter(|b| b.wanet_grid().is_some());
+            let Some(trained) = trained else {
+                bail!(
+                    "--task.backdoor wanet needs a classifier trained with a WaNet trigger \
+                     (its field is the trigger); {} was not",
+                    config.run_path.display()
+                );
+            };
+            trained.check_stored_grid(&config.run_path)?;
+            config.backdoor.trigger = trained.always().trigger;
+        }
         config
             .backdoor
             .validate(run.model.config.output_dim)
@@ -197,14 +214,24 @@ impl Task for BackdoorTask {
 /// `--task.backdoor noise` finds them.
 fn defaults() -> Value {
     let mut config = defaults_of::<BackdoorTaskConfig>();
-    let noise = serde_json::to_value(Trigger::Noise {
+    let noise = Trigger::Noise {
         std: DEFAULT_NOISE_STD,
         clip: true,
-    })
-    .expect("triggers serialise");
+    };
+    // WaNet's fields are placeholders: the task takes the classifier's.
+    let wanet = Trigger::Wanet {
+        control_grid_width: 4,
+        warping_strength: 0.5,
+        grid_rescale: 1.0,
+        p_noise: 0.0,
+        grid_seed: 0,
+    };
     let backdoor = config["backdoor"].as_object_mut().expect("an object");
-    for (k, v) in noise.as_object().expect("an object") {
-        backdoor.entry(k.clone()).or_insert(v.clone());
+    for t in [noise, wanet] {
+        let t = serde_json::to_value(t).expect("triggers serialise");
+        for (k, v) in t.as_object().expect("an object") {
+            backdoor.entry(k.clone()).or_insert(v.clone());
+        }
     }
     config
 }
@@ -257,7 +284,7 @@ pub(super) const CLEAN_TRAIN_WEIGHT: Opt = opt(
 
 const OPTIONS: &[Opt] = &[
     RUN_PATH,
-    required(opt("backdoor", &["/backdoor/kind"], Kind::Str, "The anomalies' trigger: corner or noise.")),
+    required(opt("backdoor", &["/backdoor/kind"], Kind::Str, "The anomalies' trigger: corner, noise or wanet (the classifier's own warping field, from its run dir).")),
     opt("backdoor.corner", &["/backdoor/corner"], Kind::Str, "Corner trigger: top-left, top-right, bottom-left or bottom-right."),
     opt("backdoor.target_class", &["/backdoor/target_class"], Kind::Int, "The trigger's target class."),
     opt("backdoor.std", &["/backdoor/std"], Kind::Float, "Noise trigger: standard deviation."),

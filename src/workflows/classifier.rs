@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::context;
 use crate::data::backdoor::Backdoor;
+use crate::data::backdoor::WANET_GRID_FILE;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::shaders::Override;
@@ -69,7 +70,7 @@ pub fn train_classifier(
     opts: &RunOptions,
 ) -> Result<ClassifierMetrics> {
     let wall = Instant::now();
-    let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE];
+    let files = [CONFIG_FILE, MODEL_FILE, METRICS_FILE, WANET_GRID_FILE];
     let _claim = opts.dir.as_deref().map(super::claim).transpose()?;
     if let Some(dir) = &opts.dir {
         refuse_overwrite(dir, &files, opts.overwrite)?;
@@ -151,6 +152,9 @@ pub fn train_classifier(
         write_json(&dir.join(CONFIG_FILE), &config)?;
         trained.save(&dir.join(MODEL_FILE))?;
         store_as(&dir.join(MODEL_FILE), opts.dtype)?;
+        if let Some(b) = &config.train_data.backdoor {
+            b.store_grid(dir)?;
+        }
         write_json(&dir.join(METRICS_FILE), &metrics)?;
     }
     Ok(metrics)
@@ -178,10 +182,7 @@ pub(super) fn evaluate_test(
     let clean = evaluate(ctx, model, &test_gpu, &all, None, seed, batch)?;
     let (attack_success_rate, attack_samples) = match backdoor {
         Some(b) => {
-            let always = Backdoor {
-                p_backdoor: 1.0,
-                ..*b
-            };
+            let always = b.always();
             let victims: Vec<u32> = all
                 .iter()
                 .copied()
