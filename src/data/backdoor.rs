@@ -71,7 +71,7 @@ pub enum Trigger {
     Noise { std: f32, clip: bool },
     /// WaNet (Nguyen & Tran 2021): the image resampled through a smooth warping field,
     /// a `control_grid_width`² grid of displacements drawn from `grid_seed`, normalised
-    /// to mean magnitude `warping_strength` and upsampled bicubically. With `p_noise`, a
+    /// to mean magnitude `warping_strength` ([`wanet_grid`]) and upsampled bicubically. With `p_noise`, a
     /// further share of samples gets the field plus per-pixel random warps and keeps its
     /// label (the paper's noise mode).
     Wanet {
@@ -90,9 +90,10 @@ pub const WANET_GRID_FILE: &str = "wanet_grid.safetensors";
 /// The largest WaNet control grid (the kernel's uniform holds 2 x 8 x 8 values).
 pub const MAX_WANET_GRID: u32 = 8;
 
-/// The WaNet control grid, `[2][k][k]` (x then y displacement, in pixels of a k-wide
-/// grid): uniform in [-1, 1) from `seed`, divided by its mean magnitude, times
-/// `strength` (the upstream HEAD's normalisation).
+/// The WaNet control grid, `[2][k][k]` (x then y displacement; a value f moves a pixel
+/// by f/size of the normalised [-1, 1] range, about f/2 pixels): uniform in [-1, 1) from
+/// `seed`, divided by its mean magnitude, times `strength` (the upstream HEAD's
+/// normalisation).
 pub fn wanet_grid(k: u32, strength: f32, seed: u32) -> Vec<f32> {
     let n = 2 * k * k;
     let g: Vec<f64> = (0..n)
