@@ -36,3 +36,5 @@ const STREAM_COIN: u32 = 1u;
 const STREAM_NOISE: u32 = 2u;
 // 3 and 4 are host-only (shuffle, init): see src/rng.rs.
 const STREAM_ATTACK_START: u32 = 5u;
+// 6 is host-only (the WaNet grid).
+const STREAM_VAE: u32 = 7u;

@@ -191,6 +191,7 @@ impl Registry {
         r.register_detector(detectors::beatrix::ENTRY);
         r.register_detector(detectors::ted::ENTRY);
         r.register_detector(detectors::finetuning::ENTRY);
+        r.register_detector(detectors::vae::ENTRY);
         r.register_task(tasks::backdoor::ENTRY);
         r.register_task(tasks::adversarial::ENTRY);
         r

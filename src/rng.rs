@@ -37,6 +37,8 @@ pub const STREAM_INIT: u32 = 4;
 pub const STREAM_ATTACK_START: u32 = 5;
 /// The WaNet control grid (drawn on the host only).
 pub const STREAM_WANET_GRID: u32 = 6;
+/// The VAE detector's latent noise.
+pub const STREAM_VAE: u32 = 7;
 
 /// Fisher-Yates permutation of 0..n for (seed, epoch).
 pub fn shuffled_indices(n: usize, seed: u32, epoch: u32) -> Vec<u32> {

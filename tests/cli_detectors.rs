@@ -762,3 +762,66 @@ fn wanet_trigger_end_to_end_with_the_runs_own_grid() {
         assert!(!cwd.join("bad").exists());
     }
 }
+
+#[test]
+fn vae_detector_from_the_command_line() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let mut train = words(
+        "train_classifier --train_data backdoor --train_data.original mnist \
+         --train_data.backdoor corner --model mlp --dir.full logs/c",
+    );
+    train.extend(SMALL);
+    run_ok(cwd, &train);
+    let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
+    run_ok(
+        cwd,
+        &words(&format!(
+            "train_detector --detector vae --detector.layers layer1 --detector.latent_dim 6 \
+             --detector.kld_weight 0 --detector.train.num_epochs 10 \
+             --detector.train.learning_rate 0.003 {task} --dir.full logs/vae --quiet"
+        )),
+    );
+    let config = eval_json(&cwd.join("logs/vae/config.json"));
+    let det = &config["detector"];
+    assert_eq!(det["latent_dim"], 6, "{config}");
+    assert_eq!(det["layers"], serde_json::json!([1]), "{config}");
+    run_ok(
+        cwd,
+        &words(&format!(
+            "eval_detector --detector from_run --detector.path logs/vae {task} --dir.full logs/vae --quiet"
+        )),
+    );
+    let report = eval_json(&cwd.join("logs/vae/eval.json"));
+    let layers: Vec<&str> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(layers, ["layer1"]);
+    let auc = report["AUC_ROC"].as_f64().unwrap();
+    assert!(auc >= 0.9, "AUROC {auc}");
+    // Bad values are refused before anything is written.
+    for (flag, msg) in [
+        ("--detector.latent_dim 0", "latent_dim must be >= 1"),
+        (
+            "--detector.kld_weight -0.5",
+            "kld_weight must be a number >= 0",
+        ),
+        ("--detector.layers 7", "layer 7 does not exist"),
+    ] {
+        let out = cupbearer(
+            cwd,
+            &words(&format!(
+                "train_detector --detector vae {flag} {task} --dir.full logs/bad --quiet"
+            )),
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(msg), "{flag}: {}", stderr(&out));
+        assert!(!cwd.join("logs/bad").exists(), "{flag}: wrote logs/bad");
+    }
+}

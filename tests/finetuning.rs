@@ -11,10 +11,6 @@ use cupbearer::detectors::finetuning::kl_of_logits;
 use cupbearer::registry::{Registry, TaskEnv};
 use cupbearer::run::MODEL_FILE;
 use cupbearer::tasks::backdoor::BackdoorTaskConfig;
-use cupbearer::workflows::detector::{
-    eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
-};
-use cupbearer::workflows::Output;
 
 #[test]
 fn kl_of_logits_matches_the_definition() {
@@ -31,63 +27,6 @@ fn kl_of_logits_matches_the_definition() {
     // Shifting logits changes nothing; huge logits do not overflow.
     let shifted = p.map(|v| v + 500.0);
     assert!((kl_of_logits(&shifted, &q) - want).abs() < 1e-9);
-}
-
-fn quiet(dir: &Path) -> Output<'_> {
-    Output {
-        dir: Some(dir),
-        overwrite: false,
-        progress: false,
-    }
-}
-
-/// Fits the finetuning detector (with `options`) on the backdoor task of `run_path`,
-/// evaluates it twice (the second from the stored weights) into `out`: the AUROC, and
-/// whether both evaluations wrote the same scores.
-fn fit_and_eval(
-    run_path: &Path,
-    env: &TaskEnv,
-    task: BackdoorTaskConfig,
-    options: &[(&str, &str)],
-    out: &Path,
-) -> (f64, bool) {
-    let registry = Registry::builtin();
-    let task = BackdoorTaskConfig {
-        run_path: run_path.to_path_buf(),
-        ..task
-    };
-    let task = registry
-        .build_task("backdoor", &serde_json::to_value(task).unwrap(), env)
-        .unwrap();
-    let options: Vec<(String, Vec<String>)> = options
-        .iter()
-        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
-        .collect();
-    let config = registry
-        .detector("finetuning")
-        .unwrap()
-        .resolve(&options, false)
-        .unwrap();
-    let detector = registry.build_detector("finetuning", &config).unwrap();
-    let det_dir = out.join("det");
-    train_detector(
-        task.as_ref(),
-        detector,
-        &FitOptions::default(),
-        &quiet(&det_dir),
-    )
-    .unwrap();
-    let opts = EvalOptions {
-        registry: &registry,
-        batch_size: 256,
-        seed: 0,
-        aggregation: None,
-    };
-    let source = DetectorSource::Run(det_dir);
-    let first = eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e1"))).unwrap();
-    eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e2"))).unwrap();
-    let scores = |d: &str| std::fs::read(out.join(d).join("scores.csv")).unwrap();
-    (first.auc_roc, scores("e1") == scores("e2"))
 }
 
 #[test]
@@ -111,7 +50,8 @@ fn the_fit_finetunes_a_copy_and_a_reload_scores_identically() {
         ..BackdoorTaskConfig::default()
     };
     let options = [("train.num_epochs", "3"), ("train.learning_rate", "0.003")];
-    let (auroc, identical) = fit_and_eval(&run_path, &env, task, &options, tmp.path());
+    let (auroc, identical) =
+        common::fit_and_eval("finetuning", &run_path, &env, task, &options, tmp.path());
     // On these generated images the corner pixel is 0 in every clean image, so clean
     // finetuning never moves the weights that read it: the backdoor survives intact and
     // the score does not find it (see the MNIST test below for the real case).
@@ -202,7 +142,8 @@ fn finetuning_finds_a_corner_backdoor_on_mnist() {
         max_test_size: Some(2_000),
         ..BackdoorTaskConfig::default()
     };
-    let (auroc, identical) = fit_and_eval(&run_path, &env, task, &[], tmp.path());
+    let (auroc, identical) =
+        common::fit_and_eval("finetuning", &run_path, &env, task, &[], tmp.path());
     eprintln!("finetuning on MNIST: AUROC {auroc:.4}");
     assert!(identical);
     assert!(auroc > 0.8, "AUROC {auroc}");

@@ -49,6 +49,7 @@ check_tests!(
     gram,
     knn,
     logistic,
+    vae,
     layer_gradients,
     model_param_gradients,
     model_input_gradients,

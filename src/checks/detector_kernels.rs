@@ -549,3 +549,135 @@ pub const LOGISTIC: Check = Check {
         Ok(())
     },
 };
+
+pub const VAE: Check = Check {
+    name: "vae",
+    files: &["vae", "rng", "step"],
+    run: vae,
+};
+
+/// Every entry point of the VAE loss file against its f64 reference, with and without
+/// latent noise, at an odd batch position of a training epoch.
+fn vae(c: &mut Checker<'_>) -> Result<()> {
+    use crate::gpu::vae::{
+        latent_grad_reference, loss_reference, sample_reference, vae_latent_grad, vae_loss,
+        vae_sample, LossIo, VaeShape,
+    };
+    let ctx = c.ctx;
+    let (rows, dim, latent, offset, epoch) = (11, 13, 5, 7u32, 2u32);
+    let step = ctx.uniform(
+        "step",
+        &StepParams {
+            epoch,
+            batch_offset: offset,
+            ..Default::default()
+        },
+    );
+    // log σ² in [-2, 2): exp() over a real range.
+    let enc: Vec<f32> = random(rows * 2 * latent, 21)
+        .iter()
+        .map(|v| 2.0 * v)
+        .collect();
+    let x = random(rows * dim, 22);
+    let recon = random(rows * dim, 23);
+    let dz = random(rows * latent, 24);
+    let (genc, gx, grecon, gdz) = (
+        ctx.buffer_from("enc", &enc)?,
+        ctx.buffer_from("x", &x)?,
+        ctx.buffer_from("recon", &recon)?,
+        ctx.buffer_from("dz", &dz)?,
+    );
+    for noise in [false, true] {
+        let shape = VaeShape {
+            rows,
+            dim,
+            latent,
+            seed: 5,
+            kld_weight: 0.7,
+            noise,
+            scale: 0.37,
+        };
+        c.variant(format!("sample (noise {noise})"));
+        let z = ctx.zeros("z", rows * latent)?;
+        ctx.submit([&vae_sample(
+            ctx,
+            &shape,
+            Slice::whole(&genc),
+            Slice::whole(&z),
+            &step,
+        )?]);
+        let want = sample_reference(&shape, &to64(&enc), epoch, offset);
+        c.close(
+            "11x5 latent",
+            &ctx.read::<f32>(Slice::whole(&z))?,
+            &want,
+            1e-5,
+            1e-5,
+        );
+        if noise {
+            let mu = sample_reference(
+                &VaeShape {
+                    noise: false,
+                    ..shape
+                },
+                &to64(&enc),
+                0,
+                0,
+            );
+            c.require("the noise moves z", want != mu, || "z = mu".into());
+        }
+        c.variant(format!("latent_grad (noise {noise})"));
+        let g = ctx.zeros("grad enc", rows * 2 * latent)?;
+        ctx.submit([&vae_latent_grad(
+            ctx,
+            &shape,
+            Slice::whole(&genc),
+            Slice::whole(&gdz),
+            Slice::whole(&g),
+            &step,
+        )?]);
+        let want = latent_grad_reference(&shape, &to64(&enc), &to64(&dz), epoch, offset);
+        c.close(
+            "11x10 encoder gradient",
+            &ctx.read::<f32>(Slice::whole(&g))?,
+            &want,
+            1e-5,
+            1e-4,
+        );
+    }
+    for grads in [true, false] {
+        c.variant(format!("vae_loss (gradients {grads})"));
+        let shape = VaeShape {
+            rows,
+            dim,
+            latent,
+            seed: 5,
+            kld_weight: 0.7,
+            noise: false,
+            scale: 0.37,
+        };
+        let loss = ctx.zeros("loss", offset as usize + rows)?;
+        let g = ctx.zeros("grad recon", rows * dim)?;
+        let io = LossIo {
+            x: Slice::whole(&gx),
+            recon: Slice::whole(&grecon),
+            enc: Slice::whole(&genc),
+            loss: Slice::whole(&loss),
+            grad_recon: grads.then(|| Slice::whole(&g)),
+        };
+        ctx.submit([&vae_loss(ctx, &shape, &io, &step)?]);
+        let (l, gr) = loss_reference(&shape, &to64(&x), &to64(&recon), &to64(&enc));
+        let got: Vec<f32> = ctx.read(Slice::new(&loss, offset as usize, rows))?;
+        c.close("11x13 loss", &got, &l, 1e-5, 1e-5);
+        if grads {
+            c.close(
+                "11x13 reconstruction gradient",
+                &ctx.read::<f32>(Slice::whole(&g))?,
+                &gr,
+                1e-6,
+                1e-4,
+            );
+        }
+    }
+    Ok(())
+}

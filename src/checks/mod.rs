@@ -43,6 +43,7 @@ pub const CHECKS: &[Check] = &[
     detector_kernels::GRAM,
     detector_kernels::KNN,
     detector_kernels::LOGISTIC,
+    detector_kernels::VAE,
     gradients::LAYERS,
     gradients::MODEL_PARAMS,
     gradients::MODEL_INPUTS,

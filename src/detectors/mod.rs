@@ -9,6 +9,7 @@
 pub mod abstraction;
 pub mod adversarial_abstraction;
 pub mod beatrix;
+pub(crate) mod feature_model;
 pub mod finetuning;
 pub mod linalg;
 pub mod mahalanobis;
@@ -17,6 +18,7 @@ pub mod que;
 pub mod spectral;
 pub mod supervised_probe;
 pub mod ted;
+pub mod vae;
 
 use std::path::Path;
 

@@ -16,6 +16,7 @@ pub mod matmul;
 pub mod reduce;
 pub mod shaders;
 pub mod stats;
+pub mod vae;
 pub mod watchdog;
 
 pub use context::{

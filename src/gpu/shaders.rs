@@ -31,6 +31,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("rng", include_str!("../../shaders/rng.wgsl")),
     ("stats", include_str!("../../shaders/stats.wgsl")),
     ("step", include_str!("../../shaders/step.wgsl")),
+    ("vae", include_str!("../../shaders/vae.wgsl")),
 ];
 
 /// The environment variable naming an override directory.
@@ -233,9 +234,10 @@ pub const NOTES: &[FileNotes] = &[
     FileNotes { name: "loss", prepended: &["step"], launcher: "gpu::loss", variants: "", references: "softmax_cross_entropy_reference" },
     FileNotes { name: "matmul", prepended: &[], launcher: "gpu::matmul", variants: "main_tiled (GPUs), or main_regblock generated in Rust after this file (software adapters: bm x 4·bn4 register blocks, vec4 loads where aligned); override constants A_KMAJOR, B_NMAJOR, BIAS, RELU, RELU_MASK", references: "matmul_reference" },
     FileNotes { name: "reduce", prepended: &[], launcher: "gpu::reduce", variants: "", references: "column_sums_reference" },
-    FileNotes { name: "rng", prepended: &[], launcher: "(prepended to batch and attack)", variants: "", references: "rng::rand_u32 (the host's copy of the hash)" },
+    FileNotes { name: "rng", prepended: &[], launcher: "(prepended to batch, attack and vae)", variants: "", references: "rng::rand_u32 (the host's copy of the hash)" },
     FileNotes { name: "stats", prepended: &[], launcher: "gpu::stats", variants: "entry points center, merge_gram, merge_mean, row_dot", references: "mean_and_gram_reference" },
-    FileNotes { name: "step", prepended: &[], launcher: "(prepended to adam, loss, abstraction, batch, attack)", variants: "", references: "" },
+    FileNotes { name: "step", prepended: &[], launcher: "(prepended to adam, loss, abstraction, batch, attack, vae)", variants: "", references: "" },
+    FileNotes { name: "vae", prepended: &["step", "rng"], launcher: "gpu::vae", variants: "entry points sample (reparameterisation), vae_loss, latent_grad; override constants NOISE, GRADS", references: "sample_reference, loss_reference, latent_grad_reference" },
 ];
 
 /// One binding of a kernel file, as naga reads it.

@@ -152,6 +152,15 @@ name = "ted"
 name = "finetuning"
 
 [[detector]]
+name = "vae"
+
+# kld_weight 0: a plain autoencoder (the KL term hides a corner trigger, see the README).
+[[detector]]
+name = "vae-ae"
+detector = "vae"
+options = { kld_weight = 0 }
+
+[[detector]]
 name = "abstraction"
 options = { "train.num_epochs" = 2 }
 
@@ -243,6 +252,14 @@ name = "ted"
 
 [[detector]]
 name = "finetuning"
+
+[[detector]]
+name = "vae"
+
+[[detector]]
+name = "vae-ae"
+detector = "vae"
+options = { kld_weight = 0 }
 
 [[detector]]
 name = "abstraction"

@@ -149,3 +149,64 @@ pub fn classifier_run(
     )
     .unwrap()
 }
+
+fn quiet(dir: &Path) -> cupbearer::workflows::Output<'_> {
+    cupbearer::workflows::Output {
+        dir: Some(dir),
+        overwrite: false,
+        progress: false,
+    }
+}
+
+/// Fits `detector` (with `options`) on the backdoor task of `run_path`, evaluates it
+/// twice (the second from the stored state) into `out`: the AUROC, and whether both
+/// evaluations wrote the same scores.
+pub fn fit_and_eval(
+    detector: &str,
+    run_path: &Path,
+    env: &cupbearer::registry::TaskEnv,
+    task: cupbearer::tasks::backdoor::BackdoorTaskConfig,
+    options: &[(&str, &str)],
+    out: &Path,
+) -> (f64, bool) {
+    use cupbearer::workflows::detector::{
+        eval_detector, train_detector, DetectorSource, EvalOptions, FitOptions,
+    };
+    let registry = cupbearer::registry::Registry::builtin();
+    let task = cupbearer::tasks::backdoor::BackdoorTaskConfig {
+        run_path: run_path.to_path_buf(),
+        ..task
+    };
+    let task = registry
+        .build_task("backdoor", &serde_json::to_value(task).unwrap(), env)
+        .unwrap();
+    let options: Vec<(String, Vec<String>)> = options
+        .iter()
+        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+        .collect();
+    let config = registry
+        .detector(detector)
+        .unwrap()
+        .resolve(&options, false)
+        .unwrap();
+    let built = registry.build_detector(detector, &config).unwrap();
+    let det_dir = out.join("det");
+    train_detector(
+        task.as_ref(),
+        built,
+        &FitOptions::default(),
+        &quiet(&det_dir),
+    )
+    .unwrap();
+    let opts = EvalOptions {
+        registry: &registry,
+        batch_size: 256,
+        seed: 0,
+        aggregation: None,
+    };
+    let source = DetectorSource::Run(det_dir);
+    let first = eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e1"))).unwrap();
+    eval_detector(task.as_ref(), &source, &opts, &quiet(&out.join("e2"))).unwrap();
+    let scores = |d: &str| std::fs::read(out.join(d).join("scores.csv")).unwrap();
+    (first.auc_roc, scores("e1") == scores("e2"))
+}

@@ -24,16 +24,14 @@ mod shapes;
 
 pub use config::{AbstractionConfig, AbstractionKind, OutputLoss, OPTIONS};
 
+use super::feature_model::{self, TrainState, Training};
 use super::{Detector, LayerScores, SampleSet};
-use crate::gpu::adam::adam;
-use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
-use crate::model::batches::{BatchInputs, BatchPlans};
+use crate::gpu::{Dispatch, GpuContext};
 use crate::model::gpu_mlp::Workspace;
 use crate::model::mlp::{load_layer, save_layers, Dense};
-use crate::model::train::{run_epochs, EpochSchedule, LrSchedule};
-use crate::model::{GpuMlp, Gradients, MlpConfig};
+use crate::model::{GpuMlp, MlpConfig};
 use crate::registry::{defaults_of, ConfigSpec, DetectorEntry};
-use record::{mean, Params, Recording};
+use record::{Params, Recording};
 
 const METADATA_KEY: &str = "cupbearer.detector";
 /// Keys the initialisation draws apart from the classifier's (same seed, same stream).
@@ -262,97 +260,46 @@ impl Detector for Abstraction {
             );
         }
         let layout = self.layout();
-        let values = ctx.buffer_from("abstraction params", &layout.flatten(&self.layers))?;
-        let total = layout.total;
-        let (grads, m, v) = (
-            ctx.zeros("abstraction grads", total)?,
-            ctx.zeros("abstraction adam m", total)?,
-            ctx.zeros("abstraction adam v", total)?,
-        );
-        let n = trusted.indices.len();
-        let indices = ctx.zeros("abstraction order", n)?;
-        let step = ctx.uniform("step", &StepParams::default());
-        let losses = (0..self.num_hidden())
-            .map(|l| ctx.zeros(&format!("abstraction loss {l}"), n))
-            .collect::<Result<Vec<_>>>()?;
-        let params = Params {
-            layout: &layout,
-            values: &values,
-            grads: Some(&grads),
-        };
-        let train_ops = |ws: &Workspace| -> Result<Vec<Dispatch>> {
-            let t = self.tensors(ctx, ws.rows, true)?;
-            let rec = Recording {
-                params: &params,
-                t: &t,
-                losses: &losses,
-                step: &step,
-            };
-            let mut ops = self.record(ctx, model, ws, &rec)?;
-            let whole = Slice::whole;
-            ops.push(adam(
-                ctx,
-                total,
-                whole(&values),
-                whole(&grads),
-                whole(&m),
-                whole(&v),
-                &step,
-            )?);
-            Ok(ops)
-        };
-        let inputs = BatchInputs {
-            data: trusted.data,
-            indices: &indices,
-            step: &step,
-            backdoor: trusted.backdoor,
-            seed: trusted.seed,
-        };
-        let plans = BatchPlans::new(
-            ctx,
-            model,
-            &inputs,
-            n,
-            self.config.batch_size,
-            Gradients::None,
-            &train_ops,
-        )?;
-        let schedule = EpochSchedule {
+        let training = Training {
+            what: "abstraction",
+            terms: self.num_hidden(),
+            batch_size: self.config.batch_size,
             epochs: self.config.num_epochs,
             max_steps: self.config.max_steps,
             learning_rate: self.config.learning_rate,
-            lr_schedule: LrSchedule::Constant,
-            seed: trusted.seed,
             progress,
         };
-        let last = self.num_hidden() - 1;
-        run_epochs(
+        let record = |ws: &Workspace, s: &TrainState<'_>| -> Result<Vec<Dispatch>> {
+            let t = self.tensors(ctx, ws.rows, true)?;
+            let params = Params {
+                layout: &layout,
+                values: s.values,
+                grads: Some(s.grads),
+            };
+            let rec = Recording {
+                params: &params,
+                t: &t,
+                losses: s.losses,
+                step: s.step,
+            };
+            self.record(ctx, model, ws, &rec)
+        };
+        let line = |means: &[f64]| {
+            let (output, layers) = means.split_last().expect("at least the output loss");
+            let consistency = layers.iter().sum::<f64>() / layers.len().max(1) as f64;
+            format!("output loss {output:.4}  consistency loss {consistency:.4}")
+        };
+        let flat = feature_model::train(
             ctx,
-            &plans,
-            &indices,
-            &step,
-            trusted.indices,
-            &schedule,
-            |e| {
-                let output = mean(ctx, &losses[last], e.samples)?;
-                let mut consistency = 0.0;
-                for buf in &losses[..last] {
-                    consistency += mean(ctx, buf, e.samples)? / last as f64;
-                }
-                if !(output.is_finite() && consistency.is_finite()) {
-                    bail!(
-                        "abstraction training diverged in epoch {} (output loss {output}, \
-                     consistency {consistency}); try a smaller learning rate",
-                        e.epoch
-                    );
-                }
-                Ok(format!(
-                    "output loss {output:.4}  consistency loss {consistency:.4}"
-                ))
-            },
+            model,
+            trusted,
+            &layout.flatten(&self.layers),
+            &training,
+            &record,
+            &line,
         )?;
-        let flat: Vec<f32> = ctx.read(Slice::whole(&values))?;
         self.layers = layout.unflatten(&flat);
+        let n = trusted.indices.len();
         let subset = &trusted.indices[..n.min(NORMALIZATION_SAMPLES)];
         let raw = self.raw_scores(
             ctx,

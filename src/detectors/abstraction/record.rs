@@ -345,8 +345,3 @@ impl Abstraction {
         Ok(ops)
     }
 }
-
-pub(super) fn mean(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<f64> {
-    let v: Vec<f32> = ctx.read(Slice::new(buf, 0, n))?;
-    Ok(v.iter().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64)
-}
