@@ -209,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         max_steps: None,
         backdoor: None,
         progress: false,
+        augment: None,
     };
     let report = train(&ctx, &model, &gdata, &opts)?;
     let idx: Vec<u32> = (0..n as u32).collect();

@@ -1,7 +1,9 @@
 // Builds a float batch in [0, 1] from the u8 data set resident on the GPU, gathering
-// the samples listed in `indices`, and injects the backdoor trigger: a per-sample coin
-// flip decides whether the sample is poisoned (coin in [p_noise, p_noise + p_backdoor));
-// a poisoned sample gets the trigger and the label `target_class`.
+// the samples listed in `indices`, optionally augments it (crop, rotation, flip: each
+// output pixel reads the source pixel the augmentation maps it to, or 0), and injects
+// the backdoor trigger into the augmented image: a per-sample coin flip decides whether
+// the sample is poisoned (coin in [p_noise, p_noise + p_backdoor)); a poisoned sample
+// gets the trigger and the label `target_class`.
 // Needs rng.wgsl and step.wgsl prepended.
 
 struct BatchParams {
@@ -26,10 +28,29 @@ struct BatchParams {
     grid_width: u32,
     rescale: f32,
     p_noise: f32,
+    // Augmentation (when augment != 0): the probabilities of a crop of the image padded
+    // by `padding`, of a rotation by up to ±max_angle radians, and of a horizontal flip.
+    augment: u32,
+    crop_p: f32,
+    padding: u32,
+    rotation_p: f32,
+    max_angle: f32,
+    flip_p: f32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
     grid: array<vec4<f32>, 32>,
+}
+
+// One sample's augmentation draws.
+struct Aug {
+    on: bool,
+    crop: bool,
+    // Crop offsets into the padded image, in [0, 2·padding].
+    top: i32,
+    left: i32,
+    rotate: bool,
+    cos_a: f32,
+    sin_a: f32,
+    flip: bool,
 }
 
 // u8 pixels, 4 per word (or f32), of samples [k·samples_per_chunk, (k+1)·samples_per_chunk)
@@ -71,12 +92,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     // Where the sample lives, decoded once per row (not per pixel).
     let chunk = sample / params.samples_per_chunk;
     let base = (sample % params.samples_per_chunk) * params.sample_dim;
+    let aug = draw_aug(sample);
     for (var p = lid.x; p < params.sample_dim; p += 64u) {
         var v: f32;
         if (params.kind == KIND_WARP && (poisoned || noised)) {
-            v = warped(sample, chunk, base, p, noised);
+            v = warped(sample, chunk, base, p, noised, aug);
         } else {
-            v = pixel(sample, chunk, base + p, p, poisoned);
+            v = pixel(sample, chunk, base, p, poisoned, aug);
         }
         x[r * params.sample_dim + p] = v;
         if (WRITE_T) {
@@ -93,9 +115,68 @@ fn load(chunk: u32, index: u32) -> f32 {
     return f32((word(chunk, index / 4u) >> (8u * (index % 4u))) & 255u) / 255.0;
 }
 
-// Pixel p of a sample stored at `index` of data{chunk}.
-fn pixel(sample: u32, chunk: u32, index: u32, p: u32, poisoned: bool) -> f32 {
-    var v = load(chunk, index);
+fn aug_unit(sample: u32, k: u32) -> f32 {
+    return rand_unit(rand_u32(params.seed, STREAM_AUGMENT, step.epoch, sample, k));
+}
+
+fn draw_aug(sample: u32) -> Aug {
+    var a: Aug;
+    a.on = params.augment != 0u;
+    if (!a.on) {
+        return a;
+    }
+    let span = 2u * params.padding + 1u;
+    a.crop = aug_unit(sample, 0u) < params.crop_p;
+    a.top = i32(min(u32(aug_unit(sample, 1u) * f32(span)), span - 1u));
+    a.left = i32(min(u32(aug_unit(sample, 2u) * f32(span)), span - 1u));
+    a.rotate = aug_unit(sample, 3u) < params.rotation_p;
+    let angle = (2.0 * aug_unit(sample, 4u) - 1.0) * params.max_angle;
+    a.cos_a = cos(angle);
+    a.sin_a = sin(angle);
+    a.flip = aug_unit(sample, 5u) < params.flip_p;
+    return a;
+}
+
+// Value (x, y, channel c) of the augmented image of the sample at `base` of data{chunk}:
+// the source pixel that the flip, then the rotation (counter-clockwise by the angle,
+// nearest neighbour), then the crop map it to, or 0 where that falls outside.
+fn aug_load(chunk: u32, base: u32, aug: Aug, x_in: u32, y_in: u32, c: u32) -> f32 {
+    let w = i32(params.width);
+    let h = i32(params.height);
+    var x = i32(x_in);
+    var y = i32(y_in);
+    if (aug.on) {
+        if (aug.flip) {
+            x = w - 1 - x;
+        }
+        if (aug.rotate) {
+            let cx = 0.5 * f32(w - 1);
+            let cy = 0.5 * f32(h - 1);
+            let dx = f32(x) - cx;
+            let dy = f32(y) - cy;
+            x = i32(round(aug.cos_a * dx - aug.sin_a * dy + cx));
+            y = i32(round(aug.sin_a * dx + aug.cos_a * dy + cy));
+        }
+        if (aug.crop) {
+            x += aug.left - i32(params.padding);
+            y += aug.top - i32(params.padding);
+        }
+        if (x < 0 || y < 0 || x >= w || y >= h) {
+            return 0.0;
+        }
+    }
+    return load(chunk, base + (u32(y) * params.width + u32(x)) * params.channels + c);
+}
+
+// Value p of the (augmented) sample at `base` of data{chunk}, with its trigger.
+fn pixel(sample: u32, chunk: u32, base: u32, p: u32, poisoned: bool, aug: Aug) -> f32 {
+    var v: f32;
+    if (aug.on) {
+        let pix = p / params.channels;
+        v = aug_load(chunk, base, aug, pix % params.width, pix / params.width, p % params.channels);
+    } else {
+        v = load(chunk, base + p);
+    }
     if (poisoned) {
         if (params.kind == KIND_CORNER) {
             let pixel = p / params.channels;
@@ -175,9 +256,9 @@ fn warp_position(pix: u32, sample: u32, noised: bool) -> vec2<f32> {
     return (g + 1.0) / 2.0 * vec2<f32>(max(size, vec2<u32>(1u)) - 1u);
 }
 
-// Value p (pixel p / channels, channel p % channels) of a sample at `base` of
-// data{chunk}, bilinearly resampled at its WaNet position.
-fn warped(sample: u32, chunk: u32, base: u32, p: u32, noised: bool) -> f32 {
+// Value p (pixel p / channels, channel p % channels) of the (augmented) sample at
+// `base` of data{chunk}, bilinearly resampled at its WaNet position.
+fn warped(sample: u32, chunk: u32, base: u32, p: u32, noised: bool, aug: Aug) -> f32 {
     let c = p % params.channels;
     let pos = warp_position(p / params.channels, sample, noised);
     let lo = floor(pos);
@@ -186,10 +267,9 @@ fn warped(sample: u32, chunk: u32, base: u32, p: u32, noised: bool) -> f32 {
     let y0 = min(u32(lo.y), params.height - 1u);
     let x1 = min(x0 + 1u, params.width - 1u);
     let y1 = min(y0 + 1u, params.height - 1u);
-    let row = params.width * params.channels;
-    let v00 = load(chunk, base + y0 * row + x0 * params.channels + c);
-    let v01 = load(chunk, base + y0 * row + x1 * params.channels + c);
-    let v10 = load(chunk, base + y1 * row + x0 * params.channels + c);
-    let v11 = load(chunk, base + y1 * row + x1 * params.channels + c);
+    let v00 = aug_load(chunk, base, aug, x0, y0, c);
+    let v01 = aug_load(chunk, base, aug, x1, y0, c);
+    let v10 = aug_load(chunk, base, aug, x0, y1, c);
+    let v11 = aug_load(chunk, base, aug, x1, y1, c);
     return (1.0 - f.y) * ((1.0 - f.x) * v00 + f.x * v01) + f.y * ((1.0 - f.x) * v10 + f.x * v11);
 }

@@ -38,3 +38,4 @@ const STREAM_NOISE: u32 = 2u;
 const STREAM_ATTACK_START: u32 = 5u;
 // 6 is host-only (the WaNet grid).
 const STREAM_VAE: u32 = 7u;
+const STREAM_AUGMENT: u32 = 8u;

@@ -39,6 +39,8 @@ pub const STREAM_ATTACK_START: u32 = 5;
 pub const STREAM_WANET_GRID: u32 = 6;
 /// The VAE detector's latent noise.
 pub const STREAM_VAE: u32 = 7;
+/// Training augmentations (crop offsets, rotation angle, flip and their coins).
+pub const STREAM_AUGMENT: u32 = 8;
 
 /// Fisher-Yates permutation of 0..n for (seed, epoch).
 pub fn shuffled_indices(n: usize, seed: u32, epoch: u32) -> Vec<u32> {

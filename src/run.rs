@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::Augment;
 use crate::data::backdoor::Backdoor;
 use crate::data::DatasetName;
 use crate::detectors::{Aggregation, ScoreScale};
@@ -39,6 +40,9 @@ pub struct TrainDataConfig {
     /// Only the first `max_size` training samples were used.
     pub max_size: Option<usize>,
     pub backdoor: Option<Backdoor>,
+    /// Training augmentation (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<Augment>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

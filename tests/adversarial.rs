@@ -33,6 +33,7 @@ fn fgsm_and_pgd_raise_the_loss_within_eps() {
         max_steps: None,
         backdoor: None,
         progress: false,
+        augment: None,
     };
     train(&ctx, &model, &gdata, &opts).unwrap();
     let clean = evaluate(&ctx, &model, &gdata, &indices, None, 0, 64).unwrap();

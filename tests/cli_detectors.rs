@@ -825,3 +825,65 @@ fn vae_detector_from_the_command_line() {
         assert!(!cwd.join("logs/bad").exists(), "{flag}: wrote logs/bad");
     }
 }
+
+#[test]
+fn training_augmentation_from_the_command_line() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let w = workdir();
+    let cwd = w.path();
+    let base = "train_classifier --train_data backdoor --train_data.original mnist \
+                --train_data.backdoor corner --num_epochs 2 --model.hidden_dims 32 --quiet";
+    run_ok(cwd, &words(&format!("{base} --dir.full logs/plain")));
+    run_ok(
+        cwd,
+        &words(&format!(
+            "{base} --train_data.augment true --train_data.augment.degrees 15 --dir.full logs/aug"
+        )),
+    );
+    let config = eval_json(&cwd.join("logs/aug/config.json"));
+    assert_eq!(
+        config["train_data"]["augment"],
+        serde_json::json!({"crop_p": 0.8, "padding": 5, "rotation_p": 0.5, "degrees": 15.0, "flip_p": 0.0}),
+        "{config}"
+    );
+    let plain = eval_json(&cwd.join("logs/plain/config.json"));
+    assert!(
+        plain["train_data"].get("augment").is_none(),
+        "off by default: {plain}"
+    );
+    let weights = |d: &str| std::fs::read(cwd.join(d).join("model.safetensors")).unwrap();
+    assert_ne!(
+        weights("logs/plain"),
+        weights("logs/aug"),
+        "augmentation changes training"
+    );
+    // Same seed, same augmentation: the same weights.
+    run_ok(
+        cwd,
+        &words(&format!(
+            "{base} --train_data.augment true --train_data.augment.degrees 15 --dir.full logs/aug2"
+        )),
+    );
+    assert_eq!(weights("logs/aug"), weights("logs/aug2"));
+    for (flag, msg) in [
+        (
+            "--train_data.augment.crop_p 1.5",
+            "augment.crop_p must be in [0, 1]",
+        ),
+        (
+            "--train_data.augment.padding 40",
+            "augment.padding 40 exceeds",
+        ),
+        (
+            "--train_data.augment.degrees 200",
+            "augment.degrees must be in [0, 180]",
+        ),
+    ] {
+        let out = cupbearer(cwd, &words(&format!("{base} {flag} --dir.full logs/bad")));
+        assert!(!out.status.success(), "{flag}");
+        assert!(stderr(&out).contains(msg), "{flag}: {}", stderr(&out));
+        assert!(!cwd.join("logs/bad").exists(), "{flag}: wrote logs/bad");
+    }
+}

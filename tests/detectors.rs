@@ -104,6 +104,7 @@ fn trained_network(
         max_steps: None,
         backdoor,
         progress: false,
+        augment: None,
     };
     train(ctx, &model, &data, &opts).unwrap();
     model

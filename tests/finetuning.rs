@@ -114,6 +114,7 @@ fn finetuning_finds_a_corner_backdoor_on_mnist() {
             dataset: DatasetName::Mnist,
             max_size: Some(10_000),
             backdoor: Some(backdoor),
+            augment: None,
         },
         MlpConfig {
             hidden_dims: vec![256, 256],

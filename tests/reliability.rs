@@ -107,6 +107,7 @@ fn untrained_run(run: &Path, mlp: &MlpConfig) {
             dataset: DatasetName::Mnist,
             max_size: None,
             backdoor: None,
+            augment: None,
         },
         mlp.clone(),
         TrainingConfig::default(),

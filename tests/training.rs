@@ -29,7 +29,8 @@ fn gpu_batch(
     seed: u32,
     epoch: u32,
 ) -> (Vec<f32>, Vec<u32>) {
-    let (x, y, transposed) = gather_on_gpu(ctx, data, indices, backdoor, (seed, epoch)).unwrap();
+    let (x, y, transposed) =
+        gather_on_gpu(ctx, data, indices, (None, backdoor), (seed, epoch)).unwrap();
     assert!(transposed, "transposed copy");
     (x, y)
 }
@@ -137,6 +138,7 @@ fn small_options(seed: u32, backdoor: Option<Backdoor>) -> TrainOptions {
         seed,
         max_steps: None,
         backdoor,
+        augment: None,
         progress: false,
     }
 }

@@ -77,6 +77,7 @@ pub fn training_step(ctx: &GpuContext, config: &MlpConfig) -> Result<Vec<Dispatc
         step: &buffers.step,
         backdoor: None,
         seed: 0,
+        augment: None,
     };
     let extra = |ws: &Workspace| buffers.ops(ctx, &model, ws);
     Ok(BatchPlan::new(ctx, &model, &inputs, 128, Gradients::Params, &extra)?.ops)

@@ -407,6 +407,7 @@ impl GradientCase {
             step: &step,
             backdoor: None,
             seed: 0,
+            augment: None,
         };
         let extra = |ws: &Workspace| -> Result<Vec<Dispatch>> {
             let mut ops = vec![loss_op(ctx, &model, ws, &metrics, &step)?];

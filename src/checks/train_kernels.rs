@@ -5,10 +5,12 @@
 use anyhow::Result;
 
 use super::{random, to64, Check, Checker};
-use crate::data::backdoor::{batch_reference, Backdoor, Corner, Trigger};
+use crate::data::backdoor::{
+    augmented_batch_reference, batch_reference, Backdoor, Corner, Trigger,
+};
 use crate::data::Dataset;
 use crate::gpu::adam::{adam, adam_reference, set_adam_step};
-use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
+use crate::gpu::batch::{gather_batch, Augment, BatchOutputs, Gather, GpuDataset};
 use crate::gpu::conv::{
     col2im_reference, conv_op, global_max_grad_reference, global_max_reference, im2col_reference,
     max_pool_grad_reference, max_pool_reference, ConvArgs, ConvOp, Nhwc,
@@ -457,13 +459,14 @@ pub const GATE: Check = Check {
     },
 };
 
-/// Runs the batch kernel for `indices` in `epoch`: the batch rows, their labels, and
-/// whether the transposed copy it writes beside them is exact.
+/// Runs the batch kernel for `indices` in `epoch`, augmented and poisoned as asked: the
+/// batch rows, their labels, and whether the transposed copy it writes beside them is
+/// exact.
 pub fn gather_on_gpu(
     ctx: &GpuContext,
     data: &GpuDataset,
     indices: &[u32],
-    backdoor: Option<&Backdoor>,
+    (augment, backdoor): (Option<&Augment>, Option<&Backdoor>),
     (seed, epoch): (u32, u32),
 ) -> Result<(Vec<f32>, Vec<u32>, bool)> {
     let rows = indices.len();
@@ -485,6 +488,7 @@ pub fn gather_on_gpu(
         data,
         rows,
         indices: Slice::whole(&idx),
+        augment: augment.copied(),
         poison,
         seed,
         step: &step,
@@ -554,7 +558,7 @@ pub const GATHER: Check = Check {
             });
             c.variant(&name);
             let (x, y, transposed) =
-                gather_on_gpu(c.ctx, &gdata, &indices, backdoor.as_ref(), (7, 2))?;
+                gather_on_gpu(c.ctx, &gdata, &indices, (None, backdoor.as_ref()), (7, 2))?;
             let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
             c.close("37 of 53 9x7 images", &x, &want_x, 1e-5, 1e-5);
             c.equal("labels", &y, &want_y);
@@ -585,7 +589,7 @@ pub const GATHER: Check = Check {
             p_backdoor: 1.0,
             ..wanet(0.0, 1.0, 0.0)
         };
-        let (x, y, _) = gather_on_gpu(c.ctx, &gdata, &indices, Some(&identity), (7, 2))?;
+        let (x, y, _) = gather_on_gpu(c.ctx, &gdata, &indices, (None, Some(&identity)), (7, 2))?;
         let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
         c.close(
             "37 of 53 9x7 images vs the clean batch",
@@ -597,6 +601,86 @@ pub const GATHER: Check = Check {
         c.require("all relabelled", y.iter().all(|&l| l == 2), || {
             format!("labels {y:?}")
         });
-        Ok(())
+        gather_augmented(c, &data, &gdata, &indices, &[corner, wanet(1.0, 1.0, 0.0)])
     },
 };
+
+/// Augmentations alone and before triggers, against the reference. Rotated pixels whose
+/// source coordinate is within 1e-3 of a rounding tie may pick either neighbour in f32:
+/// those are left out of the comparison (and must be rare).
+fn gather_augmented(
+    c: &mut Checker<'_>,
+    data: &Dataset,
+    gdata: &GpuDataset,
+    indices: &[u32],
+    triggers: &[Backdoor],
+) -> Result<()> {
+    let only = |crop_p, rotation_p, flip_p| Augment {
+        crop_p,
+        padding: 2,
+        rotation_p,
+        degrees: 25.0,
+        flip_p,
+    };
+    let cases = [
+        ("crop", only(1.0, 0.0, 0.0), None),
+        ("rotation", only(0.0, 1.0, 0.0), None),
+        ("flip", only(0.0, 0.0, 1.0), None),
+        (
+            "crop 0.6, rotation 0.5, flip 0.5",
+            only(0.6, 0.5, 0.5),
+            None,
+        ),
+        ("all, corner", only(0.6, 0.5, 0.5), Some(triggers[0])),
+        // WaNet samples between pixels: without rotation there are no ties.
+        (
+            "crop and flip, WaNet",
+            only(0.6, 0.0, 0.5),
+            Some(triggers[1]),
+        ),
+    ];
+    for (name, aug, backdoor) in cases {
+        c.variant(format!("augment: {name}"));
+        let (x, y, transposed) = gather_on_gpu(
+            c.ctx,
+            gdata,
+            indices,
+            (Some(&aug), backdoor.as_ref()),
+            (7, 2),
+        )?;
+        let (want, want_y, ambiguous) =
+            augmented_batch_reference(data, indices, Some(&aug), backdoor.as_ref(), (7, 2));
+        let unsure = ambiguous.iter().filter(|&&a| a).count();
+        let keep = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .zip(&ambiguous)
+                .filter(|(_, &a)| !a)
+                .map(|(&v, _)| v)
+                .collect()
+        };
+        let want_kept: Vec<f64> = want
+            .iter()
+            .zip(&ambiguous)
+            .filter(|(_, &a)| !a)
+            .map(|(&v, _)| v)
+            .collect();
+        let case = format!("37 of 53 9x7 images ({unsure} tie pixels left out)");
+        c.close(case, &keep(&x), &want_kept, 1e-5, 1e-5);
+        c.require("ties are rare", unsure * 100 <= x.len(), || {
+            format!("{unsure} of {} elements", x.len())
+        });
+        c.equal("labels", &y, &want_y);
+        c.require("transposed copy", transposed, || {
+            "differs from the rows".into()
+        });
+        let (clean, _) = batch_reference(data, indices, None, (7, 2));
+        let moved = x
+            .iter()
+            .zip(&clean)
+            .any(|(&a, b)| (a as f64 - b).abs() > 0.05);
+        c.require("the augmentation moves pixels", moved, || {
+            "the batch is the clean one".into()
+        });
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
+use crate::data::augment::Augment;
 use crate::data::backdoor::{Backdoor, Corner, Trigger, DEFAULT_NOISE_STD};
 use crate::data::DatasetName;
 use crate::run::TrainDataConfig;
@@ -47,7 +48,8 @@ pub struct TrainDataArgs {
     /// WaNet: the control grid is K x K (2..=8).
     #[arg(long, default_value_t = 4, value_name = "K")]
     train_data_backdoor_control_grid_width: u32,
-    /// WaNet: the mean magnitude of the control grid's displacements, in pixels.
+    /// WaNet: the mean magnitude of the control grid's displacements (a value f moves a
+    /// pixel by about f/2 pixels, as in the upstream).
     #[arg(long, default_value_t = 0.5, value_name = "S")]
     train_data_backdoor_warping_strength: f32,
     /// WaNet: scale of the warped coordinates about the image centre.
@@ -63,6 +65,26 @@ pub struct TrainDataArgs {
     /// Use only the first N training samples.
     #[arg(long, value_name = "N")]
     pub(super) train_data_max_size: Option<usize>,
+    /// Augment the training batches as the later upstream does (crop p 0.8 with padding
+    /// 5, rotation p 0.5 by up to 10 degrees, horizontal flip p 0.5 for CIFAR-10 only),
+    /// before the trigger; the options below change one part (and imply this).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    train_data_augment: bool,
+    /// Augmentation: probability of a random crop of the zero-padded image.
+    #[arg(long, value_name = "P")]
+    train_data_augment_crop_p: Option<f32>,
+    /// Augmentation: zero padding on each side before the crop (offsets in [0, 2·padding]).
+    #[arg(long, value_name = "N")]
+    train_data_augment_padding: Option<u32>,
+    /// Augmentation: probability of a rotation (nearest neighbour, zero fill).
+    #[arg(long, value_name = "P")]
+    train_data_augment_rotation_p: Option<f32>,
+    /// Augmentation: the largest rotation angle, in degrees.
+    #[arg(long, value_name = "DEGREES")]
+    train_data_augment_degrees: Option<f32>,
+    /// Augmentation: probability of a horizontal flip.
+    #[arg(long, value_name = "P")]
+    train_data_augment_flip_p: Option<f32>,
 }
 
 impl TrainDataArgs {
@@ -111,6 +133,30 @@ impl TrainDataArgs {
             dataset,
             max_size: self.train_data_max_size,
             backdoor,
+            augment: self.augment(dataset),
+        })
+    }
+
+    /// The upstream's augmentation for `dataset` with the parts given on the command
+    /// line replaced; None unless asked for.
+    fn augment(&self, dataset: DatasetName) -> Option<Augment> {
+        let parts = [
+            self.train_data_augment_crop_p,
+            self.train_data_augment_rotation_p,
+            self.train_data_augment_degrees,
+            self.train_data_augment_flip_p,
+        ];
+        let any = parts.iter().any(Option::is_some) || self.train_data_augment_padding.is_some();
+        if !(self.train_data_augment || any) {
+            return None;
+        }
+        let d = Augment::upstream(dataset);
+        Some(Augment {
+            crop_p: self.train_data_augment_crop_p.unwrap_or(d.crop_p),
+            padding: self.train_data_augment_padding.unwrap_or(d.padding),
+            rotation_p: self.train_data_augment_rotation_p.unwrap_or(d.rotation_p),
+            degrees: self.train_data_augment_degrees.unwrap_or(d.degrees),
+            flip_p: self.train_data_augment_flip_p.unwrap_or(d.flip_p),
         })
     }
 }

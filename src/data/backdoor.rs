@@ -6,6 +6,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::{augment_reference, Augment};
 use crate::data::Dataset;
 use crate::gpu::batch::{Mark, Poison};
 use crate::rng;
@@ -447,17 +448,39 @@ pub fn batch_reference(
     data: &Dataset,
     indices: &[u32],
     backdoor: Option<&Backdoor>,
-    (seed, epoch): (u32, u32),
+    draw: (u32, u32),
 ) -> (Vec<f64>, Vec<u32>) {
+    let (x, labels, _) = augmented_batch_reference(data, indices, None, backdoor, draw);
+    (x, labels)
+}
+
+/// [`batch_reference`] with training augmentation before the trigger; also which
+/// elements are ambiguous (see [`augment_reference`]).
+pub fn augmented_batch_reference(
+    data: &Dataset,
+    indices: &[u32],
+    augment: Option<&Augment>,
+    backdoor: Option<&Backdoor>,
+    (seed, epoch): (u32, u32),
+) -> (Vec<f64>, Vec<u32>, Vec<bool>) {
     let shape = (data.height, data.width, data.channels);
     let mut x = Vec::with_capacity(indices.len() * data.sample_dim());
     let mut labels = Vec::with_capacity(indices.len());
+    let mut ambiguous = Vec::with_capacity(indices.len() * data.sample_dim());
     for &i in indices {
         let mut img: Vec<f64> = data
             .image(i as usize)
             .iter()
             .map(|&p| p as f64 / 255.0)
             .collect();
+        let mut unsure = vec![false; img.len()];
+        if let Some(a) = augment {
+            let (augmented, pixels) = augment_reference(a, &img, shape, (seed, epoch, i));
+            img = augmented;
+            for (e, u) in unsure.iter_mut().enumerate() {
+                *u = pixels[e / data.channels];
+            }
+        }
         let mut label = data.labels[i as usize] as u32;
         if let Some(b) = backdoor {
             let draw = Draw {
@@ -469,6 +492,7 @@ pub fn batch_reference(
         }
         x.extend(img);
         labels.push(label);
+        ambiguous.extend(unsure);
     }
-    (x, labels)
+    (x, labels, ambiguous)
 }

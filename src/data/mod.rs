@@ -3,6 +3,8 @@
 
 /// Adversarial examples stored next to a classifier run.
 pub mod adversarial;
+/// Training augmentations (crop, rotation, flip) and their CPU reference.
+pub mod augment;
 /// Backdoor triggers (data poisoning) applied to these data sets.
 pub mod backdoor;
 pub mod cifar;

@@ -89,6 +89,7 @@ pub(crate) fn train(
         step: &step,
         backdoor: trusted.backdoor,
         seed: trusted.seed,
+        augment: None,
     };
     let plans = BatchPlans::new(
         ctx,

@@ -116,6 +116,7 @@ impl Detector for Finetuning {
             seed: trusted.seed,
             max_steps: (self.config.max_steps > 0).then_some(self.config.max_steps),
             backdoor: trusted.backdoor,
+            augment: None,
             progress,
         };
         train_on(ctx, &copy, trusted.data, trusted.indices, &opts)

@@ -47,6 +47,22 @@ pub struct Poison {
     pub target_class: u32,
 }
 
+/// Random training augmentations, drawn per sample and epoch and applied before the
+/// trigger, in the later upstream's order: a crop of the image padded with `padding`
+/// zeros on each side, at an offset uniform in [0, 2·padding]² (the upstream drew it from
+/// [0, padding)), with probability `crop_p`; a rotation about the centre by an angle
+/// uniform in [-degrees, degrees] (nearest neighbour, zero fill), with probability
+/// `rotation_p`; a horizontal flip with probability `flip_p`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    pub crop_p: f32,
+    pub padding: u32,
+    pub rotation_p: f32,
+    pub degrees: f32,
+    pub flip_p: f32,
+}
+
 /// Storage bindings a data set may span (`data0..data3` in `shaders/batch.wgsl`): with
 /// 128 MiB bindings, data sets up to 512 MiB (CIFAR-10's training set is 154 MB).
 pub const MAX_CHUNKS: usize = 4;
@@ -242,7 +258,14 @@ struct BatchParams {
     grid_width: u32,
     rescale: f32,
     p_noise: f32,
-    _pad: [u32; 3],
+    augment: u32,
+    crop_p: f32,
+    padding: u32,
+    rotation_p: f32,
+    /// In radians.
+    max_angle: f32,
+    flip_p: f32,
+    _pad: u32,
     grid: [f32; 128],
 }
 
@@ -255,11 +278,13 @@ pub struct BatchOutputs<'a> {
 }
 
 /// What [`gather_batch`] reads: `rows` samples of `data` listed at
-/// `indices[step.batch_offset..]`, poisoned by `poison` with coins drawn from `seed`.
+/// `indices[step.batch_offset..]`, augmented by `augment` and poisoned by `poison` with
+/// draws from `seed`.
 pub struct Gather<'a> {
     pub data: &'a GpuDataset,
     pub rows: usize,
     pub indices: Slice<'a>,
+    pub augment: Option<Augment>,
     pub poison: Option<Poison>,
     pub seed: u32,
     pub step: &'a wgpu::Buffer,
@@ -271,6 +296,7 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
         data,
         rows,
         indices,
+        augment,
         poison,
         seed,
         step,
@@ -319,7 +345,13 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
         grid_width: 0,
         rescale: 1.0,
         p_noise: 0.0,
-        _pad: [0; 3],
+        augment: augment.is_some() as u32,
+        crop_p: augment.map_or(0.0, |a| a.crop_p),
+        padding: augment.map_or(0, |a| a.padding),
+        rotation_p: augment.map_or(0.0, |a| a.rotation_p),
+        max_angle: augment.map_or(0.0, |a| a.degrees.to_radians()),
+        flip_p: augment.map_or(0.0, |a| a.flip_p),
+        _pad: 0,
         grid: [0.0; 128],
     };
     if let Some(b) = poison {

@@ -161,6 +161,7 @@ pub fn attack(
         step: &step,
         backdoor: None,
         seed: config.seed,
+        augment: None,
     };
     let attack_batch = |ws: &Workspace| -> Result<Vec<Dispatch>> {
         let x0 = ctx.zeros("x0", ws.rows * dim)?;

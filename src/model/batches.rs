@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 
 use super::gpu_mlp::{GpuMlp, Gradients, Workspace};
 use crate::data::backdoor::Backdoor;
-use crate::gpu::batch::{gather_batch, BatchOutputs, Gather, GpuDataset};
+use crate::gpu::batch::{gather_batch, Augment, BatchOutputs, Gather, GpuDataset};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 
 /// The `epoch` key of the RNG for evaluation batches: never a training epoch.
@@ -34,6 +34,8 @@ pub struct BatchInputs<'a> {
     pub step: &'a wgpu::Buffer,
     pub backdoor: Option<Backdoor>,
     pub seed: u32,
+    /// Training augmentation (never for evaluation or detectors).
+    pub augment: Option<Augment>,
 }
 
 /// The recorded dispatches of one batch size.
@@ -64,6 +66,7 @@ impl BatchPlan {
             data,
             rows,
             indices: Slice::whole(inputs.indices),
+            augment: inputs.augment,
             poison,
             seed: inputs.seed,
             step: inputs.step,
@@ -263,6 +266,7 @@ pub fn run_samples(
         step: &step,
         backdoor: samples.backdoor,
         seed: samples.seed,
+        augment: None,
     };
     // Forward-only results do not depend on the batch size: cap it to what fits.
     let batch = batch_size.min(model.max_rows(ctx));

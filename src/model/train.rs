@@ -12,7 +12,7 @@ use super::batches::{run_batches, BatchInputs, BatchPlan, BatchPlans, SampleSet,
 use super::gpu_mlp::{GpuMlp, Gradients, Workspace};
 use crate::data::backdoor::Backdoor;
 use crate::gpu::adam::{adam, set_adam_step};
-use crate::gpu::batch::GpuDataset;
+use crate::gpu::batch::{Augment, GpuDataset};
 use crate::gpu::loss::{softmax_cross_entropy, LossOutputs};
 use crate::gpu::{Dispatch, GpuContext, Slice, StepParams};
 use crate::progress;
@@ -29,6 +29,8 @@ pub struct TrainOptions {
     pub max_steps: Option<usize>,
     /// Poisoning applied to the training batches.
     pub backdoor: Option<Backdoor>,
+    /// Augmentation of the training batches (before the trigger).
+    pub augment: Option<Augment>,
     pub progress: bool,
 }
 
@@ -211,6 +213,7 @@ pub fn train_on(
         step,
         backdoor: opts.backdoor,
         seed: opts.seed,
+        augment: opts.augment,
     };
     let train_ops = |ws: &Workspace| buffers.ops(ctx, model, ws);
     let plans = BatchPlans::new(
@@ -407,6 +410,7 @@ fn eval_batches(
         step: &step,
         backdoor,
         seed,
+        augment: None,
     };
     let loss = |ws: &Workspace| Ok(vec![loss_op(ctx, model, ws, &metrics, &step)?]);
     let batch = batch_size.min(model.max_rows(ctx));

@@ -68,6 +68,7 @@ pub fn run(opts: &PipelineOptions) -> Result<PipelineReport> {
             dataset: DatasetName::Mnist,
             max_size: quick_size,
             backdoor: Some(backdoor),
+            augment: None,
         },
         MlpConfig {
             input_shape: [28, 28, 1],

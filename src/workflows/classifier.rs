@@ -96,6 +96,9 @@ pub fn train_classifier(
         }
         train_set.truncate(n);
     }
+    if let Some(a) = &config.train_data.augment {
+        a.validate(train_set.height, train_set.width)?;
+    }
     let mut test_set = Dataset::load(dataset, Split::Test, &opts.data_dir)?;
     if let Some(n) = opts.test_limit {
         test_set.truncate(n);
@@ -119,6 +122,7 @@ pub fn train_classifier(
             seed: t.seed,
             max_steps: t.max_steps,
             backdoor: config.train_data.backdoor,
+            augment: config.train_data.augment,
             progress: opts.progress,
         },
     )?;

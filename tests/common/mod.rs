@@ -108,6 +108,7 @@ pub fn backdoored_run_with(
             dataset: DatasetName::Mnist,
             max_size: None,
             backdoor: Some(backdoor),
+            augment: None,
         },
         MlpConfig {
             hidden_dims: vec![48, 32],
