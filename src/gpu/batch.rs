@@ -245,7 +245,6 @@ struct BatchParams {
     sample_dim: u32,
     width: u32,
     channels: u32,
-    kind: u32,
     target_class: u32,
     corner_row: u32,
     corner_col: u32,
@@ -258,14 +257,13 @@ struct BatchParams {
     grid_width: u32,
     rescale: f32,
     p_noise: f32,
-    augment: u32,
     crop_p: f32,
     padding: u32,
     rotation_p: f32,
     /// In radians.
     max_angle: f32,
     flip_p: f32,
-    _pad: u32,
+    _pad: [u32; 3],
     grid: [f32; 128],
 }
 
@@ -304,35 +302,13 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
     if rows > 65535 {
         bail!("batch of {rows} rows exceeds the 65535 limit of one dispatch");
     }
-    let kernel = simple_kernel(
-        ctx,
-        "gather_batch",
-        &["rng", "step", "batch"],
-        "main",
-        &[
-            Binding::ReadOnly,
-            Binding::ReadOnly,
-            Binding::ReadOnly,
-            Binding::ReadWrite,
-            Binding::ReadWrite,
-            Binding::Uniform,
-            Binding::Uniform,
-            Binding::ReadWrite,
-            Binding::ReadOnly,
-            Binding::ReadOnly,
-            Binding::ReadOnly,
-        ],
-        &[
-            ("WRITE_T", out.xt.is_some() as u8 as f64),
-            ("F32_PIXELS", data.f32_pixels as u8 as f64),
-        ],
-    )?;
+    // The trigger's KIND in shaders/batch.wgsl (0 = none).
+    let mut kind = 0u32;
     let mut p = BatchParams {
         rows: rows as u32,
         sample_dim: data.sample_dim() as u32,
         width: data.width as u32,
         channels: data.channels as u32,
-        kind: 0,
         target_class: 0,
         corner_row: 0,
         corner_col: 0,
@@ -345,13 +321,12 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
         grid_width: 0,
         rescale: 1.0,
         p_noise: 0.0,
-        augment: augment.is_some() as u32,
         crop_p: augment.map_or(0.0, |a| a.crop_p),
         padding: augment.map_or(0, |a| a.padding),
         rotation_p: augment.map_or(0.0, |a| a.rotation_p),
         max_angle: augment.map_or(0.0, |a| a.degrees.to_radians()),
         flip_p: augment.map_or(0.0, |a| a.flip_p),
-        _pad: 0,
+        _pad: [0; 3],
         grid: [0.0; 128],
     };
     if let Some(b) = poison {
@@ -373,10 +348,10 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
                         data.width
                     );
                 }
-                (p.kind, p.corner_row, p.corner_col) = (1, row as u32, col as u32);
+                (kind, p.corner_row, p.corner_col) = (1, row as u32, col as u32);
             }
             Mark::Noise { std, clip } => {
-                (p.kind, p.noise_std, p.clip) = (2, std, clip as u32);
+                (kind, p.noise_std, p.clip) = (2, std, clip as u32);
             }
             Mark::Warp {
                 grid_width,
@@ -384,11 +359,36 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
                 rescale,
                 p_noise,
             } => {
-                (p.kind, p.grid_width, p.grid, p.rescale, p.p_noise) =
+                (kind, p.grid_width, p.grid, p.rescale, p.p_noise) =
                     (3, grid_width, grid, rescale, p_noise);
             }
         }
     }
+    let kernel = simple_kernel(
+        ctx,
+        "gather_batch",
+        &["rng", "step", "batch"],
+        "main",
+        &[
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+            Binding::ReadWrite,
+            Binding::ReadWrite,
+            Binding::Uniform,
+            Binding::Uniform,
+            Binding::ReadWrite,
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+            Binding::ReadOnly,
+        ],
+        &[
+            ("WRITE_T", out.xt.is_some() as u8 as f64),
+            ("F32_PIXELS", data.f32_pixels as u8 as f64),
+            ("KIND", kind as f64),
+            ("AUGMENT", augment.is_some() as u8 as f64),
+        ],
+    )?;
     let params = ctx.uniform("batch_params", &p);
     ctx.dispatch(
         &kernel,
