@@ -6,6 +6,7 @@
 //! contract between commands, [`cli`] the `cupbearer` command.
 
 pub mod checks;
+#[cfg(feature = "native")]
 pub mod cli;
 pub mod data;
 pub mod detectors;

@@ -9,6 +9,7 @@ pub mod augment;
 pub mod backdoor;
 pub mod cifar;
 pub mod datasets;
+#[cfg(feature = "native")]
 pub mod download;
 pub mod idx;
 

@@ -4,6 +4,7 @@
 //! never import it. The CLI and the example call these functions.
 
 pub mod adversarial;
+#[cfg(feature = "native")]
 pub mod backdoor_mnist;
 pub mod classifier;
 pub mod detector;
