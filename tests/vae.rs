@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use cupbearer::data::backdoor::{batch_reference, Backdoor, Corner, Trigger};
 use cupbearer::data::Dataset;
 use cupbearer::detectors::vae::{Vae, VaeConfig};
@@ -168,57 +166,14 @@ fn a_planted_trigger_is_found_and_a_reload_scores_identically() {
 /// VAE per layer with latent 32 trained one epoch: AUROC > 0.97 per layer upstream.
 #[test]
 fn the_vae_finds_a_corner_backdoor_on_mnist() {
-    use cupbearer::data::DatasetName;
-    use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
     if common::gpu().is_none() {
         return;
     }
-    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if !data_dir.join("mnist").is_dir() {
-        eprintln!("skipping: no MNIST at {}", data_dir.display());
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let backdoor = Backdoor {
-        trigger: Trigger::Corner {
-            corner: Corner::TopLeft,
-        },
-        p_backdoor: 0.05,
-        target_class: 0,
-    };
-    let config = ClassifierRunConfig::new(
-        TrainDataConfig {
-            dataset: DatasetName::Mnist,
-            max_size: Some(10_000),
-            backdoor: Some(backdoor),
-            augment: None,
-        },
-        MlpConfig {
-            hidden_dims: vec![128, 128],
-            output_dim: 10,
-            ..MlpConfig::default()
-        },
-        TrainingConfig {
-            num_epochs: 3,
-            ..TrainingConfig::default()
-        },
-    );
-    let run_path = tmp.path().join("classifier");
-    let metrics = common::classifier_run(config, &run_path, &data_dir);
-    assert!(
-        metrics.attack_success_rate.unwrap() > 0.8,
-        "{}",
-        metrics.summary()
-    );
-    let env = TaskEnv { data_dir, seed: 0 };
-    let task = BackdoorTaskConfig {
-        backdoor: Backdoor {
-            p_backdoor: 1.0,
-            ..backdoor
-        },
-        max_train_size: Some(10_000),
-        max_test_size: Some(2_000),
-        ..BackdoorTaskConfig::default()
+    let Some((run_path, env, task)) =
+        common::mnist_corner_classifier(tmp.path(), vec![128, 128], 3)
+    else {
+        return;
     };
     let options = [("kld_weight", "0")];
     let (auroc, identical) =

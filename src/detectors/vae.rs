@@ -488,11 +488,6 @@ impl Vae {
             })
             .collect()
     }
-
-    /// The fitted activation layers.
-    pub fn layers(&self) -> &[usize] {
-        &self.layers
-    }
 }
 
 impl Detector for Vae {

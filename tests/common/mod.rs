@@ -211,3 +211,72 @@ pub fn fit_and_eval(
     let scores = |d: &str| std::fs::read(out.join(d).join("scores.csv")).unwrap();
     (first.auc_roc, scores("e1") == scores("e2"))
 }
+
+/// A corner-backdoored (p 0.05, top-left) MLP of `hidden_dims` trained `epochs` epochs on
+/// the first 10 000 images of the real MNIST in `../shared/data` (None, with a note, when
+/// that is absent), written to `dir/classifier`; with the task that detects its trigger
+/// (10 000 trusted images, a 2 000-image test mix).
+pub fn mnist_corner_classifier(
+    dir: &Path,
+    hidden_dims: Vec<usize>,
+    epochs: usize,
+) -> Option<(
+    std::path::PathBuf,
+    cupbearer::registry::TaskEnv,
+    cupbearer::tasks::backdoor::BackdoorTaskConfig,
+)> {
+    use cupbearer::data::backdoor::{Backdoor, Corner, Trigger};
+    use cupbearer::data::DatasetName;
+    use cupbearer::model::MlpConfig;
+    use cupbearer::run::{ClassifierRunConfig, TrainDataConfig, TrainingConfig};
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !data_dir.join("mnist").is_dir() {
+        eprintln!("skipping: no MNIST at {}", data_dir.display());
+        return None;
+    }
+    let backdoor = Backdoor {
+        trigger: Trigger::Corner {
+            corner: Corner::TopLeft,
+        },
+        p_backdoor: 0.05,
+        target_class: 0,
+    };
+    let config = ClassifierRunConfig::new(
+        TrainDataConfig {
+            dataset: DatasetName::Mnist,
+            max_size: Some(10_000),
+            backdoor: Some(backdoor),
+            augment: None,
+        },
+        MlpConfig {
+            hidden_dims,
+            output_dim: 10,
+            ..MlpConfig::default()
+        },
+        TrainingConfig {
+            num_epochs: epochs,
+            ..TrainingConfig::default()
+        },
+    );
+    let run_path = dir.join("classifier");
+    let metrics = classifier_run(config, &run_path, &data_dir);
+    assert!(
+        metrics.attack_success_rate.unwrap() > 0.8,
+        "{}",
+        metrics.summary()
+    );
+    let task = cupbearer::tasks::backdoor::BackdoorTaskConfig {
+        backdoor: Backdoor {
+            p_backdoor: 1.0,
+            ..backdoor
+        },
+        max_train_size: Some(10_000),
+        max_test_size: Some(2_000),
+        ..Default::default()
+    };
+    Some((
+        run_path,
+        cupbearer::registry::TaskEnv { data_dir, seed: 0 },
+        task,
+    ))
+}
