@@ -39,6 +39,17 @@ fn run_ok(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `command` fails with `msg` on stderr and leaves no `out` dir behind.
+fn assert_refused(cwd: &Path, command: &str, msg: &str, out: &str) {
+    let run = cupbearer(cwd, &words(command));
+    assert!(
+        !run.status.success() && stderr(&run).contains(msg),
+        "{command}: {}",
+        stderr(&run)
+    );
+    assert!(!cwd.join(out).exists(), "{command}: wrote {out}");
+}
+
 fn eval_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -753,13 +764,7 @@ fn wanet_trigger_end_to_end_with_the_runs_own_grid() {
             "grid_rescale must be finite and > 0",
         ),
     ] {
-        let out = cupbearer(cwd, &words(&classifier("bad", flags)));
-        assert!(
-            !out.status.success() && stderr(&out).contains(msg),
-            "{flags}: {}",
-            stderr(&out)
-        );
-        assert!(!cwd.join("bad").exists());
+        assert_refused(cwd, &classifier("bad", flags), msg, "bad");
     }
 }
 
@@ -814,15 +819,9 @@ fn vae_detector_from_the_command_line() {
         ),
         ("--detector.layers 7", "layer 7 does not exist"),
     ] {
-        let out = cupbearer(
-            cwd,
-            &words(&format!(
-                "train_detector --detector vae {flag} {task} --dir.full logs/bad --quiet"
-            )),
-        );
-        assert!(!out.status.success());
-        assert!(stderr(&out).contains(msg), "{flag}: {}", stderr(&out));
-        assert!(!cwd.join("logs/bad").exists(), "{flag}: wrote logs/bad");
+        let command =
+            format!("train_detector --detector vae {flag} {task} --dir.full logs/bad --quiet");
+        assert_refused(cwd, &command, msg, "logs/bad");
     }
 }
 
@@ -881,9 +880,11 @@ fn training_augmentation_from_the_command_line() {
             "augment.degrees must be in [0, 180]",
         ),
     ] {
-        let out = cupbearer(cwd, &words(&format!("{base} {flag} --dir.full logs/bad")));
-        assert!(!out.status.success(), "{flag}");
-        assert!(stderr(&out).contains(msg), "{flag}: {}", stderr(&out));
-        assert!(!cwd.join("logs/bad").exists(), "{flag}: wrote logs/bad");
+        assert_refused(
+            cwd,
+            &format!("{base} {flag} --dir.full logs/bad"),
+            msg,
+            "logs/bad",
+        );
     }
 }
