@@ -29,8 +29,8 @@ fn gpu_batch(
     seed: u32,
     epoch: u32,
 ) -> (Vec<f32>, Vec<u32>) {
-    let (x, y, transposed) =
-        gather_on_gpu(ctx, data, indices, (None, backdoor), (seed, epoch)).unwrap();
+    let gathered = gather_on_gpu(ctx, data, indices, (None, backdoor), (seed, epoch));
+    let (x, y, transposed) = cupbearer::gpu::block_on(gathered).unwrap();
     assert!(transposed, "transposed copy");
     (x, y)
 }

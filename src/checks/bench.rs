@@ -5,7 +5,7 @@
 //! wall-clock submit-and-wait, so each includes a dispatch's fixed cost (15-70 us on
 //! lavapipe).
 
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;

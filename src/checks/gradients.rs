@@ -26,51 +26,53 @@ pub const LAYERS: Check = Check {
     name: "layer_gradients",
     files: LAYER_FILES,
     run: |c| {
-        let input = Shape::Spatial {
-            height: 5,
-            width: 7,
-            channels: 2,
-        };
-        let conv = Layer::Conv {
-            input,
-            out_channels: 3,
-            relu: true,
-        };
-        let pool = Layer::MaxPool {
-            input: conv.output(),
-        };
-        let global = Layer::GlobalMaxPool {
-            input: pool.output(),
-        };
-        let dense = |fan_in, fan_out, relu| Layer::Dense {
-            fan_in,
-            fan_out,
-            relu,
-        };
-        // The classifier's shape of network: conv block, global pool, dense layers.
-        let cnn = Stack::new(vec![
-            conv,
-            pool,
-            global,
-            dense(3, 5, true),
-            dense(5, 2, false),
-        ]);
-        c.variant("conv/pool/dense stack");
-        check_stack(c, &cnn, 3, true)?;
-        c.variant("conv/pool/dense stack, parameters only");
-        check_stack(c, &cnn, 2, false)?;
-        // A conv without ReLU or pool, as the abstraction's τ.
-        let tau = Stack::new(vec![Layer::Conv {
-            input,
-            out_channels: 1,
-            relu: false,
-        }]);
-        c.variant("linear conv");
-        check_stack(c, &tau, 2, true)?;
-        // The axis-aligned τ: a gate, then a dense layer.
-        let gated = Stack::new(vec![Layer::Gate { width: 6 }, dense(6, 3, false)]);
-        c.variant("gate + dense");
-        check_stack(c, &gated, 4, false)
+        Box::pin(async move {
+            let input = Shape::Spatial {
+                height: 5,
+                width: 7,
+                channels: 2,
+            };
+            let conv = Layer::Conv {
+                input,
+                out_channels: 3,
+                relu: true,
+            };
+            let pool = Layer::MaxPool {
+                input: conv.output(),
+            };
+            let global = Layer::GlobalMaxPool {
+                input: pool.output(),
+            };
+            let dense = |fan_in, fan_out, relu| Layer::Dense {
+                fan_in,
+                fan_out,
+                relu,
+            };
+            // The classifier's shape of network: conv block, global pool, dense layers.
+            let cnn = Stack::new(vec![
+                conv,
+                pool,
+                global,
+                dense(3, 5, true),
+                dense(5, 2, false),
+            ]);
+            c.variant("conv/pool/dense stack");
+            check_stack(c, &cnn, 3, true).await?;
+            c.variant("conv/pool/dense stack, parameters only");
+            check_stack(c, &cnn, 2, false).await?;
+            // A conv without ReLU or pool, as the abstraction's τ.
+            let tau = Stack::new(vec![Layer::Conv {
+                input,
+                out_channels: 1,
+                relu: false,
+            }]);
+            c.variant("linear conv");
+            check_stack(c, &tau, 2, true).await?;
+            // The axis-aligned τ: a gate, then a dense layer.
+            let gated = Stack::new(vec![Layer::Gate { width: 6 }, dense(6, 3, false)]);
+            c.variant("gate + dense");
+            check_stack(c, &gated, 4, false).await
+        })
     },
 };
 
@@ -88,7 +90,7 @@ struct StackRun {
 }
 
 /// Forward and backward of `stack` on the GPU for `rows` inputs `x`, with dL/dout = `w`.
-fn run_stack(
+async fn run_stack(
     ctx: &GpuContext,
     (stack, params): (&Stack, &[Dense]),
     (x, rows): (&[f32], usize),
@@ -134,10 +136,10 @@ fn run_stack(
     ops.extend(bound.backward(ctx, &backward)?);
     ctx.submit(&ops);
     Ok(StackRun {
-        out: ctx.read(Slice::new(&out, 0, w.len()))?,
-        grads: ctx.read(Slice::new(&grads, 0, layout.total))?,
+        out: ctx.read_async(Slice::new(&out, 0, w.len())).await?,
+        grads: ctx.read_async(Slice::new(&grads, 0, layout.total)).await?,
         gx: if input_grad {
-            Some(ctx.read(Slice::new(&gx, 0, x.len()))?)
+            Some(ctx.read_async(Slice::new(&gx, 0, x.len())).await?)
         } else {
             None
         },
@@ -155,7 +157,12 @@ fn stack_input_width(stack: &Stack) -> usize {
 }
 
 /// Forward, parameter gradients and (if `input_grad`) input gradients of `stack`.
-fn check_stack(c: &mut Checker<'_>, stack: &Stack, rows: usize, input_grad: bool) -> Result<()> {
+async fn check_stack(
+    c: &mut Checker<'_>,
+    stack: &Stack,
+    rows: usize,
+    input_grad: bool,
+) -> Result<()> {
     let input_len = rows * stack_input_width(stack);
     let params: Vec<Dense> = stack
         .param_dims()
@@ -173,7 +180,7 @@ fn check_stack(c: &mut Checker<'_>, stack: &Stack, rows: usize, input_grad: bool
     let x32: Vec<f32> = random(input_len, 3).iter().map(|v| v.abs()).collect();
     let x: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
     let w = random(rows * stack.output().width(), 5);
-    let got = run_stack(c.ctx, (stack, &params), (&x32, rows), &w, input_grad)?;
+    let got = run_stack(c.ctx, (stack, &params), (&x32, rows), &w, input_grad).await?;
     let want = stack.reference(&params, &x, rows)?;
     let want_out = want.last().map_or(&[][..], |o| &o[..]);
     c.close(
@@ -239,55 +246,59 @@ pub const MODEL_PARAMS: Check = Check {
     name: "model_param_gradients",
     files: STEP_FILES,
     run: |c| {
-        for cnn in [false, true] {
-            c.variant(if cnn { "cnn" } else { "mlp" });
-            let case = GradientCase::new(cnn)?;
-            let (mlp, config) = (&case.mlp, &case.mlp.config);
-            let ctx = c.ctx;
-            let grads = ctx.zeros("grads", ParamLayout::new(config).total)?;
-            let (model, _ws) = case.run(ctx, Gradients::Params, |model, ws| {
-                model.backward(ctx, ws, &grads)
-            })?;
-            let flat: Vec<f32> = ctx.read(Slice::new(&grads, 0, model.layout.total))?;
-            let got = model.layout.unflatten(&flat);
-            let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
-            let h = 1e-4f32;
-            for (l, got_l) in got.iter().enumerate() {
-                let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
-                let (mut gpu, mut fd) = (Vec::new(), Vec::new());
-                for (i, is_bias) in (0..nk)
-                    .map(|i| (i, false))
-                    .chain((0..nb).map(|i| (i, true)))
-                {
-                    let (mut plus, mut minus) = (mlp.clone(), mlp.clone());
-                    let (p, m) = (
-                        entry(&mut plus, l, i, is_bias),
-                        entry(&mut minus, l, i, is_bias),
+        Box::pin(async move {
+            for cnn in [false, true] {
+                c.variant(if cnn { "cnn" } else { "mlp" });
+                let case = GradientCase::new(cnn)?;
+                let (mlp, config) = (&case.mlp, &case.mlp.config);
+                let ctx = c.ctx;
+                let grads = ctx.zeros("grads", ParamLayout::new(config).total)?;
+                let (model, _ws) = case.run(ctx, Gradients::Params, |model, ws| {
+                    model.backward(ctx, ws, &grads)
+                })?;
+                let flat: Vec<f32> = ctx
+                    .read_async(Slice::new(&grads, 0, model.layout.total))
+                    .await?;
+                let got = model.layout.unflatten(&flat);
+                let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
+                let h = 1e-4f32;
+                for (l, got_l) in got.iter().enumerate() {
+                    let (nk, nb) = (mlp.layers[l].kernel.len(), mlp.layers[l].bias.len());
+                    let (mut gpu, mut fd) = (Vec::new(), Vec::new());
+                    for (i, is_bias) in (0..nk)
+                        .map(|i| (i, false))
+                        .chain((0..nb).map(|i| (i, true)))
+                    {
+                        let (mut plus, mut minus) = (mlp.clone(), mlp.clone());
+                        let (p, m) = (
+                            entry(&mut plus, l, i, is_bias),
+                            entry(&mut minus, l, i, is_bias),
+                        );
+                        *p += h;
+                        *m -= h;
+                        let dp = (*p as f64) - (*m as f64);
+                        fd.push(
+                            (mean_cross_entropy(&plus, &x, &labels)
+                                - mean_cross_entropy(&minus, &x, &labels))
+                                / dp,
+                        );
+                        gpu.push(if is_bias {
+                            got_l.bias[i]
+                        } else {
+                            got_l.kernel[i]
+                        });
+                    }
+                    c.close(
+                        format!("layer {l}, every kernel and bias entry"),
+                        &gpu,
+                        &fd,
+                        2e-4,
+                        2e-3,
                     );
-                    *p += h;
-                    *m -= h;
-                    let dp = (*p as f64) - (*m as f64);
-                    fd.push(
-                        (mean_cross_entropy(&plus, &x, &labels)
-                            - mean_cross_entropy(&minus, &x, &labels))
-                            / dp,
-                    );
-                    gpu.push(if is_bias {
-                        got_l.bias[i]
-                    } else {
-                        got_l.kernel[i]
-                    });
                 }
-                c.close(
-                    format!("layer {l}, every kernel and bias entry"),
-                    &gpu,
-                    &fd,
-                    2e-4,
-                    2e-3,
-                );
             }
-        }
-        Ok(())
+            Ok(())
+        })
     },
 };
 
@@ -295,38 +306,40 @@ pub const MODEL_INPUTS: Check = Check {
     name: "model_input_gradients",
     files: STEP_FILES,
     run: |c| {
-        for cnn in [false, true] {
-            c.variant(if cnn { "cnn" } else { "mlp" });
-            let case = GradientCase::new(cnn)?;
-            let ctx = c.ctx;
-            let (_model, ws) = case.run(ctx, Gradients::Input, |model, ws| {
-                model.input_gradient(ctx, ws)
-            })?;
-            let dx = ws
-                .dx
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("no input gradient buffer"))?;
-            let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
-            let got: Vec<f32> = ctx.read(Slice::new(dx, 0, x.len()))?;
-            let h = 1e-5;
-            let fd: Vec<f64> = (0..x.len())
-                .map(|i| {
-                    let (mut plus, mut minus) = (x.clone(), x.clone());
-                    plus[i] += h;
-                    minus[i] -= h;
-                    (mean_cross_entropy(&case.mlp, &plus, &labels)
-                        - mean_cross_entropy(&case.mlp, &minus, &labels))
-                        / (2.0 * h)
-                })
-                .collect();
-            c.close("13 samples, every pixel", &got, &fd, 1e-5, 2e-3);
-            // Most inputs must matter, or the comparison proves little.
-            let nonzero = fd.iter().filter(|v| v.abs() > 1e-6).count();
-            c.require("most pixels matter", nonzero > x.len() / 2, || {
-                format!("{nonzero} of {} non-zero", x.len())
-            });
-        }
-        Ok(())
+        Box::pin(async move {
+            for cnn in [false, true] {
+                c.variant(if cnn { "cnn" } else { "mlp" });
+                let case = GradientCase::new(cnn)?;
+                let ctx = c.ctx;
+                let (_model, ws) = case.run(ctx, Gradients::Input, |model, ws| {
+                    model.input_gradient(ctx, ws)
+                })?;
+                let dx = ws
+                    .dx
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("no input gradient buffer"))?;
+                let (x, labels) = batch_reference(&case.data, &case.indices, None, (0, 0));
+                let got: Vec<f32> = ctx.read_async(Slice::new(dx, 0, x.len())).await?;
+                let h = 1e-5;
+                let fd: Vec<f64> = (0..x.len())
+                    .map(|i| {
+                        let (mut plus, mut minus) = (x.clone(), x.clone());
+                        plus[i] += h;
+                        minus[i] -= h;
+                        (mean_cross_entropy(&case.mlp, &plus, &labels)
+                            - mean_cross_entropy(&case.mlp, &minus, &labels))
+                            / (2.0 * h)
+                    })
+                    .collect();
+                c.close("13 samples, every pixel", &got, &fd, 1e-5, 2e-3);
+                // Most inputs must matter, or the comparison proves little.
+                let nonzero = fd.iter().filter(|v| v.abs() > 1e-6).count();
+                c.require("most pixels matter", nonzero > x.len() / 2, || {
+                    format!("{nonzero} of {} non-zero", x.len())
+                });
+            }
+            Ok(())
+        })
     },
 };
 

@@ -10,6 +10,8 @@ mod gradients;
 mod train_kernels;
 
 use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
 
 use anyhow::{bail, Result};
 
@@ -19,12 +21,15 @@ pub use train_kernels::gather_on_gpu;
 use crate::gpu::shaders::BUILTIN;
 use crate::gpu::GpuContext;
 
+/// What a check's `run` returns: a future, so that the browser can await its readbacks.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+
 /// One check: a group of comparisons about the kernel files it names.
 pub struct Check {
     pub name: &'static str,
     /// The kernel files it exercises, the one it is about first.
     pub files: &'static [&'static str],
-    pub run: fn(&mut Checker<'_>) -> Result<()>,
+    pub run: for<'a, 'c> fn(&'a mut Checker<'c>) -> CheckFuture<'a>,
 }
 
 /// Every check, in the order `kernels check` runs them.
@@ -93,7 +98,7 @@ pub struct Checker<'a> {
     outcomes: Vec<Outcome>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
     /// Names the variant (schedule, flags, entry point) of the comparisons that follow.
     pub fn variant(&mut self, variant: impl Display) {
         self.variant = variant.to_string();
@@ -161,6 +166,21 @@ impl Checker<'_> {
         self.close(case, &got, &want, 0.0, 0.0);
     }
 
+    fn new(ctx: &'a GpuContext, check: &'static Check) -> Self {
+        Checker {
+            ctx,
+            check: check.name,
+            variant: String::new(),
+            outcomes: Vec::new(),
+        }
+    }
+
+    /// The check stopped with `e` before its end.
+    fn failed(&mut self, e: anyhow::Error) {
+        let e = format!("error: {e:#}");
+        self.push("(did not run to the end)".into(), 0, [f64::NAN; 3], Some(e));
+    }
+
     /// A property of the output; `detail` says how it was violated.
     pub fn require(&mut self, case: impl Into<String>, ok: bool, detail: impl FnOnce() -> String) {
         self.push(case.into(), 0, [0.0; 3], (!ok).then(detail));
@@ -170,15 +190,18 @@ impl Checker<'_> {
 /// Runs `check`; an error (a kernel that does not compile, a GPU fault) becomes a
 /// failed outcome instead of ending the run.
 pub fn run(ctx: &GpuContext, check: &'static Check) -> Vec<Outcome> {
-    let mut c = Checker {
-        ctx,
-        check: check.name,
-        variant: String::new(),
-        outcomes: Vec::new(),
-    };
-    if let Err(e) = (check.run)(&mut c) {
-        let e = format!("error: {e:#}");
-        c.push("(did not run to the end)".into(), 0, [f64::NAN; 3], Some(e));
+    crate::gpu::block_on(async { Ok(run_async(ctx, check).await) }).unwrap_or_else(|e| {
+        let mut c = Checker::new(ctx, check);
+        c.failed(e);
+        c.outcomes
+    })
+}
+
+/// [`run`] as a future (the browser's form).
+pub async fn run_async(ctx: &GpuContext, check: &'static Check) -> Vec<Outcome> {
+    let mut c = Checker::new(ctx, check);
+    if let Err(e) = (check.run)(&mut c).await {
+        c.failed(e);
     }
     c.outcomes
 }

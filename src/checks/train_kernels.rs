@@ -41,7 +41,7 @@ const SCHEDULES: [Schedule; 3] = [
     Schedule::Tiled,
 ];
 
-fn check_matmul(
+async fn check_matmul(
     c: &mut Checker<'_>,
     flags: MatmulFlags,
     schedule: Schedule,
@@ -87,7 +87,7 @@ fn check_matmul(
         },
     )?;
     ctx.submit([&op]);
-    let got: Vec<f32> = ctx.read(Slice::new(&out, 0, m * n))?;
+    let got: Vec<f32> = ctx.read_async(Slice::new(&out, 0, m * n)).await?;
     let want = matmul_reference(
         flags,
         &HostMatmul {
@@ -104,12 +104,12 @@ fn check_matmul(
     Ok(())
 }
 
-fn matmul_over(c: &mut Checker<'_>, flag_sets: &[MatmulFlags]) -> Result<()> {
+async fn matmul_over(c: &mut Checker<'_>, flag_sets: &[MatmulFlags]) -> Result<()> {
     for schedule in SCHEDULES {
         for &flags in flag_sets {
             c.variant(format!("{schedule:?} {flags}"));
             for shape in SHAPES {
-                check_matmul(c, flags, schedule, shape)?;
+                check_matmul(c, flags, schedule, shape).await?;
             }
         }
     }
@@ -120,16 +120,18 @@ pub const MATMUL_LAYOUTS: Check = Check {
     name: "matmul_layouts",
     files: &["matmul"],
     run: |c| {
-        let layouts: Vec<MatmulFlags> =
-            [(false, false), (true, false), (false, true), (true, true)]
-                .into_iter()
-                .map(|(a_kmajor, b_nmajor)| MatmulFlags {
-                    a_kmajor,
-                    b_nmajor,
-                    ..Default::default()
-                })
-                .collect();
-        matmul_over(c, &layouts)
+        Box::pin(async move {
+            let layouts: Vec<MatmulFlags> =
+                [(false, false), (true, false), (false, true), (true, true)]
+                    .into_iter()
+                    .map(|(a_kmajor, b_nmajor)| MatmulFlags {
+                        a_kmajor,
+                        b_nmajor,
+                        ..Default::default()
+                    })
+                    .collect();
+            matmul_over(c, &layouts).await
+        })
     },
 };
 
@@ -137,39 +139,41 @@ pub const MATMUL_EPILOGUES: Check = Check {
     name: "matmul_epilogues",
     files: &["matmul"],
     run: |c| {
-        let d = MatmulFlags::default();
-        let epilogues = [
-            MatmulFlags { bias: true, ..d },
-            MatmulFlags {
-                bias: true,
-                relu: true,
-                a_kmajor: true,
-                ..d
-            },
-            MatmulFlags {
-                relu_mask: true,
-                b_nmajor: true,
-                ..d
-            },
-            MatmulFlags {
-                skip_zero_a: true,
-                a_kmajor: true,
-                ..d
-            },
-            MatmulFlags {
-                skip_zero_a: true,
-                bias: true,
-                relu: true,
-                ..d
-            },
-            MatmulFlags {
-                bias: true,
-                relu: true,
-                b_nmajor: true,
-                ..d
-            },
-        ];
-        matmul_over(c, &epilogues)
+        Box::pin(async move {
+            let d = MatmulFlags::default();
+            let epilogues = [
+                MatmulFlags { bias: true, ..d },
+                MatmulFlags {
+                    bias: true,
+                    relu: true,
+                    a_kmajor: true,
+                    ..d
+                },
+                MatmulFlags {
+                    relu_mask: true,
+                    b_nmajor: true,
+                    ..d
+                },
+                MatmulFlags {
+                    skip_zero_a: true,
+                    a_kmajor: true,
+                    ..d
+                },
+                MatmulFlags {
+                    skip_zero_a: true,
+                    bias: true,
+                    relu: true,
+                    ..d
+                },
+                MatmulFlags {
+                    bias: true,
+                    relu: true,
+                    b_nmajor: true,
+                    ..d
+                },
+            ];
+            matmul_over(c, &epilogues).await
+        })
     },
 };
 
@@ -177,28 +181,30 @@ pub const COLUMN_SUMS: Check = Check {
     name: "column_sums",
     files: &["reduce"],
     run: |c| {
-        let ctx = c.ctx;
-        for (rows, cols) in [(1, 1), (37, 29), (130, 70), (3, 200)] {
-            let x = random(rows * cols, 7);
-            let input = ctx.buffer_from("x", &x)?;
-            let sums = ctx.zeros("sums", cols)?;
-            let op = column_sums(
-                ctx,
-                rows,
-                cols,
-                0.5,
-                Slice::whole(&input),
-                Slice::whole(&sums),
-            )?;
-            ctx.submit([&op]);
-            let got: Vec<f32> = ctx.read(Slice::new(&sums, 0, cols))?;
-            let want: Vec<f64> = column_sums_reference(rows, cols, &x)
-                .iter()
-                .map(|s| 0.5 * s)
-                .collect();
-            c.close(format!("{rows}x{cols}"), &got, &want, 1e-5, 1e-5);
-        }
-        Ok(())
+        Box::pin(async move {
+            let ctx = c.ctx;
+            for (rows, cols) in [(1, 1), (37, 29), (130, 70), (3, 200)] {
+                let x = random(rows * cols, 7);
+                let input = ctx.buffer_from("x", &x)?;
+                let sums = ctx.zeros("sums", cols)?;
+                let op = column_sums(
+                    ctx,
+                    rows,
+                    cols,
+                    0.5,
+                    Slice::whole(&input),
+                    Slice::whole(&sums),
+                )?;
+                ctx.submit([&op]);
+                let got: Vec<f32> = ctx.read_async(Slice::new(&sums, 0, cols)).await?;
+                let want: Vec<f64> = column_sums_reference(rows, cols, &x)
+                    .iter()
+                    .map(|s| 0.5 * s)
+                    .collect();
+                c.close(format!("{rows}x{cols}"), &got, &want, 1e-5, 1e-5);
+            }
+            Ok(())
+        })
     },
 };
 
@@ -206,52 +212,54 @@ pub const SOFTMAX_CROSS_ENTROPY: Check = Check {
     name: "softmax_cross_entropy",
     files: &["loss", "step"],
     run: |c| {
-        let ctx = c.ctx;
-        for (rows, classes) in [(1, 1), (37, 10), (130, 3)] {
-            let logits: Vec<f32> = random(rows * classes, 11).iter().map(|v| v * 8.0).collect();
-            let labels: Vec<u32> = (0..rows as u32).map(|r| (r * 7) % classes as u32).collect();
-            let offset = 5;
-            let step = ctx.uniform(
-                "step",
-                &StepParams {
-                    batch_offset: offset as u32,
-                    ..Default::default()
-                },
-            );
-            let (gl, gy) = (
-                ctx.buffer_from("l", &logits)?,
-                ctx.buffer_from("y", &labels)?,
-            );
-            let grad = ctx.zeros("grad", rows * classes)?;
-            let loss = ctx.zeros("loss", offset + rows)?;
-            let correct = ctx.zeros("correct", offset + rows)?;
-            let op = softmax_cross_entropy(
-                ctx,
-                rows,
-                classes,
-                Slice::whole(&gl),
-                Slice::whole(&gy),
-                &LossOutputs {
-                    grad: Slice::whole(&grad),
-                    sample_loss: Slice::whole(&loss),
-                    sample_correct: Slice::whole(&correct),
-                },
-                &step,
-            )?;
-            ctx.submit([&op]);
-            let want = softmax_cross_entropy_reference(classes, &logits, &labels);
-            let shape = format!("{rows}x{classes}");
-            let got: Vec<f32> = ctx.read(Slice::new(&loss, offset, rows))?;
-            let w: Vec<f64> = want.iter().map(|w| w.0).collect();
-            c.close(format!("{shape} loss"), &got, &w, 1e-5, 1e-5);
-            let got: Vec<f32> = ctx.read(Slice::new(&correct, offset, rows))?;
-            let w: Vec<f64> = want.iter().map(|w| w.1 as u8 as f64).collect();
-            c.close(format!("{shape} correct"), &got, &w, 0.0, 0.0);
-            let got: Vec<f32> = ctx.read(Slice::new(&grad, 0, rows * classes))?;
-            let w: Vec<f64> = want.iter().flat_map(|w| w.2.clone()).collect();
-            c.close(format!("{shape} gradient"), &got, &w, 1e-6, 1e-5);
-        }
-        Ok(())
+        Box::pin(async move {
+            let ctx = c.ctx;
+            for (rows, classes) in [(1, 1), (37, 10), (130, 3)] {
+                let logits: Vec<f32> = random(rows * classes, 11).iter().map(|v| v * 8.0).collect();
+                let labels: Vec<u32> = (0..rows as u32).map(|r| (r * 7) % classes as u32).collect();
+                let offset = 5;
+                let step = ctx.uniform(
+                    "step",
+                    &StepParams {
+                        batch_offset: offset as u32,
+                        ..Default::default()
+                    },
+                );
+                let (gl, gy) = (
+                    ctx.buffer_from("l", &logits)?,
+                    ctx.buffer_from("y", &labels)?,
+                );
+                let grad = ctx.zeros("grad", rows * classes)?;
+                let loss = ctx.zeros("loss", offset + rows)?;
+                let correct = ctx.zeros("correct", offset + rows)?;
+                let op = softmax_cross_entropy(
+                    ctx,
+                    rows,
+                    classes,
+                    Slice::whole(&gl),
+                    Slice::whole(&gy),
+                    &LossOutputs {
+                        grad: Slice::whole(&grad),
+                        sample_loss: Slice::whole(&loss),
+                        sample_correct: Slice::whole(&correct),
+                    },
+                    &step,
+                )?;
+                ctx.submit([&op]);
+                let want = softmax_cross_entropy_reference(classes, &logits, &labels);
+                let shape = format!("{rows}x{classes}");
+                let got: Vec<f32> = ctx.read_async(Slice::new(&loss, offset, rows)).await?;
+                let w: Vec<f64> = want.iter().map(|w| w.0).collect();
+                c.close(format!("{shape} loss"), &got, &w, 1e-5, 1e-5);
+                let got: Vec<f32> = ctx.read_async(Slice::new(&correct, offset, rows)).await?;
+                let w: Vec<f64> = want.iter().map(|w| w.1 as u8 as f64).collect();
+                c.close(format!("{shape} correct"), &got, &w, 0.0, 0.0);
+                let got: Vec<f32> = ctx.read_async(Slice::new(&grad, 0, rows * classes)).await?;
+                let w: Vec<f64> = want.iter().flat_map(|w| w.2.clone()).collect();
+                c.close(format!("{shape} gradient"), &got, &w, 1e-6, 1e-5);
+            }
+            Ok(())
+        })
     },
 };
 
@@ -259,52 +267,54 @@ pub const ADAM: Check = Check {
     name: "adam",
     files: &["adam", "step"],
     run: |c| {
-        let ctx = c.ctx;
-        for n in [4, 1036] {
-            let init = random(n, 21);
-            let params = ctx.buffer_from("p", &init)?;
-            let (m, v) = (ctx.zeros("m", n)?, ctx.zeros("v", n)?);
-            let grads = ctx.zeros("g", n)?;
-            let step_buf = ctx.uniform("step", &StepParams::default());
-            let w = Slice::whole;
-            let op = adam(ctx, n, w(&params), w(&grads), w(&m), w(&v), &step_buf)?;
-            let mut p64 = to64(&init);
-            let (mut m64, mut v64) = (vec![0f64; n], vec![0f64; n]);
-            for t in 1..=3 {
-                let g = random(n, 30 + t);
-                ctx.queue.write_buffer(&grads, 0, bytemuck::cast_slice(&g));
-                let mut step = StepParams::default();
-                set_adam_step(&mut step, 0.01, t);
-                ctx.queue
-                    .write_buffer(&step_buf, 0, bytemuck::bytes_of(&step));
-                ctx.submit([&op]);
-                adam_reference(&mut p64, &g, &mut m64, &mut v64, 0.01, t as i32);
+        Box::pin(async move {
+            let ctx = c.ctx;
+            for n in [4, 1036] {
+                let init = random(n, 21);
+                let params = ctx.buffer_from("p", &init)?;
+                let (m, v) = (ctx.zeros("m", n)?, ctx.zeros("v", n)?);
+                let grads = ctx.zeros("g", n)?;
+                let step_buf = ctx.uniform("step", &StepParams::default());
+                let w = Slice::whole;
+                let op = adam(ctx, n, w(&params), w(&grads), w(&m), w(&v), &step_buf)?;
+                let mut p64 = to64(&init);
+                let (mut m64, mut v64) = (vec![0f64; n], vec![0f64; n]);
+                for t in 1..=3 {
+                    let g = random(n, 30 + t);
+                    ctx.queue.write_buffer(&grads, 0, bytemuck::cast_slice(&g));
+                    let mut step = StepParams::default();
+                    set_adam_step(&mut step, 0.01, t);
+                    ctx.queue
+                        .write_buffer(&step_buf, 0, bytemuck::bytes_of(&step));
+                    ctx.submit([&op]);
+                    adam_reference(&mut p64, &g, &mut m64, &mut v64, 0.01, t as i32);
+                }
+                let got: Vec<f32> = ctx.read_async(Slice::new(&params, 0, n)).await?;
+                c.close(format!("{n} parameters, 3 steps"), &got, &p64, 1e-6, 1e-5);
             }
-            let got: Vec<f32> = ctx.read(Slice::new(&params, 0, n))?;
-            c.close(format!("{n} parameters, 3 steps"), &got, &p64, 1e-6, 1e-5);
-        }
-        Ok(())
+            Ok(())
+        })
     },
 };
 
 pub const CONV_AND_POOL: Check = Check {
     name: "conv_and_pool",
     files: &["conv"],
-    run: conv_and_pool,
+    run: |c| Box::pin(conv_and_pool(c)),
 };
 
-fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
+async fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
     let ctx = c.ctx;
     // Odd height and width: pooling drops the last row and column.
     let s = Nhwc::new(3, 5, 7, 3);
     let x = random(s.len(), 21);
     let x64 = to64(&x);
-    let run = |op,
-               src: &[f32],
-               out_len: usize,
-               argmax: Option<&wgpu::Buffer>,
-               mask: Option<&wgpu::Buffer>|
-     -> Result<Vec<f32>> {
+    let run = async |op,
+                     src: &[f32],
+                     out_len: usize,
+                     argmax: Option<&wgpu::Buffer>,
+                     mask: Option<&wgpu::Buffer>|
+           -> Result<Vec<f32>> {
         let gsrc = ctx.buffer_from("src", src)?;
         let dst = ctx.zeros("dst", out_len)?;
         let args = ConvArgs {
@@ -313,7 +323,7 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
             ..ConvArgs::new(Slice::whole(&gsrc), Slice::whole(&dst))
         };
         ctx.submit([&conv_op(ctx, op, s, &args)?]);
-        ctx.read::<f32>(Slice::new(&dst, 0, out_len))
+        ctx.read_async::<f32>(Slice::new(&dst, 0, out_len)).await
     };
     // Element i of the [cols][rows] copy of a [rows][cols] matrix.
     let transposed = |m: &[f64], rows: usize, cols: usize| -> Vec<f64> {
@@ -323,7 +333,7 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
     };
 
     c.variant("im2col");
-    let cols = run(ConvOp::Im2col, &x, s.len() * 9, None, None)?;
+    let cols = run(ConvOp::Im2col, &x, s.len() * 9, None, None).await?;
     let want_cols = im2col_reference(&x64, s);
     c.close("3x5x7x3", &cols, &want_cols, 0.0, 0.0);
     // The transposed copy alone, [9·C][positions].
@@ -335,14 +345,14 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
         ..ConvArgs::new(Slice::whole(&gsrc), Slice::whole(&cols_t))
     };
     ctx.submit([&conv_op(ctx, ConvOp::Im2col, s, &args)?]);
-    let got: Vec<f32> = ctx.read(Slice::whole(&cols_t))?;
+    let got: Vec<f32> = ctx.read_async(Slice::whole(&cols_t)).await?;
     let (rows, width) = (s.len() / s.channels as usize, 9 * s.channels as usize);
     let want = transposed(&want_cols, rows, width);
     c.close("3x5x7x3 transposed", &got[..rows * width], &want, 0.0, 0.0);
 
     c.variant("col2im");
     let dcols = random(s.len() * 9, 22);
-    let dx = run(ConvOp::Col2im, &dcols, s.len(), None, None)?;
+    let dx = run(ConvOp::Col2im, &dcols, s.len(), None, None).await?;
     let want = col2im_reference(&to64(&dcols), s);
     c.close("3x5x7x3", &dx, &want, 1e-6, 1e-6);
     // col2im is the adjoint of im2col: <im2col(x), d> = <x, col2im(d)>.
@@ -361,10 +371,10 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
     c.variant("max_pool");
     let p = s.pooled();
     let argmax = ctx.zeros("argmax", p.len())?;
-    let pooled = run(ConvOp::MaxPool, &x, p.len(), Some(&argmax), None)?;
+    let pooled = run(ConvOp::MaxPool, &x, p.len(), Some(&argmax), None).await?;
     let (want, want_arg) = max_pool_reference(&x64, s);
     c.close("3x5x7x3", &pooled, &want, 0.0, 0.0);
-    let got_arg = ctx.read::<u32>(Slice::whole(&argmax))?;
+    let got_arg = ctx.read_async::<u32>(Slice::whole(&argmax)).await?;
     c.equal("3x5x7x3 argmax", &got_arg[..p.len()], &want_arg);
 
     c.variant("max_pool_grad");
@@ -377,7 +387,8 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
         s.len(),
         Some(&argmax),
         Some(&mask),
-    )?;
+    )
+    .await?;
     let want = max_pool_grad_reference(&to64(&dpool), &want_arg, &x64, s);
     c.close("3x5x7x3", &grad, &want, 0.0, 0.0);
     let nonzero = want.iter().filter(|&&g| g != 0.0).count();
@@ -396,7 +407,7 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
         ..ConvArgs::new(Slice::whole(&gdpool), Slice::whole(&rows_g))
     };
     ctx.submit([&conv_op(ctx, ConvOp::MaxPoolGrad, s, &args)?]);
-    let got: Vec<f32> = ctx.read(Slice::whole(&grad_t))?;
+    let got: Vec<f32> = ctx.read_async(Slice::whole(&grad_t)).await?;
     let (n, ch) = (s.len() / s.channels as usize, s.channels as usize);
     c.close(
         "3x5x7x3 transposed",
@@ -409,12 +420,12 @@ fn conv_and_pool(c: &mut Checker<'_>) -> Result<()> {
     c.variant("global_max");
     let g = (s.batch * s.channels) as usize;
     let gargmax = ctx.zeros("gargmax", g)?;
-    let gmax = run(ConvOp::GlobalMax, &x, g, Some(&gargmax), None)?;
+    let gmax = run(ConvOp::GlobalMax, &x, g, Some(&gargmax), None).await?;
     let (want, want_arg) = global_max_reference(&x64, s);
     c.close("3x5x7x3", &gmax, &want, 0.0, 0.0);
     c.variant("global_max_grad");
     let dg = random(g, 24);
-    let grad = run(ConvOp::GlobalMaxGrad, &dg, s.len(), Some(&gargmax), None)?;
+    let grad = run(ConvOp::GlobalMaxGrad, &dg, s.len(), Some(&gargmax), None).await?;
     let want = global_max_grad_reference(&to64(&dg), &want_arg, s);
     c.close("3x5x7x3", &grad, &want, 0.0, 0.0);
     Ok(())
@@ -424,45 +435,47 @@ pub const GATE: Check = Check {
     name: "gate",
     files: &["gate"],
     run: |c| {
-        let ctx = c.ctx;
-        for (rows, dim) in [(13, 70), (1, 3)] {
-            let a = random(rows * dim, 31);
-            let scores: Vec<f32> = random(dim, 32).iter().map(|v| 3.0 * v).collect();
-            let dz = random(rows * dim, 33);
-            let ga = ctx.buffer_from("a", &a)?;
-            let gs = ctx.buffer_from("scores", &scores)?;
-            let gdz = ctx.buffer_from("dz", &dz)?;
-            let z = ctx.zeros("z", rows * dim)?;
-            let ds = ctx.zeros("ds", dim)?;
-            let w = Slice::whole;
-            let ops = [
-                gate(ctx, rows, dim, w(&ga), w(&gs), w(&z))?,
-                gate_grad(ctx, rows, dim, w(&ga), w(&gs), w(&gdz), w(&ds))?,
-            ];
-            ctx.submit(&ops);
-            let shape = format!("{rows}x{dim}");
-            c.variant("gate");
-            let got: Vec<f32> = ctx.read(Slice::new(&z, 0, rows * dim))?;
-            c.close(
-                &shape,
-                &got,
-                &gate_reference(&to64(&a), &scores, dim),
-                1e-6,
-                1e-5,
-            );
-            c.variant("gate_grad");
-            let got: Vec<f32> = ctx.read(Slice::new(&ds, 0, dim))?;
-            let want = gate_grad_reference(&to64(&a), &scores, &to64(&dz), dim);
-            c.close(&shape, &got, &want, 1e-5, 1e-4);
-        }
-        Ok(())
+        Box::pin(async move {
+            let ctx = c.ctx;
+            for (rows, dim) in [(13, 70), (1, 3)] {
+                let a = random(rows * dim, 31);
+                let scores: Vec<f32> = random(dim, 32).iter().map(|v| 3.0 * v).collect();
+                let dz = random(rows * dim, 33);
+                let ga = ctx.buffer_from("a", &a)?;
+                let gs = ctx.buffer_from("scores", &scores)?;
+                let gdz = ctx.buffer_from("dz", &dz)?;
+                let z = ctx.zeros("z", rows * dim)?;
+                let ds = ctx.zeros("ds", dim)?;
+                let w = Slice::whole;
+                let ops = [
+                    gate(ctx, rows, dim, w(&ga), w(&gs), w(&z))?,
+                    gate_grad(ctx, rows, dim, w(&ga), w(&gs), w(&gdz), w(&ds))?,
+                ];
+                ctx.submit(&ops);
+                let shape = format!("{rows}x{dim}");
+                c.variant("gate");
+                let got: Vec<f32> = ctx.read_async(Slice::new(&z, 0, rows * dim)).await?;
+                c.close(
+                    &shape,
+                    &got,
+                    &gate_reference(&to64(&a), &scores, dim),
+                    1e-6,
+                    1e-5,
+                );
+                c.variant("gate_grad");
+                let got: Vec<f32> = ctx.read_async(Slice::new(&ds, 0, dim)).await?;
+                let want = gate_grad_reference(&to64(&a), &scores, &to64(&dz), dim);
+                c.close(&shape, &got, &want, 1e-5, 1e-4);
+            }
+            Ok(())
+        })
     },
 };
 
 /// Runs the batch kernel for `indices` in `epoch`, augmented and poisoned as asked: the
 /// batch rows, their labels, and whether the transposed copy it writes beside them is
 /// exact.
-pub fn gather_on_gpu(
+pub async fn gather_on_gpu(
     ctx: &GpuContext,
     data: &GpuDataset,
     indices: &[u32],
@@ -499,116 +512,124 @@ pub fn gather_on_gpu(
         labels: Slice::whole(&y),
     };
     ctx.submit([&gather_batch(ctx, &gather, &outputs)?]);
-    let x: Vec<f32> = ctx.read(Slice::new(&x, 0, rows * dim))?;
-    let xt: Vec<f32> = ctx.read(Slice::new(&xt, 0, rows * dim))?;
+    let x: Vec<f32> = ctx.read_async(Slice::new(&x, 0, rows * dim)).await?;
+    let xt: Vec<f32> = ctx.read_async(Slice::new(&xt, 0, rows * dim)).await?;
     let transposed = (0..rows * dim).all(|i| xt[(i % dim) * rows + i / dim] == x[i]);
-    Ok((x, ctx.read(Slice::new(&y, 0, rows))?, transposed))
+    Ok((
+        x,
+        ctx.read_async(Slice::new(&y, 0, rows)).await?,
+        transposed,
+    ))
 }
 
 pub const GATHER: Check = Check {
     name: "gather",
     files: &["batch", "rng", "step"],
     run: |c| {
-        let data = Dataset::synthetic(53, 9, 7, 5);
-        let gdata = GpuDataset::upload(c.ctx, &data.as_images())?;
-        let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
-        let noise = |clip| Backdoor {
-            trigger: Trigger::Noise { std: 0.3, clip },
-            p_backdoor: 0.5,
-            target_class: 1,
-        };
-        let corner = Backdoor {
-            trigger: Trigger::Corner {
-                corner: Corner::BottomLeft,
-            },
-            p_backdoor: 0.5,
-            target_class: 3,
-        };
-        let wanet = |warping_strength, grid_rescale, p_noise| Backdoor {
-            trigger: Trigger::Wanet {
-                control_grid_width: 4,
-                warping_strength,
-                grid_rescale,
-                p_noise,
-                grid_seed: 11,
-            },
-            p_backdoor: 0.4,
-            target_class: 2,
-        };
-        let triggers = [
-            None,
-            Some(corner),
-            Some(noise(true)),
-            Some(noise(false)),
-            Some(wanet(0.5, 1.0, 0.0)),
-            // Noise mode (jittered warps that keep their label) and a rescaled field.
-            Some(wanet(0.5, 0.9, 0.3)),
-            // A strong field: samples far from their pixel, clipped at the borders.
-            Some(wanet(8.0, 1.0, 0.2)),
-        ];
-        for backdoor in triggers {
-            let name = backdoor.map_or("clean".to_string(), |b| match b.trigger {
-                Trigger::Wanet {
-                    warping_strength: s,
-                    grid_rescale: r,
-                    p_noise: n,
-                    ..
-                } => format!("Wanet {{ strength: {s}, rescale: {r}, p_noise: {n} }}"),
-                t => format!("{t:?}"),
-            });
-            c.variant(&name);
-            let (x, y, transposed) =
-                gather_on_gpu(c.ctx, &gdata, &indices, (None, backdoor.as_ref()), (7, 2))?;
-            let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
-            c.close("37 of 53 9x7 images", &x, &want_x, 1e-5, 1e-5);
-            c.equal("labels", &y, &want_y);
-            c.require("transposed copy", transposed, || {
-                "differs from the rows".into()
-            });
-            if let Some(Trigger::Wanet { .. }) = backdoor.map(|b| b.trigger) {
-                let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
-                let moved = x
-                    .iter()
-                    .zip(&clean)
-                    .any(|(&a, b)| (a as f64 - b).abs() > 0.05);
-                c.require("the warp moves pixels", moved, || {
-                    "the batch is the clean one".into()
+        Box::pin(async move {
+            let data = Dataset::synthetic(53, 9, 7, 5);
+            let gdata = GpuDataset::upload(c.ctx, &data.as_images())?;
+            let indices: Vec<u32> = (0..37).map(|i| (i * 17) % 53).collect();
+            let noise = |clip| Backdoor {
+                trigger: Trigger::Noise { std: 0.3, clip },
+                p_backdoor: 0.5,
+                target_class: 1,
+            };
+            let corner = Backdoor {
+                trigger: Trigger::Corner {
+                    corner: Corner::BottomLeft,
+                },
+                p_backdoor: 0.5,
+                target_class: 3,
+            };
+            let wanet = |warping_strength, grid_rescale, p_noise| Backdoor {
+                trigger: Trigger::Wanet {
+                    control_grid_width: 4,
+                    warping_strength,
+                    grid_rescale,
+                    p_noise,
+                    grid_seed: 11,
+                },
+                p_backdoor: 0.4,
+                target_class: 2,
+            };
+            let triggers = [
+                None,
+                Some(corner),
+                Some(noise(true)),
+                Some(noise(false)),
+                Some(wanet(0.5, 1.0, 0.0)),
+                // Noise mode (jittered warps that keep their label) and a rescaled field.
+                Some(wanet(0.5, 0.9, 0.3)),
+                // A strong field: samples far from their pixel, clipped at the borders.
+                Some(wanet(8.0, 1.0, 0.2)),
+            ];
+            for backdoor in triggers {
+                let name = backdoor.map_or("clean".to_string(), |b| match b.trigger {
+                    Trigger::Wanet {
+                        warping_strength: s,
+                        grid_rescale: r,
+                        p_noise: n,
+                        ..
+                    } => format!("Wanet {{ strength: {s}, rescale: {r}, p_noise: {n} }}"),
+                    t => format!("{t:?}"),
                 });
-            }
-            // Unclipped noise leaves [0, 1] somewhere; clipped never does.
-            if let Some(Trigger::Noise { clip, .. }) = backdoor.map(|b| b.trigger) {
-                let inside = x.iter().all(|&v| (0.0..=1.0).contains(&v));
-                c.require("range", inside == clip, || {
-                    format!("clip {clip}, but all pixels in [0, 1] is {inside}")
+                c.variant(&name);
+                let (x, y, transposed) =
+                    gather_on_gpu(c.ctx, &gdata, &indices, (None, backdoor.as_ref()), (7, 2))
+                        .await?;
+                let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
+                c.close("37 of 53 9x7 images", &x, &want_x, 1e-5, 1e-5);
+                c.equal("labels", &y, &want_y);
+                c.require("transposed copy", transposed, || {
+                    "differs from the rows".into()
                 });
+                if let Some(Trigger::Wanet { .. }) = backdoor.map(|b| b.trigger) {
+                    let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
+                    let moved = x
+                        .iter()
+                        .zip(&clean)
+                        .any(|(&a, b)| (a as f64 - b).abs() > 0.05);
+                    c.require("the warp moves pixels", moved, || {
+                        "the batch is the clean one".into()
+                    });
+                }
+                // Unclipped noise leaves [0, 1] somewhere; clipped never does.
+                if let Some(Trigger::Noise { clip, .. }) = backdoor.map(|b| b.trigger) {
+                    let inside = x.iter().all(|&v| (0.0..=1.0).contains(&v));
+                    c.require("range", inside == clip, || {
+                        format!("clip {clip}, but all pixels in [0, 1] is {inside}")
+                    });
+                }
             }
-        }
-        // A zero field warps nothing: every pixel samples itself.
-        c.variant("Wanet identity (strength 0)");
-        let identity = Backdoor {
-            p_backdoor: 1.0,
-            ..wanet(0.0, 1.0, 0.0)
-        };
-        let (x, y, _) = gather_on_gpu(c.ctx, &gdata, &indices, (None, Some(&identity)), (7, 2))?;
-        let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
-        c.close(
-            "37 of 53 9x7 images vs the clean batch",
-            &x,
-            &clean,
-            1e-6,
-            0.0,
-        );
-        c.require("all relabelled", y.iter().all(|&l| l == 2), || {
-            format!("labels {y:?}")
-        });
-        gather_augmented(c, &data, &gdata, &indices, &[corner, wanet(1.0, 1.0, 0.0)])
+            // A zero field warps nothing: every pixel samples itself.
+            c.variant("Wanet identity (strength 0)");
+            let identity = Backdoor {
+                p_backdoor: 1.0,
+                ..wanet(0.0, 1.0, 0.0)
+            };
+            let (x, y, _) =
+                gather_on_gpu(c.ctx, &gdata, &indices, (None, Some(&identity)), (7, 2)).await?;
+            let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
+            c.close(
+                "37 of 53 9x7 images vs the clean batch",
+                &x,
+                &clean,
+                1e-6,
+                0.0,
+            );
+            c.require("all relabelled", y.iter().all(|&l| l == 2), || {
+                format!("labels {y:?}")
+            });
+            gather_augmented(c, &data, &gdata, &indices, &[corner, wanet(1.0, 1.0, 0.0)]).await
+        })
     },
 };
 
 /// Augmentations alone and before triggers, against the reference. Rotated pixels whose
 /// source coordinate is within 1e-3 of a rounding tie may pick either neighbour in f32:
 /// those are left out of the comparison (and must be rare).
-fn gather_augmented(
+async fn gather_augmented(
     c: &mut Checker<'_>,
     data: &Dataset,
     gdata: &GpuDataset,
@@ -647,7 +668,8 @@ fn gather_augmented(
             indices,
             (Some(&aug), backdoor.as_ref()),
             (7, 2),
-        )?;
+        )
+        .await?;
         let (want, want_y, ambiguous) =
             augmented_batch_reference(data, indices, Some(&aug), backdoor.as_ref(), (7, 2));
         let unsure = ambiguous.iter().filter(|&&a| a).count();

@@ -190,12 +190,36 @@ impl Dataset {
 
         let images = idx::read_images(&images_path)?;
         let labels = idx::read_labels(&labels_path)?;
+        let files = [images_path, labels_path].map(|p| p.display().to_string());
+        Self::from_idx(format!("{name}/{}", split.as_str()), images, labels, &files)
+    }
+
+    /// An MNIST-style split from the bytes of its image and label files (IDX,
+    /// gzip-compressed or not), `files` naming them in errors: how the browser loads
+    /// the files beside its page or the ones the user picks.
+    pub fn from_idx_bytes(
+        name: &str,
+        images: Vec<u8>,
+        labels: Vec<u8>,
+        files: &[String; 2],
+    ) -> Result<Dataset> {
+        let images = idx::parse_images(&files[0], images)?;
+        let labels = idx::parse_labels(&files[1], labels)?;
+        Self::from_idx(name.to_string(), images, labels, files)
+    }
+
+    fn from_idx(
+        name: String,
+        images: idx::IdxImages,
+        labels: Vec<u8>,
+        files: &[String; 2],
+    ) -> Result<Dataset> {
         if images.count != labels.len() {
             bail!(
                 "{} has {} images but {} has {} labels",
-                images_path.display(),
+                files[0],
                 images.count,
-                labels_path.display(),
+                files[1],
                 labels.len()
             );
         }
@@ -203,12 +227,12 @@ impl Dataset {
         if let Some(i) = labels.iter().position(|&l| usize::from(l) >= num_classes) {
             bail!(
                 "{}: label {} at index {i} is out of range (expected 0..{num_classes})",
-                labels_path.display(),
+                files[1],
                 labels[i]
             );
         }
         Ok(Dataset {
-            name: format!("{name}/{}", split.as_str()),
+            name,
             height: images.rows,
             width: images.cols,
             channels: 1,

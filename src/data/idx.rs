@@ -35,16 +35,21 @@ pub struct IdxImages {
 
 /// Reads an IDX image file (magic `0x00000803`), gzip-compressed or not.
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let bytes = read_maybe_gz(path)?;
-    let p = path.display();
-    let dims = parse_header(path, &bytes, IMAGES_MAGIC)?;
+    parse_images(&path.display().to_string(), read_file(path)?)
+}
+
+/// Parses the bytes of an IDX image file (gzip-compressed or not) called `name` in
+/// errors: how the browser, which has no file system, loads what the user picked.
+pub fn parse_images(name: &str, bytes: Vec<u8>) -> Result<IdxImages> {
+    let bytes = gunzip_if_gz(bytes, name)?;
+    let dims = parse_header(name, &bytes, IMAGES_MAGIC)?;
     let (count, rows, cols) = (dims[0], dims[1], dims[2]);
     let body = &bytes[16..];
     let expected = count
         .checked_mul(rows)
         .and_then(|n| n.checked_mul(cols))
-        .with_context(|| format!("{p}: header dimensions {count}x{rows}x{cols} overflow"))?;
-    check_body_len(path, body.len(), expected, || {
+        .with_context(|| format!("{name}: header dimensions {count}x{rows}x{cols} overflow"))?;
+    check_body_len(name, body.len(), expected, || {
         format!("{count} images of {rows}x{cols}")
     })?;
     Ok(IdxImages {
@@ -57,10 +62,15 @@ pub fn read_images(path: &Path) -> Result<IdxImages> {
 
 /// Reads an IDX label file (magic `0x00000801`), gzip-compressed or not.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
-    let bytes = read_maybe_gz(path)?;
-    let count = parse_header(path, &bytes, LABELS_MAGIC)?[0];
+    parse_labels(&path.display().to_string(), read_file(path)?)
+}
+
+/// [`parse_images`] for a label file.
+pub fn parse_labels(name: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bytes = gunzip_if_gz(bytes, name)?;
+    let count = parse_header(name, &bytes, LABELS_MAGIC)?[0];
     let body = &bytes[8..];
-    check_body_len(path, body.len(), count, || format!("{count} labels"))?;
+    check_body_len(name, body.len(), count, || format!("{count} labels"))?;
     Ok(body.to_vec())
 }
 
@@ -125,9 +135,8 @@ pub(crate) fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(enc.finish()?)
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let bytes = fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    gunzip_if_gz(bytes, &path.display().to_string())
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
 
 fn write_maybe_gz(path: &Path, bytes: &[u8], gz: bool) -> Result<()> {
@@ -141,8 +150,7 @@ fn write_maybe_gz(path: &Path, bytes: &[u8], gz: bool) -> Result<()> {
 }
 
 /// Checks the magic and returns the dimensions declared by the header.
-fn parse_header(path: &Path, bytes: &[u8], magic: u32) -> Result<Vec<usize>> {
-    let p = path.display();
+fn parse_header(p: &str, bytes: &[u8], magic: u32) -> Result<Vec<usize>> {
     let kind = kind_name(magic);
     let ndim = (magic & 0xff) as usize;
     let header_len = 4 + 4 * ndim;
@@ -171,12 +179,11 @@ fn parse_header(path: &Path, bytes: &[u8], magic: u32) -> Result<Vec<usize>> {
 }
 
 fn check_body_len(
-    path: &Path,
+    p: &str,
     actual: usize,
     expected: usize,
     what: impl Fn() -> String,
 ) -> Result<()> {
-    let p = path.display();
     if actual < expected {
         bail!(
             "{p}: truncated: header says {} ({expected} bytes) but only {actual} bytes follow",

@@ -421,7 +421,12 @@ impl Detector for Beatrix {
             .iter()
             .map(|s| format!("layer{}", s.layer))
             .collect();
-        LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
+        crate::gpu::block_on(LayerScores::read(
+            ctx,
+            names,
+            bufs.iter().map(|b| &b.scores),
+            n,
+        ))
     }
 
     fn save(&self, path: &Path) -> Result<()> {

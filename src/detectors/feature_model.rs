@@ -108,14 +108,14 @@ pub(crate) fn train(
         seed: trusted.seed,
         progress: opts.progress,
     };
-    run_epochs(
+    let epochs = run_epochs(
         ctx,
         &plans,
         &indices,
         &step,
         trusted.indices,
         &schedule,
-        |e| {
+        async |e| {
             let means = losses
                 .iter()
                 .map(|b| mean(ctx, b, e.samples))
@@ -130,7 +130,8 @@ pub(crate) fn train(
             }
             Ok(line(&means))
         },
-    )?;
+    );
+    crate::gpu::block_on(epochs)?;
     ctx.read(Slice::whole(&values))
 }
 

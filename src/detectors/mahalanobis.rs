@@ -15,7 +15,7 @@
 //! before regularisation), `layer{l}.precision` f32 [d, d] (the matrix scores use) and
 //! `layer{l}.count` i64 [1]; metadata `cupbearer.detector` holds the config as JSON.
 
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Result};
 use faer::Mat;
@@ -122,7 +122,7 @@ impl QuadraticFit for MahalanobisConfig {
         self.normalize
     }
 
-    fn fit(
+    async fn fit(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
@@ -132,7 +132,7 @@ impl QuadraticFit for MahalanobisConfig {
         let trusted = data.trusted.expect("checked by Quadratic");
         let layers = quadratic::select_layers(model, &self.layers)?;
         let opts = self.moment_options("trusted");
-        let moments = quadratic::moments(ctx, model, &[trusted], &layers, &opts, progress)?;
+        let moments = quadratic::moments(ctx, model, &[trusted], &layers, &opts, progress).await?;
         let note = |msg: String| crate::progress::note(progress, &msg);
         let mut stats = Vec::new();
         for Moments {

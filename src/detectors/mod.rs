@@ -116,19 +116,17 @@ impl LayerScores {
 
     /// Reads the first `n` scores of each layer's GPU buffer (`buffers` in `names`
     /// order): how GPU detectors return what their kernels wrote.
-    pub fn read<'b>(
+    pub async fn read<'b>(
         ctx: &GpuContext,
         names: Vec<String>,
         buffers: impl IntoIterator<Item = &'b wgpu::Buffer>,
         n: usize,
     ) -> Result<Self> {
-        let scores = buffers
-            .into_iter()
-            .map(|b| {
-                let s: Vec<f32> = ctx.read(crate::gpu::Slice::new(b, 0, n))?;
-                Ok(s.into_iter().map(f64::from).collect())
-            })
-            .collect::<Result<_>>()?;
+        let mut scores = Vec::new();
+        for b in buffers {
+            let s: Vec<f32> = ctx.read_async(crate::gpu::Slice::new(b, 0, n)).await?;
+            scores.push(s.into_iter().map(f64::from).collect());
+        }
         Ok(LayerScores { names, scores })
     }
 

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Context, Result};
 use faer::Mat;
@@ -83,7 +83,7 @@ pub fn select_layers(model: &GpuMlp, chosen: &[usize]) -> Result<Vec<usize>> {
 /// Moments of `layers` over the samples of `sets` (in order; at most
 /// `opts.max_batches` batches in all), streamed through the GPU and merged with Chan's
 /// formula across batches and sets.
-pub fn moments(
+pub async fn moments(
     ctx: &GpuContext,
     model: &GpuMlp,
     sets: &[&SampleSet<'_>],
@@ -149,28 +149,26 @@ pub fn moments(
             start.elapsed().as_secs_f64()
         ),
     );
-    streams
-        .into_iter()
-        .zip(layers)
-        .map(|(stream, &layer)| {
-            let (mean, gram) = stream.read(ctx)?;
-            drop(stream);
-            let what = || format!("the {} statistics of layer {layer}", opts.what);
-            crate::io::check_finite(&mean, what)?;
-            crate::io::check_finite(&gram, what)?;
-            let sigma = covariance(&gram, mean.len(), n as u64)?;
-            Ok(Moments {
-                layer,
-                count: n as u64,
-                mean,
-                sigma,
-            })
-        })
-        .collect()
+    let mut moments = Vec::new();
+    for (stream, &layer) in streams.into_iter().zip(layers) {
+        let (mean, gram) = stream.read(ctx).await?;
+        drop(stream);
+        let what = || format!("the {} statistics of layer {layer}", opts.what);
+        crate::io::check_finite(&mean, what)?;
+        crate::io::check_finite(&gram, what)?;
+        let sigma = covariance(&gram, mean.len(), n as u64)?;
+        moments.push(Moments {
+            layer,
+            count: n as u64,
+            mean,
+            sigma,
+        });
+    }
+    Ok(moments)
 }
 
 /// Per-layer scores δᵀPδ / (d if `normalize`) of every sample, `batch_size` at a time.
-pub fn scores(
+pub async fn scores(
     ctx: &GpuContext,
     model: &GpuMlp,
     samples: &SampleSet<'_>,
@@ -291,7 +289,7 @@ pub fn scores(
         },
     )?;
     let names = stats.iter().map(|s| format!("layer{}", s.layer)).collect();
-    LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
+    LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n).await
 }
 
 /// Writes `stats` as safetensors, with `config` as the metadata.
@@ -400,8 +398,10 @@ pub trait QuadraticFit: serde::Serialize + serde::de::DeserializeOwned + 'static
     fn validate(&self) -> Result<()> {
         Ok(())
     }
-    /// The layers' fitted statistics (μ, the covariance stored with it, P).
-    fn fit(
+    /// The layers' fitted statistics (μ, the covariance stored with it, P). A future
+    /// (not Send: WebGPU handles are not) so that the browser can await readbacks.
+    #[allow(async_fn_in_trait)]
+    async fn fit(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
@@ -459,6 +459,37 @@ impl<C: QuadraticFit> Quadratic<C> {
         Ok(Box::new(Self::new(config)?))
     }
 
+    /// [`Detector::fit_data`] as a future (the browser's form).
+    pub async fn fit_async(
+        &mut self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        data: &FitData<'_>,
+        progress: bool,
+    ) -> Result<()> {
+        let uses = C::uses();
+        if uses.trusted && data.trusted.is_none() {
+            bail!("the {} detector needs trusted samples", C::KIND);
+        }
+        if uses.untrusted && data.untrusted.is_empty() {
+            bail!("the {} detector needs untrusted samples", C::KIND);
+        }
+        self.stats = self.config.fit(ctx, model, data, progress).await?;
+        Ok(())
+    }
+
+    /// [`Detector::layer_scores`] as a future.
+    pub async fn layer_scores_async(
+        &self,
+        ctx: &GpuContext,
+        model: &GpuMlp,
+        samples: &SampleSet<'_>,
+        batch_size: usize,
+    ) -> Result<LayerScores> {
+        let opts = self.config.score_options();
+        scores(ctx, model, samples, batch_size, &self.stats, &opts).await
+    }
+
     pub fn load(config: &serde_json::Value, path: &Path) -> Result<Box<dyn Detector>> {
         let mut det = Self::new(
             serde_json::from_value(config.clone())
@@ -504,15 +535,7 @@ impl<C: QuadraticFit> Detector for Quadratic<C> {
         data: &FitData<'_>,
         progress: bool,
     ) -> Result<()> {
-        let uses = C::uses();
-        if uses.trusted && data.trusted.is_none() {
-            bail!("the {} detector needs trusted samples", C::KIND);
-        }
-        if uses.untrusted && data.untrusted.is_empty() {
-            bail!("the {} detector needs untrusted samples", C::KIND);
-        }
-        self.stats = self.config.fit(ctx, model, data, progress)?;
-        Ok(())
+        crate::gpu::block_on(self.fit_async(ctx, model, data, progress))
     }
 
     fn layer_scores(
@@ -522,8 +545,7 @@ impl<C: QuadraticFit> Detector for Quadratic<C> {
         samples: &SampleSet<'_>,
         batch_size: usize,
     ) -> Result<LayerScores> {
-        let opts = self.config.score_options();
-        scores(ctx, model, samples, batch_size, &self.stats, &opts)
+        crate::gpu::block_on(self.layer_scores_async(ctx, model, samples, batch_size))
     }
 
     fn save(&self, path: &Path) -> Result<()> {

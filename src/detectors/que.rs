@@ -137,7 +137,7 @@ impl QuadraticFit for QueConfig {
         self.normalize
     }
 
-    fn fit(
+    async fn fit(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
@@ -147,10 +147,10 @@ impl QuadraticFit for QueConfig {
         let trusted = data.trusted.expect("checked by Quadratic");
         let layers = quadratic::select_layers(model, &self.layers)?;
         let opts = self.moment_options("trusted");
-        let t = quadratic::moments(ctx, model, &[trusted], &layers, &opts, progress)?;
+        let t = quadratic::moments(ctx, model, &[trusted], &layers, &opts, progress).await?;
         let sets: Vec<&SampleSet<'_>> = data.untrusted.iter().collect();
         let opts = self.moment_options("untrusted");
-        let u = quadratic::moments(ctx, model, &sets, &layers, &opts, progress)?;
+        let u = quadratic::moments(ctx, model, &sets, &layers, &opts, progress).await?;
         t.into_iter()
             .zip(&u)
             .map(|(t, u)| {

@@ -85,7 +85,7 @@ impl QuadraticFit for SpectralConfig {
         self.normalize
     }
 
-    fn fit(
+    async fn fit(
         &self,
         ctx: &GpuContext,
         model: &GpuMlp,
@@ -95,7 +95,7 @@ impl QuadraticFit for SpectralConfig {
         let layers = quadratic::select_layers(model, &self.layers)?;
         let opts = self.moment_options("untrusted");
         let sets: Vec<&SampleSet<'_>> = data.untrusted.iter().collect();
-        let moments = quadratic::moments(ctx, model, &sets, &layers, &opts, progress)?;
+        let moments = quadratic::moments(ctx, model, &sets, &layers, &opts, progress).await?;
         moments
             .into_iter()
             .map(|m| {

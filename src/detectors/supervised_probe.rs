@@ -506,7 +506,12 @@ impl Detector for Probe {
             .iter()
             .map(|p| format!("layer{}", p.layer))
             .collect();
-        LayerScores::read(ctx, names, bufs.iter().map(|b| &b.scores), n)
+        crate::gpu::block_on(LayerScores::read(
+            ctx,
+            names,
+            bufs.iter().map(|b| &b.scores),
+            n,
+        ))
     }
 
     fn save(&self, path: &Path) -> Result<()> {

@@ -458,7 +458,7 @@ impl Vae {
             },
         )?;
         let names = self.layers.iter().map(|l| format!("layer{l}")).collect();
-        let scores = LayerScores::read(ctx, names, &losses, n)?;
+        let scores = crate::gpu::block_on(LayerScores::read(ctx, names, &losses, n))?;
         let grads = grads
             .map(|g| Ok::<_, anyhow::Error>(layout.unflatten(&ctx.read(Slice::whole(&g))?)))
             .transpose()?;

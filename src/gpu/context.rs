@@ -151,10 +151,15 @@ pub struct GpuContext {
     watch: Arc<Watch>,
     /// Set when a wait gave up on a kernel that did not end.
     hung: AtomicBool,
-    /// Bound in place of optional read-only / read-write bindings a variant does not use.
+    /// Bound in place of optional read-only / read-write bindings a variant does not use;
+    /// binding `i` gets its own aligned slot of `dummy_rw`, since WebGPU refuses two
+    /// writable bindings of one range in a bind group.
     dummy_ro: wgpu::Buffer,
     dummy_rw: wgpu::Buffer,
 }
+
+/// Bindings per kernel that can take a read-write dummy.
+const DUMMY_SLOTS: u64 = 16;
 
 /// The error of a wait that saw no GPU work finish for `seconds`. The work is still
 /// running: a process that meets it should exit without waiting for the driver.
@@ -209,25 +214,41 @@ impl GpuContext {
 
     /// [`GpuContext::new`] compiling `shaders`.
     pub fn with_shaders(shaders: Shaders) -> Result<Self> {
+        block_on(Self::create(shaders))
+    }
+
+    /// [`GpuContext::with_shaders`] as a future: how the browser, which cannot block,
+    /// creates its context.
+    pub async fn create(shaders: Shaders) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
         if adapters.is_empty() {
-            let backend = std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "any".into());
-            bail!("{SOFTWARE_DRIVER_HINT} (WGPU_BACKEND={backend})");
+            #[cfg(target_arch = "wasm32")]
+            bail!(
+                "the browser offered no WebGPU adapter: WebGPU is disabled or unsupported \
+                 here (Chromium: chrome://gpu; headless: --enable-unsafe-webgpu)"
+            );
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                let backend = std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "any".into());
+                bail!("{SOFTWARE_DRIVER_HINT} (WGPU_BACKEND={backend})");
+            }
         }
         // Stable sort: among equals keep wgpu's order (Vulkan before GL).
         adapters.sort_by_key(|a| adapter_rank(a.get_info().device_type));
         let adapter = adapters.swap_remove(0);
         let adapter_info = adapter.get_info();
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("cupbearer"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
-            ..Default::default()
-        }))
-        .with_context(|| format!("requesting a device from adapter {}", adapter_info.name))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("cupbearer"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("requesting a device from adapter {}", adapter_info.name))?;
 
         let fault: Arc<Mutex<Option<String>>> = Arc::default();
         let f = fault.clone();
@@ -246,15 +267,16 @@ impl GpuContext {
             // The loss explains any error that follows it, so it is what is reported.
             *f.lock().unwrap() = Some(format!("GPU device lost ({reason:?}): {msg}"));
         });
-        let dummy = |label| {
+        let dummy = |label, size| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 16,
+                size,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })
         };
-        let (dummy_ro, dummy_rw) = (dummy("dummy_ro"), dummy("dummy_rw"));
+        let slot = limits.min_storage_buffer_offset_alignment as u64;
+        let (dummy_ro, dummy_rw) = (dummy("dummy_ro", 16), dummy("dummy_rw", slot * DUMMY_SLOTS));
         Ok(GpuContext {
             finished: Arc::default(),
             watch: Watch::new(gpu_timeout()?),
@@ -300,6 +322,10 @@ impl GpuContext {
         if let Err(e) = crate::gpu::shaders::validate(&source, spec, &self.shaders) {
             bail!("compiling kernel {}: {e}", spec.key);
         }
+        // Popping a scope waits for the GPU process, which the browser cannot do
+        // synchronously: there naga's validation above and the uncaptured-error
+        // handler ([`GpuContext::check`]) report what a scope would.
+        #[cfg(not(target_arch = "wasm32"))]
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -357,6 +383,7 @@ impl GpuContext {
                 },
                 cache: None,
             });
+        #[cfg(not(target_arch = "wasm32"))]
         if let Some(err) = pollster::block_on(scope.pop()) {
             bail!("compiling kernel {}: {err}", spec.key);
         }
@@ -429,14 +456,15 @@ impl GpuContext {
                         size: NonZeroU64::new(size),
                     }
                 }
-                None => {
-                    let buffer = match kind {
-                        Binding::ReadWrite => &self.dummy_rw,
-                        Binding::ReadOnly => &self.dummy_ro,
-                        Binding::Uniform => bail!("kernel {} binding {i}: missing", kernel.name),
-                    };
-                    buffer.as_entire_buffer_binding()
-                }
+                None => match kind {
+                    Binding::ReadWrite if (i as u64) < DUMMY_SLOTS => wgpu::BufferBinding {
+                        buffer: &self.dummy_rw,
+                        offset: i as u64 * align,
+                        size: NonZeroU64::new(16),
+                    },
+                    Binding::ReadOnly => self.dummy_ro.as_entire_buffer_binding(),
+                    _ => bail!("kernel {} binding {i}: missing", kernel.name),
+                },
             };
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32,
@@ -575,8 +603,14 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Copies `slice` back to the host. Blocks: call at command or epoch boundaries only.
+    /// Copies `slice` back to the host. Blocks: call at command or epoch boundaries only
+    /// (in the browser, use [`GpuContext::read_async`]).
     pub fn read<T: bytemuck::Pod>(&self, slice: Slice<'_>) -> Result<Vec<T>> {
+        block_on(self.read_async(slice))
+    }
+
+    /// Copies `slice` back to the host once the GPU has written it.
+    pub async fn read_async<T: bytemuck::Pod>(&self, slice: Slice<'_>) -> Result<Vec<T>> {
         let bytes = slice.len * 4;
         if bytes == 0 {
             return Ok(Vec::new());
@@ -592,12 +626,12 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         encoder.copy_buffer_to_buffer(slice.buffer, slice.offset * 4, &staging, 0, bytes);
         self.submit_commands(encoder.finish());
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait(None)?;
-        rx.recv()
+        self.finish(None).await?;
+        rx.await
             .context("GPU readback channel closed")?
             .context("mapping a readback buffer")?;
         let data = {
@@ -609,6 +643,48 @@ impl GpuContext {
         };
         staging.unmap();
         Ok(data)
+    }
+
+    /// Resolves once submission `index` (everything, for None) has finished: natively
+    /// [`GpuContext::wait`]; in the browser, where the device is polled by the page's
+    /// event loop, once all work submitted so far is done.
+    pub async fn finish(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.wait(index);
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = index;
+            let (tx, rx) = futures_channel::oneshot::channel();
+            self.queue.on_submitted_work_done(move || {
+                let _ = tx.send(());
+            });
+            rx.await.context("the GPU queue was dropped")?;
+            self.check()
+        }
+    }
+}
+
+/// What a blocking call says in the browser.
+pub const BROWSER_NEEDS_ASYNC: &str = "this step waits for the GPU, which a web page cannot do \
+    synchronously: the browser build runs only the library's async paths";
+
+/// Runs `future` to completion at a synchronous edge of the library: natively by
+/// blocking (wgpu's native callbacks fire inside [`GpuContext::wait`]); in the browser
+/// only if it completes without waiting for the event loop, else an error that says so.
+pub fn block_on<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return pollster::block_on(future);
+    #[cfg(target_arch = "wasm32")]
+    {
+        use std::task::{Context, Poll, Waker};
+        let mut future = std::pin::pin!(future);
+        match future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(r) => r,
+            Poll::Pending => bail!(BROWSER_NEEDS_ASYNC),
+        }
     }
 }
 

@@ -20,7 +20,8 @@ pub mod vae;
 pub mod watchdog;
 
 pub use context::{
-    Binding, Dispatch, GpuContext, GpuHang, Kernel, KernelSpec, Slice, GPU_TIMEOUT_ENV,
+    block_on, Binding, Dispatch, GpuContext, GpuHang, Kernel, KernelSpec, Slice,
+    BROWSER_NEEDS_ASYNC, GPU_TIMEOUT_ENV,
 };
 
 /// `struct Step` of `shaders/step.wgsl`: rewritten before every training step.

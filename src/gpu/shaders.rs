@@ -119,6 +119,30 @@ impl Shaders {
         Ok(Shaders { overrides })
     }
 
+    /// These sources with kernel file `name` replaced by `source` (edited in memory, as
+    /// the browser's kernel panel does); `origin` names it in errors and run files.
+    pub fn with_source(mut self, name: &str, source: String, origin: &str) -> Result<Self> {
+        let Some((_, builtin)) = BUILTIN.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "no kernel file is called {name}; the files are {}",
+                names.join(", ")
+            );
+        };
+        let edited = *builtin != source;
+        self.overrides.insert(
+            name.to_string(),
+            Override {
+                kernel: name.to_string(),
+                path: PathBuf::from(origin),
+                sha256: format!("{:x}", Sha256::digest(source.as_bytes())),
+                edited,
+                source,
+            },
+        );
+        Ok(self)
+    }
+
     /// The source of kernel file `name` (panics on a name that is not in [`BUILTIN`]:
     /// launchers name their own files).
     pub fn get(&self, name: &str) -> &str {
@@ -154,14 +178,52 @@ pub(crate) fn validate(
     spec: &crate::gpu::KernelSpec<'_>,
     shaders: &Shaders,
 ) -> std::result::Result<(), String> {
+    let module = validate_source(source, spec.parts, spec.generated, shaders)?;
+    if !module.entry_points.iter().any(|ep| ep.name == spec.entry) {
+        let files: Vec<String> = spec.parts.iter().map(|p| shaders.origin(p)).collect();
+        return Err(format!(
+            "no entry point `{}` in {} (the launcher dispatches it)",
+            spec.entry,
+            files.join(" + ")
+        ));
+    }
+    Ok(())
+}
+
+/// Checks kernel file `name` as the engine compiles it, after the files prepended to
+/// it ([`NOTES`]): naga's parse and validation, errors at the file's own line:column
+/// (how the browser's kernel panel checks an edit before it runs).
+pub fn validate_file(shaders: &Shaders, name: &str) -> std::result::Result<(), String> {
+    let notes = NOTES
+        .iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| format!("no kernel file is called {name}"))?;
+    let parts: Vec<&str> = notes
+        .prepended
+        .iter()
+        .copied()
+        .chain([notes.name])
+        .collect();
+    let source: String = parts.iter().map(|p| shaders.get(p)).collect();
+    validate_source(&source, &parts, None, shaders).map(|_| ())
+}
+
+/// naga's parse and validation of `source`, the concatenation of `parts` and then
+/// `generated`; an error names the part, line and column it is in.
+fn validate_source(
+    source: &str,
+    parts: &[&str],
+    generated: Option<&str>,
+    shaders: &Shaders,
+) -> std::result::Result<naga::Module, String> {
     // Where each part starts in `source`.
     let mut starts = Vec::new();
     let mut at = 0;
-    for p in spec.parts {
+    for p in parts {
         starts.push((shaders.origin(p), shaders.get(p), at));
         at += shaders.get(p).len();
     }
-    if let Some(g) = spec.generated {
+    if let Some(g) = generated {
         starts.push(("generated code".to_string(), g, at));
     }
     let locate = |offset: usize, message: &str| -> String {
@@ -198,15 +260,7 @@ pub(crate) fn validate(
         }
         locate(offset, &message)
     })?;
-    if !module.entry_points.iter().any(|ep| ep.name == spec.entry) {
-        let files: Vec<String> = spec.parts.iter().map(|p| shaders.origin(p)).collect();
-        return Err(format!(
-            "no entry point `{}` in {} (the launcher dispatches it)",
-            spec.entry,
-            files.join(" + ")
-        ));
-    }
-    Ok(())
+    Ok(module)
 }
 
 /// What a kernel file is compiled with, where its launcher lives and what checks it.

@@ -299,12 +299,15 @@ impl StreamingCovariance {
     }
 
     /// (mean, row-major d x d centred Gram).
-    pub fn read(&self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub async fn read(&self, ctx: &GpuContext) -> Result<(Vec<f32>, Vec<f32>)> {
         let d = self.d;
-        let mean = ctx.read(Slice::new(&self.mean, 0, d))?;
+        let mean = ctx.read_async(Slice::new(&self.mean, 0, d)).await?;
         let mut gram = Vec::with_capacity(d * d);
         for (block, buf) in self.blocks.iter().zip(&self.grams) {
-            gram.extend(ctx.read::<f32>(Slice::new(buf, 0, block.len() * d))?);
+            gram.extend(
+                ctx.read_async::<f32>(Slice::new(buf, 0, block.len() * d))
+                    .await?,
+            );
         }
         Ok((mean, gram))
     }

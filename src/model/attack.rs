@@ -3,7 +3,7 @@
 //! random start). Each batch of the attack is one submit: gather, forward, loss, then per
 //! step input gradient, update, forward and loss.
 
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! back inside an epoch.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,9 @@ impl SampleMetrics {
     }
 
     /// Mean loss and accuracy over the first `n` positions, summed in f64 in order.
-    pub(crate) fn read_means(&self, ctx: &GpuContext, n: usize) -> Result<(f64, f64)> {
-        let loss: Vec<f32> = ctx.read(Slice::new(&self.loss, 0, n))?;
-        let correct: Vec<f32> = ctx.read(Slice::new(&self.correct, 0, n))?;
+    pub(crate) async fn read_means(&self, ctx: &GpuContext, n: usize) -> Result<(f64, f64)> {
+        let loss: Vec<f32> = ctx.read_async(Slice::new(&self.loss, 0, n)).await?;
+        let correct: Vec<f32> = ctx.read_async(Slice::new(&self.correct, 0, n)).await?;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64;
         Ok((mean(&loss), mean(&correct)))
     }
@@ -192,6 +192,17 @@ pub fn train_on(
     samples: &[u32],
     opts: &TrainOptions,
 ) -> Result<TrainReport> {
+    crate::gpu::block_on(train_on_async(ctx, model, data, samples, opts))
+}
+
+/// [`train_on`] as a future (the browser's form).
+pub async fn train_on_async(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    data: &GpuDataset,
+    samples: &[u32],
+    opts: &TrainOptions,
+) -> Result<TrainReport> {
     if let Some(&bad) = samples.iter().find(|&&i| i as usize >= data.len) {
         bail!(
             "sample index {bad} out of range for a data set of {}",
@@ -242,9 +253,9 @@ pub fn train_on(
         progress: opts.progress,
     };
     (report.steps, report.samples) =
-        run_epochs(ctx, &plans, indices, step, samples, &schedule, |e| {
+        run_epochs(ctx, &plans, indices, step, samples, &schedule, async |e| {
             // Samples are processed in order, so positions 0..seen hold this epoch's metrics.
-            let (loss, acc) = metrics.read_means(ctx, e.samples)?;
+            let (loss, acc) = metrics.read_means(ctx, e.samples).await?;
             if !loss.is_finite() {
                 bail!(
                     "training diverged: the mean loss of epoch {} is {loss}; \
@@ -260,7 +271,8 @@ pub fn train_on(
                 seconds: e.seconds,
             });
             Ok(format!("loss {loss:.4}  accuracy {acc:.4}"))
-        })?;
+        })
+        .await?;
     report.seconds = start.elapsed().as_secs_f64();
     report.samples_per_second = report.samples as f64 / report.seconds.max(1e-9);
     Ok(report)
@@ -291,14 +303,14 @@ pub(crate) struct EpochDone {
 /// `indices`, then one submit per batch with `step` holding the batch position and the
 /// Adam step. `epoch_end` reads back the epoch's metrics and returns a progress line.
 /// Returns (steps, samples) in all.
-pub(crate) fn run_epochs(
+pub(crate) async fn run_epochs(
     ctx: &GpuContext,
     plans: &BatchPlans,
     indices: &wgpu::Buffer,
     step: &wgpu::Buffer,
     samples: &[u32],
     schedule: &EpochSchedule,
-    mut epoch_end: impl FnMut(&EpochDone) -> Result<String>,
+    mut epoch_end: impl AsyncFnMut(&EpochDone) -> Result<String>,
 ) -> Result<(usize, usize)> {
     if !(schedule.learning_rate.is_finite() && schedule.learning_rate > 0.0) {
         bail!(
@@ -348,13 +360,13 @@ pub(crate) fn run_epochs(
             ctx.queue.write_buffer(step, 0, bytemuck::bytes_of(&params));
             in_flight.push_back(ctx.submit(&plan.ops));
             if in_flight.len() > MAX_IN_FLIGHT {
-                ctx.wait(in_flight.pop_front())?;
+                ctx.finish(in_flight.pop_front()).await?;
             }
             steps += 1;
             seen += plan.ws.rows;
             bar.inc(1);
         }
-        ctx.wait(None)?;
+        ctx.finish(None).await?;
         bar.finish_and_clear();
         total_samples += seen;
         let done = EpochDone {
@@ -363,7 +375,7 @@ pub(crate) fn run_epochs(
             samples: seen,
             seconds: epoch_start.elapsed().as_secs_f64(),
         };
-        let line = epoch_end(&done)?;
+        let line = epoch_end(&done).await?;
         progress::note(
             schedule.progress,
             &format!("epoch {:>3}: {line}  ({:.1} s)", done.epoch, done.seconds),
@@ -436,12 +448,74 @@ pub fn evaluate(
         backdoor: backdoor.copied(),
         seed,
     };
-    let metrics = eval_batches(ctx, model, &samples, batch_size, |_| Ok(()))?;
-    let (loss, accuracy) = metrics.read_means(ctx, indices.len())?;
+    crate::gpu::block_on(evaluate_async(ctx, model, &samples, batch_size))
+}
+
+/// [`evaluate`] of a [`SampleSet`], as a future (the browser's form).
+pub async fn evaluate_async(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    samples: &SampleSet<'_>,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    let n = samples.indices.len();
+    let metrics = eval_batches(ctx, model, samples, batch_size, |_| Ok(()))?;
+    let (loss, accuracy) = metrics.read_means(ctx, n).await?;
     Ok(EvalMetrics {
         loss,
         accuracy,
-        samples: indices.len(),
+        samples: n,
+    })
+}
+
+/// A model's clean test metrics and, with a trigger, its attack success.
+pub struct TestResults {
+    pub clean: EvalMetrics,
+    pub attack_success_rate: Option<f64>,
+    pub attack_samples: usize,
+}
+
+/// A test split on the GPU with its labels on the host.
+pub struct TestSet<'a> {
+    pub data: &'a GpuDataset,
+    pub labels: &'a [u8],
+}
+
+/// Clean accuracy on `test`; with `backdoor`, the fraction of triggered test images
+/// whose true label is not the target that the model classifies as the target.
+pub async fn test_results(
+    ctx: &GpuContext,
+    model: &GpuMlp,
+    test: &TestSet<'_>,
+    backdoor: Option<&Backdoor>,
+    seed: u32,
+    batch: usize,
+) -> Result<TestResults> {
+    let all: Vec<u32> = (0..test.labels.len() as u32).collect();
+    let set = |indices, backdoor| SampleSet {
+        data: test.data,
+        indices,
+        backdoor,
+        seed,
+    };
+    let clean = evaluate_async(ctx, model, &set(&all, None), batch).await?;
+    let (attack_success_rate, attack_samples) = match backdoor {
+        Some(b) => {
+            let victims: Vec<u32> = all
+                .iter()
+                .copied()
+                .filter(|&i| test.labels[i as usize] as u32 != b.target_class)
+                .collect();
+            let triggered = set(&victims, Some(b.always()));
+            let m = evaluate_async(ctx, model, &triggered, batch).await?;
+            (Some(m.accuracy), m.samples)
+        }
+        None => (None, 0),
+    };
+    Ok(TestResults {
+        clean,
+        attack_success_rate,
+        attack_samples,
     })
 }
 

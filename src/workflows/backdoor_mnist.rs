@@ -4,7 +4,7 @@
 //! ablation. Run dirs and plots go under `out`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{Context, Result};
 

@@ -2,7 +2,7 @@
 //! and attack success, write the run directory.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -13,9 +13,9 @@ use crate::data::backdoor::WANET_GRID_FILE;
 use crate::data::{Dataset, Split};
 use crate::gpu::batch::GpuDataset;
 use crate::gpu::shaders::Override;
-use crate::gpu::GpuContext;
+use crate::gpu::{block_on, GpuContext};
 use crate::io::{store_as, write_json, SaveDtype};
-use crate::model::train::{evaluate, train, EpochMetrics, EvalMetrics, TrainOptions};
+use crate::model::train::{test_results, train, EpochMetrics, TestResults, TestSet, TrainOptions};
 use crate::model::{GpuMlp, Mlp};
 use crate::run::{refuse_overwrite, ClassifierRunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 
@@ -164,15 +164,7 @@ pub fn train_classifier(
     Ok(metrics)
 }
 
-/// A model's clean test metrics and, with a trigger, its attack success.
-pub(super) struct TestResults {
-    pub clean: EvalMetrics,
-    pub attack_success_rate: Option<f64>,
-    pub attack_samples: usize,
-}
-
-/// Clean accuracy on `test_set`; with `backdoor`, the fraction of triggered test images
-/// whose true label is not the target that the model classifies as the target.
+/// [`test_results`] on `test_set`, uploaded for the purpose.
 pub(super) fn evaluate_test(
     ctx: &GpuContext,
     model: &GpuMlp,
@@ -182,24 +174,9 @@ pub(super) fn evaluate_test(
     batch: usize,
 ) -> Result<TestResults> {
     let test_gpu = GpuDataset::upload(ctx, &test_set.as_images())?;
-    let all: Vec<u32> = (0..test_set.len() as u32).collect();
-    let clean = evaluate(ctx, model, &test_gpu, &all, None, seed, batch)?;
-    let (attack_success_rate, attack_samples) = match backdoor {
-        Some(b) => {
-            let always = b.always();
-            let victims: Vec<u32> = all
-                .iter()
-                .copied()
-                .filter(|&i| test_set.labels[i as usize] as u32 != b.target_class)
-                .collect();
-            let m = evaluate(ctx, model, &test_gpu, &victims, Some(&always), seed, batch)?;
-            (Some(m.accuracy), m.samples)
-        }
-        None => (None, 0),
+    let test = TestSet {
+        data: &test_gpu,
+        labels: &test_set.labels,
     };
-    Ok(TestResults {
-        clean,
-        attack_success_rate,
-        attack_samples,
-    })
+    block_on(test_results(ctx, model, &test, backdoor, seed, batch))
 }

@@ -3,7 +3,7 @@
 //! suite can use, with its clean test accuracy and, given its trigger, attack success.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use web_time::Instant;
 
 use anyhow::{bail, Context, Result};
 use safetensors::SafeTensors;

@@ -103,7 +103,7 @@ impl Abstraction {
             .map(|l| format!("layer{l}"))
             .chain(["output".to_string()])
             .collect();
-        LayerScores::read(ctx, names, losses, n)
+        crate::gpu::block_on(LayerScores::read(ctx, names, losses, n))
     }
 
     /// Runs the abstraction over `samples` (forward and losses; with `gradients`, the
