@@ -21,6 +21,11 @@ struct Dims { m: u32, n: u32, k: u32, _pad: u32 }
 // vec4s (A K-major with M % 4 == 0; B row-major with N % 4 == 0).
 @group(0) @binding(6) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> b4: array<vec4<f32>>;
+// C and the ReLU mask as vec4s, bound instead (C) or as well (the mask) when N % 4 == 0:
+// the register-blocked schedule then stores and masks whole vec4s (a quarter of the
+// scattered stores, which are most of the driver's compile time).
+@group(0) @binding(8) var<storage, read_write> c4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> mask4: array<vec4<f32>>;
 
 // A stored K-major ([K][M], i.e. Aᵀ row-major) instead of row-major [M][K].
 override A_KMAJOR: bool = false;
@@ -56,8 +61,9 @@ fn store(m: u32, n: u32, acc: f32) {
     store_masked(m, n, v);
 }
 
-// The last step of every epilogue; the register-blocked schedule applies bias and
-// ReLU to whole vec4s itself (512 inlined bias loads made its compile take 14 s).
+// The last step of the tiled schedule's epilogue; the register-blocked one applies
+// bias, ReLU and the mask to whole vec4s and stores them itself (512 inlined bias
+// loads made its compile take 14 s, 256 guarded stores most of the rest).
 fn store_masked(m: u32, n: u32, acc: f32) {
     if (m >= dims.m || n >= dims.n) {
         return;

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use super::context::{Binding, Dispatch, GpuContext, Kernel, KernelSpec, Slice};
 
-const BINDINGS: [Binding; 8] = [
+const BINDINGS: [Binding; 10] = [
     Binding::ReadOnly,  // a
     Binding::ReadOnly,  // b
     Binding::ReadOnly,  // bias
@@ -15,6 +15,8 @@ const BINDINGS: [Binding; 8] = [
     Binding::Uniform,   // dims
     Binding::ReadOnly,  // a as vec4
     Binding::ReadOnly,  // b as vec4
+    Binding::ReadWrite, // c as vec4 (then c itself is not bound)
+    Binding::ReadOnly,  // mask as vec4
 ];
 
 /// Operand layouts and the fused epilogue, i.e. which pipeline variant runs.
@@ -100,11 +102,13 @@ pub struct MatmulArgs<'a> {
     pub mask: Option<Slice<'a>>,
 }
 
-/// Whether the register-blocked schedule reads A and B as whole vec4s.
+/// Whether the register-blocked schedule reads A and B and writes C (and reads the
+/// mask) as whole vec4s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VecLoads {
     a: bool,
     b: bool,
+    c: bool,
 }
 
 fn kernel(
@@ -138,6 +142,8 @@ fn kernel(
         constants: &constants,
     })
 }
+
+const XYZW: [&str; 4] = ["x", "y", "z", "w"];
 
 /// WGSL of the register-blocked schedule for a `bm` x `4*bn4` block per invocation.
 /// Generated rather than looped over arrays: lavapipe keeps arrays indexed in loops in
@@ -221,14 +227,43 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
         }
     }
     let _ = writeln!(w, "}}");
-    if flags.bias {
-        for j in cols.clone() {
+    // Where each accumulator's operands came from: its row and column, clamped as the
+    // loads clamped them (whole vec4s clamp to the last vec4).
+    for i in rows.clone() {
+        if vec.a {
             let _ = writeln!(
                 w,
-                "let bias{j} = vec4<f32>(bias[col{j}.x], bias[col{j}.y], bias[col{j}.z], bias[col{j}.w]);"
+                "let srow{i} = 4u * min(gid.y * {}u + {}u, last_m4) + {}u;",
+                bm / 4,
+                i / 4,
+                i % 4
             );
+        } else {
+            let _ = writeln!(w, "let srow{i} = row{i};");
         }
     }
+    for j in cols.clone() {
+        if vec.b {
+            let _ = writeln!(
+                w,
+                "let scol{j} = vec4<u32>(4u * min(gid.x * {bn4}u + {j}u, last_n4)) + vec4<u32>(0u, 1u, 2u, 3u);"
+            );
+        } else {
+            let _ = writeln!(w, "let scol{j} = col{j};");
+        }
+    }
+    if flags.bias {
+        for j in cols.clone() {
+            let b = XYZW.map(|c| format!("bias[scol{j}.{c}]"));
+            let _ = writeln!(w, "let bias{j} = vec4<f32>({});", b.join(", "));
+        }
+    }
+    // Stores without a guard where possible: an element past the last row (or, with
+    // scalar stores, column) read a clamped row and column of A and B (srow, scol),
+    // so it holds exactly the value of the element there, which this invocation owns
+    // and writes too, with the same bits. Whole vec4s of C past the last column are
+    // skipped instead. (256 guarded scalar stores were most of the driver's compile
+    // time: 0.7-2.2 s a variant.)
     for i in rows {
         for j in cols.clone() {
             let mut v = format!("acc{i}_{j}");
@@ -238,13 +273,26 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             if flags.relu {
                 v = format!("max({v}, vec4<f32>(0.0))");
             }
+            if flags.relu_mask {
+                let mask = if vec.c {
+                    format!("mask4[srow{i} * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)]")
+                } else {
+                    let m = XYZW.map(|c| format!("mask[srow{i} * dims.n + scol{j}.{c}]"));
+                    format!("vec4<f32>({})", m.join(", "))
+                };
+                v = format!("select(vec4<f32>(0.0), {v}, {mask} > vec4<f32>(0.0))");
+            }
             let _ = writeln!(w, "let v{i}_{j} = {v};");
-            for (l, c) in ["x", "y", "z", "w"].iter().enumerate() {
+            if vec.c {
                 let _ = writeln!(
                     w,
-                    "store_masked(m0 + {i}u, n0 + {}u, v{i}_{j}.{c});",
-                    4 * j as usize + l
+                    "if (n0 + {}u < dims.n) {{ c4[srow{i} * (dims.n / 4u) + gid.x * {bn4}u + {j}u] = v{i}_{j}; }}",
+                    4 * j
                 );
+            } else {
+                for c in XYZW {
+                    let _ = writeln!(w, "c[srow{i} * dims.n + scol{j}.{c}] = v{i}_{j}.{c};");
+                }
             }
         }
     }
@@ -282,8 +330,9 @@ pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
         ]
         .map(|(k, v)| (k.to_string(), f64::from(u8::from(v))))
         .to_vec();
-        for (a, b) in [(false, false), (true, false), (false, true), (true, true)] {
-            let vec = VecLoads { a, b };
+        for bits in 0..8u32 {
+            let (a, b, c) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+            let vec = VecLoads { a, b, c };
             out.push((
                 format!("{flags:?} {vec:?}"),
                 register_blocked(bm, bn4, vec, flags),
@@ -323,13 +372,28 @@ pub fn matmul<'a>(
     if flags.relu && flags.relu_mask {
         bail!("matmul: relu and relu_mask are exclusive");
     }
-    // Whole-vec4 loads need 4-aligned rows and 16-byte-aligned bindings.
+    // A product narrower than a register block (the 10-wide output layer) runs in
+    // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
+    // twentieth of the compile time. The sums are the same, in the same order.
+    let schedule = match schedule {
+        Schedule::RegisterBlocked { bn4, .. } if n < 4 * bn4 as usize => {
+            Schedule::RegisterBlocked { bm: 4, bn4: 1 }
+        }
+        s => s,
+    };
+    // Whole-vec4 loads and stores need 4-aligned rows and 16-byte-aligned bindings.
+    let aligned = |s: &Option<Slice<'_>>| s.as_ref().is_none_or(|s| s.offset.is_multiple_of(4));
     let vec = match schedule {
         Schedule::RegisterBlocked { bm, .. } => VecLoads {
             a: flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset.is_multiple_of(4),
             b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
+            c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
         },
-        Schedule::Tiled => VecLoads { a: false, b: false },
+        Schedule::Tiled => VecLoads {
+            a: false,
+            b: false,
+            c: false,
+        },
     };
     let kernel = kernel(ctx, flags, schedule, vec)?;
     let vec_view = |s: Slice<'a>, len: usize, on: bool| {
@@ -365,10 +429,12 @@ pub fn matmul<'a>(
             Some(args.b),
             args.bias,
             args.mask,
-            Some(args.c),
+            (!vec.c).then_some(args.c),
             Some(Slice::whole(&dims)),
             vec_view(args.a, m * k, vec.a),
             vec_view(args.b, k * n, vec.b),
+            vec_view(args.c, m * n, vec.c),
+            args.mask.and_then(|s| vec_view(s, m * n, vec.c)),
         ],
         workgroups,
     )

@@ -286,7 +286,7 @@ pub const NOTES: &[FileNotes] = &[
     FileNotes { name: "knn", prepended: &[], launcher: "gpu::knn", variants: "entry points normalize_rows, topk, ranks", references: "order_reference" },
     FileNotes { name: "logistic", prepended: &[], launcher: "gpu::logistic", variants: "entry points irls (per-sample Newton terms) and scale_rows", references: "irls_reference" },
     FileNotes { name: "loss", prepended: &["step"], launcher: "gpu::loss", variants: "", references: "softmax_cross_entropy_reference" },
-    FileNotes { name: "matmul", prepended: &[], launcher: "gpu::matmul", variants: "main_tiled (GPUs), or main_regblock generated in Rust after this file (software adapters: bm x 4·bn4 register blocks, vec4 loads where aligned); override constants A_KMAJOR, B_NMAJOR, BIAS, RELU, RELU_MASK", references: "matmul_reference" },
+    FileNotes { name: "matmul", prepended: &[], launcher: "gpu::matmul", variants: "main_tiled (GPUs), or main_regblock generated in Rust after this file (software adapters: bm x 4·bn4 register blocks, 4x4 for products narrower than that; vec4 loads and stores where aligned); override constants A_KMAJOR, B_NMAJOR, BIAS, RELU, RELU_MASK", references: "matmul_reference" },
     FileNotes { name: "reduce", prepended: &[], launcher: "gpu::reduce", variants: "", references: "column_sums_reference" },
     FileNotes { name: "rng", prepended: &[], launcher: "(prepended to batch, attack and vae)", variants: "", references: "rng::rand_u32 (the host's copy of the hash)" },
     FileNotes { name: "stats", prepended: &[], launcher: "gpu::stats", variants: "entry points center, merge_gram, merge_mean, row_dot", references: "mean_and_gram_reference" },
