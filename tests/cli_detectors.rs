@@ -879,6 +879,10 @@ fn training_augmentation_from_the_command_line() {
             "--train_data.augment.degrees 200",
             "augment.degrees must be in [0, 180]",
         ),
+        (
+            "--train_data.augment false --train_data.augment.degrees 15",
+            "--train_data.augment false contradicts --train_data.augment.degrees",
+        ),
     ] {
         assert_refused(
             cwd,

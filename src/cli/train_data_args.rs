@@ -1,7 +1,7 @@
 //! The training-data flags of `train-classifier`, which `import-model` shares (there
 //! they say what the imported model was trained on).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
 use crate::data::augment::Augment;
@@ -67,9 +67,10 @@ pub struct TrainDataArgs {
     pub(super) train_data_max_size: Option<usize>,
     /// Augment the training batches as the later upstream does (crop p 0.8 with padding
     /// 5, rotation p 0.5 by up to 10 degrees, horizontal flip p 0.5 for CIFAR-10 only),
-    /// before the trigger; the options below change one part (and imply this).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
-    train_data_augment: bool,
+    /// before the trigger. Off by default; the options below change one part and imply
+    /// it (`false` with one of them is refused).
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    train_data_augment: Option<bool>,
     /// Augmentation: probability of a random crop of the zero-padded image.
     #[arg(long, value_name = "P")]
     train_data_augment_crop_p: Option<f32>,
@@ -133,30 +134,37 @@ impl TrainDataArgs {
             dataset,
             max_size: self.train_data_max_size,
             backdoor,
-            augment: self.augment(dataset),
+            augment: self.augment(dataset)?,
         })
     }
 
     /// The upstream's augmentation for `dataset` with the parts given on the command
-    /// line replaced; None unless asked for.
-    fn augment(&self, dataset: DatasetName) -> Option<Augment> {
+    /// line replaced; None unless asked for (a part implies it; `false` with a part is
+    /// a contradiction, not a silent choice).
+    fn augment(&self, dataset: DatasetName) -> Result<Option<Augment>> {
         let parts = [
-            self.train_data_augment_crop_p,
-            self.train_data_augment_rotation_p,
-            self.train_data_augment_degrees,
-            self.train_data_augment_flip_p,
+            ("crop_p", self.train_data_augment_crop_p.is_some()),
+            ("padding", self.train_data_augment_padding.is_some()),
+            ("rotation_p", self.train_data_augment_rotation_p.is_some()),
+            ("degrees", self.train_data_augment_degrees.is_some()),
+            ("flip_p", self.train_data_augment_flip_p.is_some()),
         ];
-        let any = parts.iter().any(Option::is_some) || self.train_data_augment_padding.is_some();
-        if !(self.train_data_augment || any) {
-            return None;
+        let given: Vec<&str> = parts.iter().filter(|p| p.1).map(|p| p.0).collect();
+        match (self.train_data_augment, given.is_empty()) {
+            (Some(false), false) => bail!(
+                "--train_data.augment false contradicts --train_data.augment.{}: drop one",
+                given.join(", --train_data.augment.")
+            ),
+            (None | Some(false), true) => return Ok(None),
+            _ => {}
         }
         let d = Augment::upstream(dataset);
-        Some(Augment {
+        Ok(Some(Augment {
             crop_p: self.train_data_augment_crop_p.unwrap_or(d.crop_p),
             padding: self.train_data_augment_padding.unwrap_or(d.padding),
             rotation_p: self.train_data_augment_rotation_p.unwrap_or(d.rotation_p),
             degrees: self.train_data_augment_degrees.unwrap_or(d.degrees),
             flip_p: self.train_data_augment_flip_p.unwrap_or(d.flip_p),
-        })
+        }))
     }
 }
