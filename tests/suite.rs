@@ -154,6 +154,20 @@ fn a_suite_runs_its_grid_resumes_and_records_failures() {
 }
 
 #[test]
+fn suite_refuses_debug_instead_of_ignoring_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cupbearer"))
+        .args(["suite", "--suite", "quick", "--debug", "--dir.full"])
+        .arg(tmp.path().join("s"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("suite has no --debug mode"), "{err}");
+    assert!(!tmp.path().join("s").exists(), "nothing is written");
+}
+
+#[test]
 fn bad_specs_are_clear_errors() {
     for (spec, want) in [
         (

@@ -39,6 +39,13 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         None => Suite::builtin(args.suite.as_deref().unwrap_or("quick"))?,
     };
     let c = &args.common;
+    if c.debug {
+        // Debug-sized cells would land in (and be resumed from) the suite's dir.
+        bail!(
+            "suite has no --debug mode: for a fast run use --suite quick, or --only_tasks \
+             and --only_detectors to run part of a suite"
+        );
+    }
     // The suite's own dir by default, so that re-running the command resumes it.
     let dir = match (&c.dir_full, &c.dir_run) {
         (None, None) => c
