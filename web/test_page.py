@@ -82,6 +82,7 @@ def main():
     # A corner pixel needs ~20 000 images x 3 epochs before Mahalanobis sees it; the
     # noise trigger shows in one small epoch.
     ap.add_argument("--trigger", default="noise", choices=["corner", "noise", "wanet"])
+    ap.add_argument("--detector", default="mahalanobis", choices=["mahalanobis", "que", "spectral"])
     ap.add_argument("--min-auroc", type=float, default=0.95)
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
@@ -116,7 +117,7 @@ def main():
         page.call("Runtime.enable")
         page.call("Page.enable")
         url = (f"http://127.0.0.1:{http_port}/?auto=1&train={args.train}&test={args.test}"
-               f"&epochs={args.epochs}&trigger={args.trigger}&detector=mahalanobis")
+               f"&epochs={args.epochs}&trigger={args.trigger}&detector={args.detector}")
         start = time.time()
         page.call("Page.navigate", url=url)
         state = page.wait_state({"done", "error"}, args.timeout)

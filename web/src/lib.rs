@@ -16,9 +16,10 @@ use web_time::Instant;
 use cupbearer::checks::{self, Outcome};
 use cupbearer::data::backdoor::Backdoor;
 use cupbearer::data::Dataset;
-use cupbearer::detectors::mahalanobis::{Mahalanobis, MahalanobisConfig};
-use cupbearer::detectors::que::{Que, QueConfig};
-use cupbearer::detectors::spectral::{Spectral, SpectralConfig};
+use cupbearer::detectors::mahalanobis::MahalanobisConfig;
+use cupbearer::detectors::quadratic::{Quadratic, QuadraticFit};
+use cupbearer::detectors::que::QueConfig;
+use cupbearer::detectors::spectral::SpectralConfig;
 use cupbearer::detectors::{FitData, LayerScores, SampleSet};
 use cupbearer::eval::metrics::{detection_metrics, roc_curve};
 use cupbearer::gpu::batch::GpuDataset;
@@ -255,9 +256,10 @@ async fn check_inner(name: &str) -> Result<String> {
     let start = Instant::now();
     let selected = checks::select(Some(name))?;
     let mut outcomes = Vec::new();
-    for (i, check) in selected.iter().enumerate() {
-        progress::bar(true, selected.len() as u64, check.name).inc(i as u64 + 1);
+    let bar = progress::bar(true, selected.len() as u64, &format!("{name}.wgsl checks"));
+    for check in &selected {
         outcomes.extend(checks::run_async(&ctx, check).await);
+        bar.inc(1);
     }
     Ok(serde_json::to_string(&CheckSummary {
         file: name.to_string(),
@@ -448,7 +450,6 @@ pub async fn detect(request: String, progress: js_sys::Function) -> Result<Strin
 async fn detect_inner(request: &str) -> Result<String> {
     let req: DetectRequest = serde_json::from_str(request).context("detector request")?;
     let t = session(|s| s.trained.clone()).context("train a classifier first")?;
-    let ctx = &t.ctx;
     if req.trusted < 2 || req.trusted > t.train.len {
         bail!(
             "trusted: {} images asked for, the training set holds {}",
@@ -488,22 +489,11 @@ async fn detect_inner(request: &str) -> Result<String> {
     };
     let (clean, triggered) = (set(None), set(Some(t.backdoor.always())));
     let start = Instant::now();
-    macro_rules! run {
-        ($det:expr) => {{
-            let mut det = $det;
-            det.fit_async(ctx, &t.model, &data, true).await?;
-            let fit_seconds = start.elapsed().as_secs_f64();
-            let a = det.layer_scores_async(ctx, &t.model, &clean, 512).await?;
-            let b = det
-                .layer_scores_async(ctx, &t.model, &triggered, 512)
-                .await?;
-            (fit_seconds, a, b)
-        }};
-    }
-    let (fit_seconds, a, b): (f64, LayerScores, LayerScores) = match req.detector.as_str() {
-        "mahalanobis" => run!(Mahalanobis::new(MahalanobisConfig::default())?),
-        "que" => run!(Que::new(QueConfig::default())?),
-        "spectral" => run!(Spectral::new(SpectralConfig::default())?),
+    let sets = [&clean, &triggered];
+    let (fit_seconds, [a, b]) = match req.detector.as_str() {
+        "mahalanobis" => fit_and_score(MahalanobisConfig::default(), &t, &data, sets).await?,
+        "que" => fit_and_score(QueConfig::default(), &t, &data, sets).await?,
+        "spectral" => fit_and_score(SpectralConfig::default(), &t, &data, sets).await?,
         other => bail!("detector {other}: the page runs mahalanobis, que and spectral"),
     };
     let score_seconds = start.elapsed().as_secs_f64() - fit_seconds;
@@ -527,6 +517,26 @@ async fn detect_inner(request: &str) -> Result<String> {
         fit_seconds,
         score_seconds,
     })?)
+}
+
+/// Fits a quadratic detector of `config` on `data` and scores `sets`; also returns
+/// the fit's seconds.
+async fn fit_and_score<C: QuadraticFit>(
+    config: C,
+    t: &Trained,
+    data: &FitData<'_>,
+    sets: [&SampleSet<'_>; 2],
+) -> Result<(f64, [LayerScores; 2])> {
+    let start = Instant::now();
+    let mut det = Quadratic::new(config)?;
+    det.fit_async(&t.ctx, &t.model, data, true).await?;
+    let fit_seconds = start.elapsed().as_secs_f64();
+    let mut scores = Vec::new();
+    for set in sets {
+        scores.push(det.layer_scores_async(&t.ctx, &t.model, set, 512).await?);
+    }
+    let scores = scores.try_into().expect("two sets, two scores");
+    Ok((fit_seconds, scores))
 }
 
 /// At most about `max` points of a curve, keeping its ends (for drawing).
