@@ -33,6 +33,18 @@ fn workdir() -> tempfile::TempDir {
     tmp
 }
 
+/// A workdir with small MNIST and a small corner-backdoored classifier in `logs/c`.
+fn corner_classifier_workdir() -> tempfile::TempDir {
+    let w = workdir();
+    let mut train = words(
+        "train_classifier --train_data backdoor --train_data.original mnist \
+         --train_data.backdoor corner --model mlp --dir.full logs/c",
+    );
+    train.extend(SMALL);
+    run_ok(w.path(), &train);
+    w
+}
+
 fn run_ok(cwd: &Path, args: &[&str]) -> String {
     let out = cupbearer(cwd, args);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
@@ -417,14 +429,8 @@ fn abstraction_detector_from_the_command_line() {
     if common::gpu().is_none() {
         return;
     }
-    let w = workdir();
+    let w = corner_classifier_workdir();
     let cwd = w.path();
-    let mut train = words(
-        "train_classifier --train_data backdoor --train_data.original mnist \
-         --train_data.backdoor corner --model mlp --dir.full logs/c",
-    );
-    train.extend(SMALL);
-    run_ok(cwd, &train);
     let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
     for (dir, loss) in [("logs/kl", "kl"), ("logs/single", "single_class")] {
         run_ok(
@@ -773,14 +779,8 @@ fn vae_detector_from_the_command_line() {
     if common::gpu().is_none() {
         return;
     }
-    let w = workdir();
+    let w = corner_classifier_workdir();
     let cwd = w.path();
-    let mut train = words(
-        "train_classifier --train_data backdoor --train_data.original mnist \
-         --train_data.backdoor corner --model mlp --dir.full logs/c",
-    );
-    train.extend(SMALL);
-    run_ok(cwd, &train);
     let task = "--task backdoor --task.backdoor corner --task.run_path logs/c";
     run_ok(
         cwd,
