@@ -61,6 +61,8 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
     // CNN's (batch 128: conv 1 on 28x28x1, conv 2 on 14x14x32) as the step runs them.
     let cases = [
         ("fwd 128x784.784x256", 128, 256, 784, false, false),
+        // Layer 1 as the step runs it: the gathered batch's transpose is K-major.
+        ("fwd xT 128x784.784x256", 128, 256, 784, true, false),
         ("fwd 128x256.256x256", 128, 256, 256, false, false),
         ("dW 784x128.128x256", 784, 256, 128, true, false),
         ("dW 256x128.128x256", 256, 256, 128, true, false),
@@ -77,12 +79,13 @@ fn bench_matmul(ctx: &GpuContext, filter: &str) -> anyhow::Result<Vec<serde_json
         ("512^3", 512, 512, 512, true, false),
         ("1024^3", 1024, 1024, 1024, true, false),
     ];
-    // Also the other register-blocked shape: 4x4 blocks keep more lanes busy on
-    // skinny products.
+    // Also the other register-blocked shapes: 4x4 blocks keep more lanes busy on
+    // skinny products; 32x16 halves the B loads per FLOP.
     let mut schedules = vec![Schedule::for_context(ctx)];
     if !ctx.is_cpu() {
         schedules.push(Schedule::RegisterBlocked { bm: 16, bn4: 4 });
     }
+    schedules.push(Schedule::RegisterBlocked { bm: 32, bn4: 4 });
     schedules.push(Schedule::RegisterBlocked { bm: 4, bn4: 1 });
     let mut rows = Vec::new();
     println!(

@@ -110,6 +110,17 @@ fn an_edited_kernel_that_computes_wrongly_fails_its_check() {
     assert!(msg.contains("gate.wgsl:"), "{msg}");
 }
 
+/// The checks above exercise the shared-A (subgroup broadcast) matmul on lavapipe only
+/// if its context turned subgroups on: lavapipe has them, 8 lanes wide.
+#[test]
+fn lavapipe_contexts_use_8_lane_subgroups() {
+    let Some(ctx) = gpu() else { return };
+    let info = &ctx.adapter_info;
+    if info.backend == wgpu::Backend::Vulkan && info.name.contains("llvmpipe") {
+        assert_eq!(ctx.subgroup_size, Some(8), "{}", ctx.adapter_name());
+    }
+}
+
 #[test]
 fn matmul_rejects_short_operands() {
     let Some(ctx) = gpu() else { return };

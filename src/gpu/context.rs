@@ -140,6 +140,8 @@ pub struct GpuContext {
     pub queue: ManuallyDrop<wgpu::Queue>,
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Lanes per subgroup where the device has subgroup operations of one fixed size.
+    pub subgroup_size: Option<u32>,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
     /// The kernel sources, built-in or overridden from a directory.
     pub shaders: Shaders,
@@ -183,6 +185,11 @@ impl std::error::Error for GpuHang {}
 
 /// Seconds a wait may see no GPU work finish before it fails (default 120).
 pub const GPU_TIMEOUT_ENV: &str = "CUPBEARER_GPU_TIMEOUT";
+
+/// Set to `0` to leave the device's subgroup operations unused (the kernels that use
+/// them fall back to plain loads, with the same results): for A/B timing, or a driver
+/// whose subgroups misbehave.
+pub const SUBGROUPS_ENV: &str = "CUPBEARER_SUBGROUPS";
 
 fn gpu_timeout() -> Result<Duration> {
     match std::env::var(GPU_TIMEOUT_ENV) {
@@ -240,10 +247,18 @@ impl GpuContext {
         let adapter = adapters.swap_remove(0);
         let adapter_info = adapter.get_info();
         let limits = adapter.limits();
+        // Subgroups only at one fixed size: kernels that use them assume a lane count.
+        let subgroup_size = (std::env::var(SUBGROUPS_ENV).as_deref() != Ok("0")
+            && adapter.features().contains(wgpu::Features::SUBGROUP)
+            && adapter_info.subgroup_min_size == adapter_info.subgroup_max_size)
+            .then_some(adapter_info.subgroup_min_size);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("cupbearer"),
-                required_features: wgpu::Features::empty(),
+                required_features: match subgroup_size {
+                    Some(_) => wgpu::Features::SUBGROUP,
+                    None => wgpu::Features::empty(),
+                },
                 required_limits: limits.clone(),
                 ..Default::default()
             })
@@ -285,6 +300,7 @@ impl GpuContext {
             queue: ManuallyDrop::new(queue),
             adapter_info,
             limits,
+            subgroup_size,
             pipelines: Mutex::default(),
             shaders,
             fault,

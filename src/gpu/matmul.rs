@@ -109,6 +109,11 @@ struct VecLoads {
     a: bool,
     b: bool,
     c: bool,
+    /// A's vec4s are loaded once per SIMD row, one per lane, and handed round with
+    /// `subgroupBroadcast`: the 8 lanes of a row need the same A, and lavapipe turns
+    /// every storage load into a loop over the lanes. Needs whole-vec4 A, subgroups of
+    /// exactly 8 lanes (one workgroup) and `bm` dividing 32.
+    shared_a: bool,
 }
 
 fn kernel(
@@ -152,13 +157,23 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
     use std::fmt::Write;
     let (rows, cols) = (0..bm, 0..bn4);
     let mut w = String::new();
+    // With shared A loads every lane of the row block (one workgroup) must reach the
+    // broadcasts, so a lane past the last column runs on clamped columns unstored.
+    let (lane, done) = if vec.shared_a {
+        (
+            ", @builtin(subgroup_invocation_id) lane: u32",
+            "m0 >= dims.m",
+        )
+    } else {
+        ("", "n0 >= dims.n || m0 >= dims.m")
+    };
     let _ = writeln!(
         w,
         "@compute @workgroup_size(8, 1, 1)\n\
-         fn main_regblock(@builtin(global_invocation_id) gid: vec3<u32>) {{\n\
+         fn main_regblock(@builtin(global_invocation_id) gid: vec3<u32>{lane}) {{\n\
          let n0 = gid.x * {}u;\nlet m0 = gid.y * {bm}u;\n\
-         if (n0 >= dims.n || m0 >= dims.m) {{ return; }}\n\
-         // Out-of-range rows and columns read clamped addresses; store_masked() drops them.\n\
+         if ({done}) {{ return; }}\n\
+         // Out-of-range rows and columns read clamped addresses.\n\
          let last_m = dims.m - 1u;\nlet last_n = vec4<u32>(dims.n - 1u);\n\
          let last_m4 = dims.m / 4u - 1u;\nlet last_n4 = dims.n / 4u - 1u;",
         4 * bn4
@@ -178,55 +193,97 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             let _ = writeln!(w, "var acc{i}_{j} = vec4<f32>(0.0);");
         }
     }
-    let _ = writeln!(w, "for (var k = 0u; k < dims.k; k++) {{");
-    if vec.a {
-        for q in 0..bm / 4 {
-            let _ = writeln!(
-                w,
-                "let aq{q} = a4[k * (dims.m / 4u) + min(gid.y * {}u + {q}u, last_m4)];",
-                bm / 4
-            );
+    let q = bm / 4;
+    let all_zero = || {
+        let zero: Vec<String> = if vec.a {
+            (0..q)
+                .map(|i| format!("all(aq{i} == vec4<f32>(0.0))"))
+                .collect()
+        } else {
+            rows.clone().map(|i| format!("as{i} == 0.0")).collect()
+        };
+        zero.join(" && ")
+    };
+    // One k step's B loads and fmas, given its A (aq* or as*) and `k`.
+    let step = |w: &mut String| {
+        for j in cols.clone() {
+            if vec.b {
+                let _ = writeln!(
+                    w,
+                    "let bv{j} = b4[k * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)];"
+                );
+            } else {
+                let _ = writeln!(
+                    w,
+                    "let bv{j} = vec4<f32>(load_b(k, col{j}.x), load_b(k, col{j}.y), load_b(k, col{j}.z), load_b(k, col{j}.w));"
+                );
+            }
         }
-        if flags.skip_zero_a {
-            let zero: Vec<String> = (0..bm / 4)
-                .map(|q| format!("all(aq{q} == vec4<f32>(0.0))"))
-                .collect();
-            let _ = writeln!(w, "if ({}) {{ continue; }}", zero.join(" && "));
+        for i in rows.clone() {
+            if vec.a {
+                let _ = writeln!(
+                    w,
+                    "let av{i} = vec4<f32>(aq{}.{});",
+                    i / 4,
+                    XYZW[i as usize % 4]
+                );
+            } else {
+                let _ = writeln!(w, "let av{i} = vec4<f32>(as{i});");
+            }
+            for j in cols.clone() {
+                let _ = writeln!(w, "acc{i}_{j} = fma(av{i}, bv{j}, acc{i}_{j});");
+            }
+        }
+    };
+    if vec.shared_a {
+        // Lane l loads vec4 l % q of the row block at k step l / q: 8 / q steps per load.
+        let steps = 8 / q;
+        let _ = writeln!(
+            w,
+            "for (var k0 = 0u; k0 < dims.k; k0 += {steps}u) {{\n\
+             let ashared = a4[min(k0 + lane / {q}u, dims.k - 1u) * (dims.m / 4u) + min(gid.y * {q}u + lane % {q}u, last_m4)];"
+        );
+        for s in 0..steps {
+            let _ = writeln!(w, "{{\nlet k = k0 + {s}u;");
+            for i in 0..q {
+                let _ = writeln!(w, "let aq{i} = subgroupBroadcast(ashared, {}u);", s * q + i);
+            }
+            let mut guard = Vec::new();
+            if s > 0 {
+                guard.push("k < dims.k".to_string());
+            }
+            if flags.skip_zero_a {
+                guard.push(format!("!({})", all_zero()));
+            }
+            if !guard.is_empty() {
+                let _ = writeln!(w, "if ({}) {{", guard.join(" && "));
+            }
+            step(&mut w);
+            if !guard.is_empty() {
+                w.push_str("}\n");
+            }
+            w.push_str("}\n");
         }
     } else {
-        for i in rows.clone() {
-            let _ = writeln!(w, "let as{i} = load_a(row{i}, k);");
+        let _ = writeln!(w, "for (var k = 0u; k < dims.k; k++) {{");
+        for i in 0..if vec.a { q } else { bm } {
+            let load = if vec.a {
+                format!("a4[k * (dims.m / 4u) + min(gid.y * {q}u + {i}u, last_m4)]")
+            } else {
+                format!("load_a(row{i}, k)")
+            };
+            let name = if vec.a { "aq" } else { "as" };
+            let _ = writeln!(w, "let {name}{i} = {load};");
         }
         if flags.skip_zero_a {
-            let zero: Vec<String> = rows.clone().map(|i| format!("as{i} == 0.0")).collect();
-            let _ = writeln!(w, "if ({}) {{ continue; }}", zero.join(" && "));
+            let _ = writeln!(w, "if ({}) {{ continue; }}", all_zero());
         }
-    }
-    for j in cols.clone() {
-        if vec.b {
-            let _ = writeln!(
-                w,
-                "let bv{j} = b4[k * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)];"
-            );
-        } else {
-            let _ = writeln!(
-                w,
-                "let bv{j} = vec4<f32>(load_b(k, col{j}.x), load_b(k, col{j}.y), load_b(k, col{j}.z), load_b(k, col{j}.w));"
-            );
-        }
-    }
-    for i in rows.clone() {
-        if vec.a {
-            let c = ["x", "y", "z", "w"][i as usize % 4];
-            let _ = writeln!(w, "let av{i} = vec4<f32>(aq{}.{c});", i / 4);
-        } else {
-            let _ = writeln!(w, "let av{i} = vec4<f32>(as{i});");
-        }
-        for j in cols.clone() {
-            let _ = writeln!(w, "acc{i}_{j} = fma(av{i}, bv{j}, acc{i}_{j});");
-        }
+        step(&mut w);
     }
     let _ = writeln!(w, "}}");
+    if vec.shared_a {
+        w.push_str("if (n0 >= dims.n) { return; }\n");
+    }
     // Where each accumulator's operands came from: its row and column, clamped as the
     // loads clamped them (whole vec4s clamp to the last vec4).
     for i in rows.clone() {
@@ -330,9 +387,13 @@ pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
         ]
         .map(|(k, v)| (k.to_string(), f64::from(u8::from(v))))
         .to_vec();
-        for bits in 0..8u32 {
+        for bits in 0..16u32 {
             let (a, b, c) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
-            let vec = VecLoads { a, b, c };
+            let shared_a = bits & 8 != 0;
+            if shared_a && !(a && 32 % bm == 0) {
+                continue;
+            }
+            let vec = VecLoads { a, b, c, shared_a };
             out.push((
                 format!("{flags:?} {vec:?}"),
                 register_blocked(bm, bn4, vec, flags),
@@ -384,15 +445,20 @@ pub fn matmul<'a>(
     // Whole-vec4 loads and stores need 4-aligned rows and 16-byte-aligned bindings.
     let aligned = |s: &Option<Slice<'_>>| s.as_ref().is_none_or(|s| s.offset.is_multiple_of(4));
     let vec = match schedule {
-        Schedule::RegisterBlocked { bm, .. } => VecLoads {
-            a: flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset.is_multiple_of(4),
-            b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
-            c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
-        },
+        Schedule::RegisterBlocked { bm, .. } => {
+            let a = flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset.is_multiple_of(4);
+            VecLoads {
+                a,
+                b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
+                c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
+                shared_a: a && ctx.subgroup_size == Some(8) && 32 % bm == 0,
+            }
+        }
         Schedule::Tiled => VecLoads {
             a: false,
             b: false,
             c: false,
+            shared_a: false,
         },
     };
     let kernel = kernel(ctx, flags, schedule, vec)?;

@@ -21,7 +21,7 @@ pub mod watchdog;
 
 pub use context::{
     block_on, Binding, Dispatch, GpuContext, GpuHang, Kernel, KernelSpec, Slice,
-    BROWSER_NEEDS_ASYNC, GPU_TIMEOUT_ENV,
+    BROWSER_NEEDS_ASYNC, GPU_TIMEOUT_ENV, SUBGROUPS_ENV,
 };
 
 /// `struct Step` of `shaders/step.wgsl`: rewritten before every training step.
