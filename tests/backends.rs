@@ -113,12 +113,15 @@ fn every_kernel_variant_translates_to_every_backend() {
         }
     }
     let matmul = shaders.get("matmul");
-    // Both block shapes the engine generates: 16x16, and 4x4 for narrow products.
-    let variants = [(16, 4), (4, 1)].into_iter().flat_map(|(bm, bn4)| {
-        cupbearer::gpu::matmul::generated_variants(bm, bn4)
-            .into_iter()
-            .map(move |(label, g, c)| (format!("{bm}x{bn4} {label}"), g, c))
-    });
+    // Every block shape the engine generates: 16x16, 32x8 for shared A loads, and 4x4
+    // for narrow products.
+    let variants = [(16, 4), (32, 2), (4, 1)]
+        .into_iter()
+        .flat_map(|(bm, bn4)| {
+            cupbearer::gpu::matmul::generated_variants(bm, bn4)
+                .into_iter()
+                .map(move |(label, g, c)| (format!("{bm}x{bn4} {label}"), g, c))
+        });
     for (label, generated, constants) in variants {
         match translate(
             &format!("matmul {label}"),

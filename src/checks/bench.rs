@@ -2,8 +2,9 @@
 //! MNIST training step's dispatches one by one (ms, GFLOP/s where the launcher counts
 //! its arithmetic, GB/s of the ranges it binds), the whole MLP and CNN steps as one
 //! submit each, a 1024^3 matmul and the covariance statistics. Times are medians of
-//! wall-clock submit-and-wait, so each includes a dispatch's fixed cost (15-70 us on
-//! lavapipe).
+//! wall-clock submit-and-wait; a dispatch timed alone runs in copies, so its time is
+//! its share of a step (which is one submit): its own fixed cost (15-70 us on
+//! lavapipe) but not a submit's.
 
 use web_time::Instant;
 
@@ -35,6 +36,29 @@ pub fn time_ops(ctx: &GpuContext, ops: &[&Dispatch], reps: usize) -> Result<f64>
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Seconds of a dispatch's first run (with the driver's compile, which lavapipe does
+/// at a kernel's first use: cold with `MESA_SHADER_CACHE_DISABLE=true`) and the median
+/// of later ones.
+#[derive(Clone, Copy, Debug)]
+pub struct DispatchTime {
+    pub first: f64,
+    pub steady: f64,
+}
+
+/// Times `op` alone: its first run, then the median of `reps` submits that repeat it
+/// until each takes about 4 ms (at most 16 copies), so submit-and-wait's fixed cost
+/// (see [`BenchReport::submit_ms`]) is spread over the copies.
+pub fn time_dispatch(ctx: &GpuContext, op: &Dispatch, reps: usize) -> Result<DispatchTime> {
+    let t = Instant::now();
+    ctx.submit([op]);
+    ctx.wait(None)?;
+    let first = t.elapsed().as_secs_f64();
+    let once = time_ops(ctx, &[op], 1)?;
+    let copies = ((4e-3 / once).ceil() as usize).clamp(1, 16);
+    let steady = time_ops(ctx, &vec![op; copies], reps)? / copies as f64;
+    Ok(DispatchTime { first, steady })
 }
 
 /// Uniform values in [0, 1) (never-written buffers map the zero page and flatter).
@@ -89,6 +113,8 @@ pub struct KernelTime {
     pub kernel: String,
     pub file: String,
     pub ms: f64,
+    /// The first run: compile (where not cached) and one run.
+    pub first_ms: f64,
     /// None where the launcher does not count its arithmetic.
     pub gflops: Option<f64>,
     /// Bytes of the bound ranges over the time: a lower bound of the traffic.
@@ -96,11 +122,13 @@ pub struct KernelTime {
 }
 
 impl KernelTime {
-    fn of(op: &Dispatch, seconds: f64) -> Self {
+    fn of(op: &Dispatch, t: DispatchTime) -> Self {
+        let seconds = t.steady;
         KernelTime {
             kernel: op.label().to_string(),
             file: op.kernel_file().to_string(),
             ms: seconds * 1e3,
+            first_ms: t.first * 1e3,
             gflops: (op.flops() > 0).then(|| op.flops() as f64 / seconds / 1e9),
             gbps: op.bytes() as f64 / seconds / 1e9,
         }
@@ -111,8 +139,11 @@ impl KernelTime {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub adapter: String,
-    /// The MLP step's dispatches, each alone in a submit.
+    /// The MLP step's dispatches, each timed alone (in copies: see [`time_dispatch`]).
     pub mlp_step_kernels: Vec<KernelTime>,
+    /// An empty submit and its wait: what a step pays once, a kernel timed in one
+    /// submit of its own on top of its time.
+    pub submit_ms: f64,
     /// The whole MLP step, one submit.
     pub mlp_step_ms: f64,
     pub cnn_step_ms: Option<f64>,
@@ -132,8 +163,9 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
     let ops = training_step(ctx, &mnist_model(false))?;
     let mut kernels = Vec::with_capacity(ops.len());
     for op in &ops {
-        kernels.push(KernelTime::of(op, time_ops(ctx, &[op], opts.reps)?));
+        kernels.push(KernelTime::of(op, time_dispatch(ctx, op, opts.reps)?));
     }
+    let submit_ms = time_ops(ctx, &[], opts.reps)? * 1e3;
     let all: Vec<&Dispatch> = ops.iter().collect();
     let mlp_step_ms = time_ops(ctx, &all, opts.reps)? * 1e3;
     let cnn_step_ms = if opts.cnn {
@@ -165,7 +197,7 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
         ..Default::default()
     };
     let op = matmul(ctx, flags, Schedule::for_context(ctx), &args)?;
-    let matmul_1024 = KernelTime::of(&op, time_ops(ctx, &[&op], opts.reps.min(5))?);
+    let matmul_1024 = KernelTime::of(&op, time_dispatch(ctx, &op, opts.reps.min(5))?);
 
     let (rows, d) = (4096, 256);
     let stream = StreamingCovariance::new(ctx, d, rows, 0)?;
@@ -173,6 +205,10 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
     stream.prepare(ctx, 0, rows as u64);
     let ops = stream.record(ctx, Schedule::for_context(ctx), rows, Slice::whole(&x))?;
     let all: Vec<&Dispatch> = ops.iter().collect();
+    let first = Instant::now();
+    ctx.submit(all.iter().copied());
+    ctx.wait(None)?;
+    let first_ms = first.elapsed().as_secs_f64() * 1e3;
     let t = time_ops(ctx, &all, opts.reps.min(10))?;
     // Read twice (mean, centring), the centred copy written once and read twice (Gram).
     let bytes = (rows * d * 4 * 5) as u64;
@@ -180,12 +216,14 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
         kernel: format!("{} dispatches (mean, center, gram, merges)", ops.len()),
         file: "stats".into(),
         ms: t * 1e3,
+        first_ms,
         gflops: Some(2.0 * (rows * d * d) as f64 / t / 1e9),
         gbps: bytes as f64 / t / 1e9,
     };
     Ok(BenchReport {
         adapter: ctx.adapter_name(),
         mlp_step_kernels: kernels,
+        submit_ms,
         mlp_step_ms,
         cnn_step_ms,
         matmul_1024,

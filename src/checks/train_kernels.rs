@@ -33,8 +33,9 @@ const SHAPES: [(usize, usize, usize); 8] = [
     (67, 131, 19),
     (132, 136, 9),
 ];
-/// Every schedule the engine compiles: both register-block shapes (software adapters)
-/// and the tiled kernel (GPUs).
+/// Every schedule the engine compiles: both register-block shapes (software adapters;
+/// 16x16 runs K-major products in 32x8 blocks where A loads are shared) and the tiled
+/// kernel (GPUs).
 const SCHEDULES: [Schedule; 3] = [
     Schedule::RegisterBlocked { bm: 16, bn4: 4 },
     Schedule::RegisterBlocked { bm: 4, bn4: 1 },

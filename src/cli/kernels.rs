@@ -49,9 +49,10 @@ enum KernelsCommand {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
-    /// Time the training step's kernels one by one (ms, GFLOP/s, GB/s), the whole MLP
-    /// (and CNN) step, a 1024^3 matmul and the covariance statistics: the built-in
-    /// kernel files and, side by side, --shader-dir's edited ones.
+    /// Time the training step's kernels one by one (ms inside a step, GFLOP/s, GB/s, and
+    /// the first run's ms: the driver's compile, cold with MESA_SHADER_CACHE_DISABLE=true),
+    /// the whole MLP (and CNN) step, a 1024^3 matmul and the covariance statistics: the
+    /// built-in kernel files and, side by side, --shader-dir's edited ones.
     Bench {
         /// Timed repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
@@ -188,13 +189,14 @@ fn bench(reps: usize, cnn: bool, json: Option<&Path>) -> Result<()> {
     let _ = writeln!(text, "adapter: {}", r.builtin.adapter);
     let _ = writeln!(
         text,
-        "{:<3} {:<10} {:<44} {:>9} {:>8} {:>7}{}",
+        "{:<3} {:<10} {:<44} {:>9} {:>8} {:>7} {:>9}{}",
         "#",
         "file",
         "kernel",
         "ms",
         "GFLOP/s",
         "GB/s",
+        "first ms",
         if other.is_some() {
             "   edited ms   ratio"
         } else {
@@ -206,8 +208,8 @@ fn bench(reps: usize, cnn: bool, json: Option<&Path>) -> Result<()> {
         let gflops = t.gflops.map_or("-".to_string(), |g| format!("{g:.2}"));
         let _ = write!(
             text,
-            "{i:<3} {:<10} {name:<44} {:>9.3} {gflops:>8} {:>7.2}",
-            t.file, t.ms, t.gbps
+            "{i:<3} {:<10} {name:<44} {:>9.3} {gflops:>8} {:>7.2} {:>9.1}",
+            t.file, t.ms, t.gbps, t.first_ms
         );
         if let Some(o) = o {
             let _ = write!(text, "   {:>9.3} {:>7.2}", o.ms, o.ms / t.ms);
@@ -238,6 +240,11 @@ fn bench(reps: usize, cnn: bool, json: Option<&Path>) -> Result<()> {
             None => format!("{text}: {b:.2} ms\n"),
         }
     };
+    text.push_str(&step(
+        "an empty submit and its wait",
+        Some(r.builtin.submit_ms),
+        other.map(|o| o.submit_ms),
+    ));
     text.push_str(&step(
         "MLP training step (batch 128, one submit)",
         Some(r.builtin.mlp_step_ms),

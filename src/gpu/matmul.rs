@@ -70,8 +70,9 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// 16x16 blocks: as fast as 32x16 on lavapipe within its noise, and a third of the
-    /// driver's compile time (0.9 vs 2.4 s per variant, paid at each cold start).
+    /// 16x16 blocks: as fast as 32x16 on lavapipe within its noise with plain loads, and
+    /// a third of the driver's compile time (paid at each cold start). [`matmul`] runs
+    /// products with shared A loads in 32x8 blocks, where they pay.
     pub fn for_context(ctx: &GpuContext) -> Self {
         if ctx.is_cpu() {
             Schedule::RegisterBlocked { bm: 16, bn4: 4 }
@@ -114,6 +115,15 @@ struct VecLoads {
     /// every storage load into a loop over the lanes. Needs whole-vec4 A, subgroups of
     /// exactly 8 lanes (one workgroup) and `bm` dividing 32.
     shared_a: bool,
+}
+
+/// The subgroup size shared A loads are generated for: lavapipe's on 256-bit SIMD.
+const SHARED_A_LANES: u32 = 8;
+
+/// Whether a block of `bm` rows can share its A loads: one round of loads covers a whole
+/// number of k steps.
+fn can_share_a(bm: u32) -> bool {
+    (4 * SHARED_A_LANES).is_multiple_of(bm)
 }
 
 fn kernel(
@@ -236,8 +246,8 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
         }
     };
     if vec.shared_a {
-        // Lane l loads vec4 l % q of the row block at k step l / q: 8 / q steps per load.
-        let steps = 8 / q;
+        // Lane l loads vec4 l % q of the row block at k step l / q.
+        let steps = SHARED_A_LANES / q;
         let _ = writeln!(
             w,
             "for (var k0 = 0u; k0 < dims.k; k0 += {steps}u) {{\n\
@@ -390,7 +400,7 @@ pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
         for bits in 0..16u32 {
             let (a, b, c) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
             let shared_a = bits & 8 != 0;
-            if shared_a && !(a && 32 % bm == 0) {
+            if shared_a && !(a && can_share_a(bm)) {
                 continue;
             }
             let vec = VecLoads { a, b, c, shared_a };
@@ -433,12 +443,21 @@ pub fn matmul<'a>(
     if flags.relu && flags.relu_mask {
         bail!("matmul: relu and relu_mask are exclusive");
     }
+    let a_vec = flags.a_kmajor && m % 4 == 0 && args.a.offset.is_multiple_of(4);
+    let share_a = a_vec && ctx.subgroup_size == Some(SHARED_A_LANES);
     // A product narrower than a register block (the 10-wide output layer) runs in
     // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
-    // twentieth of the compile time. The sums are the same, in the same order.
+    // twentieth of the compile time. Shared A loads pay in 32-row blocks (each B load
+    // feeds twice the rows): 32x8 blocks run layer 1 and the dW products 1.3-1.4x as
+    // fast as 16x16 ones, as fast as 32x16 within noise at a third of its compile time
+    // (0.3 vs 0.9 s a variant). The sums are the same, in the same order, whatever
+    // the block.
     let schedule = match schedule {
         Schedule::RegisterBlocked { bn4, .. } if n < 4 * bn4 as usize => {
             Schedule::RegisterBlocked { bm: 4, bn4: 1 }
+        }
+        Schedule::RegisterBlocked { bm: 16, .. } if share_a => {
+            Schedule::RegisterBlocked { bm: 32, bn4: 2 }
         }
         s => s,
     };
@@ -446,12 +465,12 @@ pub fn matmul<'a>(
     let aligned = |s: &Option<Slice<'_>>| s.as_ref().is_none_or(|s| s.offset.is_multiple_of(4));
     let vec = match schedule {
         Schedule::RegisterBlocked { bm, .. } => {
-            let a = flags.a_kmajor && m % 4 == 0 && bm % 4 == 0 && args.a.offset.is_multiple_of(4);
+            let a = a_vec && bm % 4 == 0;
             VecLoads {
                 a,
                 b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
                 c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
-                shared_a: a && ctx.subgroup_size == Some(8) && 32 % bm == 0,
+                shared_a: a && share_a && can_share_a(bm),
             }
         }
         Schedule::Tiled => VecLoads {
