@@ -18,7 +18,8 @@ struct Dims { m: u32, n: u32, k: u32, _pad: u32 }
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 @group(0) @binding(5) var<uniform> dims: Dims;
 // The same A and B seen as vec4s, bound when the register-blocked schedule loads whole
-// vec4s (A K-major with M % 4 == 0; B row-major with N % 4 == 0).
+// vec4s (A K-major with M % 4 == 0, or row-major with K % 4 == 0 for shared loads; B
+// row-major with N % 4 == 0).
 @group(0) @binding(6) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> b4: array<vec4<f32>>;
 // C and the ReLU mask as vec4s, bound instead (C) or as well (the mask) when N % 4 == 0:

@@ -21,9 +21,10 @@ use crate::gpu::matmul::{matmul, matmul_reference, HostMatmul, MatmulArgs, Matmu
 use crate::gpu::reduce::{column_sums, column_sums_reference};
 use crate::gpu::{GpuContext, Slice, StepParams};
 
-// Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths); the
-// last two span several 16x16 blocks in both directions.
-const SHAPES: [(usize, usize, usize); 8] = [
+// Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths) or K
+// a multiple of 4 (row-major A shared along k); the last ones span several 16x16 blocks
+// in both directions.
+const SHAPES: [(usize, usize, usize); 10] = [
     (1, 1, 1),
     (37, 29, 53),
     (130, 70, 33),
@@ -32,6 +33,8 @@ const SHAPES: [(usize, usize, usize); 8] = [
     (132, 44, 7),
     (67, 131, 19),
     (132, 136, 9),
+    (67, 131, 20),
+    (132, 136, 12),
 ];
 /// Every schedule the engine compiles: both register-block shapes (software adapters;
 /// 16x16 runs K-major products in 32x8 blocks where A loads are shared) and the tiled

@@ -112,8 +112,10 @@ struct VecLoads {
     c: bool,
     /// A's vec4s are loaded once per SIMD row, one per lane, and handed round with
     /// `subgroupBroadcast`: the 8 lanes of a row need the same A, and lavapipe turns
-    /// every storage load into a loop over the lanes. Needs whole-vec4 A, subgroups of
-    /// exactly 8 lanes (one workgroup) and `bm` dividing 32.
+    /// every storage load into a loop over the lanes. Needs subgroups of exactly 8 lanes
+    /// (one workgroup) and, with whole-vec4 (K-major) A, `bm` dividing 32; a row-major
+    /// A is read as vec4s along k (K % 4 == 0: 4 k steps per load), `bm` a multiple
+    /// of 8.
     shared_a: bool,
 }
 
@@ -121,9 +123,13 @@ struct VecLoads {
 const SHARED_A_LANES: u32 = 8;
 
 /// Whether a block of `bm` rows can share its A loads: one round of loads covers a whole
-/// number of k steps.
-fn can_share_a(bm: u32) -> bool {
-    (4 * SHARED_A_LANES).is_multiple_of(bm)
+/// number of k steps (K-major A, `kmajor`), or a whole number of rows per lane.
+fn can_share_a(bm: u32, kmajor: bool) -> bool {
+    if kmajor {
+        (4 * SHARED_A_LANES).is_multiple_of(bm)
+    } else {
+        bm.is_multiple_of(SHARED_A_LANES)
+    }
 }
 
 fn kernel(
@@ -245,7 +251,40 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             }
         }
     };
-    if vec.shared_a {
+    if vec.shared_a && !vec.a {
+        // Lane l loads k steps k0..k0+3 of rows l, l + 8, ...; row i comes from lane
+        // i % 8, its step s is component s.
+        let _ = writeln!(w, "for (var k0 = 0u; k0 < dims.k; k0 += 4u) {{");
+        for t in 0..bm / SHARED_A_LANES {
+            let _ = writeln!(
+                w,
+                "let ar{t} = a4[min(m0 + {}u + lane, last_m) * (dims.k / 4u) + k0 / 4u];",
+                t * SHARED_A_LANES
+            );
+        }
+        for i in rows.clone() {
+            let _ = writeln!(
+                w,
+                "let arow{i} = subgroupBroadcast(ar{}, {}u);",
+                i / SHARED_A_LANES,
+                i % SHARED_A_LANES
+            );
+        }
+        for (s, c) in XYZW.iter().enumerate() {
+            let _ = writeln!(w, "{{\nlet k = k0 + {s}u;");
+            for i in rows.clone() {
+                let _ = writeln!(w, "let as{i} = arow{i}.{c};");
+            }
+            if flags.skip_zero_a {
+                let _ = writeln!(w, "if (!({})) {{", all_zero());
+            }
+            step(&mut w);
+            if flags.skip_zero_a {
+                w.push_str("}\n");
+            }
+            w.push_str("}\n");
+        }
+    } else if vec.shared_a {
         // Lane l loads vec4 l % q of the row block at k step l / q.
         let steps = SHARED_A_LANES / q;
         let _ = writeln!(
@@ -340,15 +379,6 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             if flags.relu {
                 v = format!("max({v}, vec4<f32>(0.0))");
             }
-            if flags.relu_mask {
-                let mask = if vec.c {
-                    format!("mask4[srow{i} * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)]")
-                } else {
-                    let m = XYZW.map(|c| format!("mask[srow{i} * dims.n + scol{j}.{c}]"));
-                    format!("vec4<f32>({})", m.join(", "))
-                };
-                v = format!("select(vec4<f32>(0.0), {v}, {mask} > vec4<f32>(0.0))");
-            }
             let _ = writeln!(w, "let v{i}_{j} = {v};");
             if vec.c {
                 let _ = writeln!(
@@ -363,8 +393,58 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             }
         }
     }
+    if flags.relu_mask {
+        relu_mask_pass(&mut w, bm, bn4, vec);
+    }
     w.push_str("}\n");
     w
+}
+
+/// The ReLU mask, applied to the stored block in a second pass, a loop: unrolled, its
+/// loads were 0.5 s of each masked variant's compile. Elements stored at clamped
+/// addresses are masked again, to the same bits.
+fn relu_mask_pass(w: &mut String, bm: u32, bn4: u32, vec: VecLoads) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        w,
+        "for (var t = 0u; t < {}u; t++) {{\nlet i = t / {bn4}u;\nlet j = t % {bn4}u;",
+        bm * bn4
+    );
+    if vec.a {
+        let _ = writeln!(
+            w,
+            "let srow = 4u * min(gid.y * {}u + i / 4u, last_m4) + i % 4u;",
+            bm / 4
+        );
+    } else {
+        let _ = writeln!(w, "let srow = min(m0 + i, last_m);");
+    }
+    if vec.c {
+        let _ = writeln!(
+            w,
+            "if (n0 + 4u * j < dims.n) {{\n\
+             let at = srow * (dims.n / 4u) + gid.x * {bn4}u + j;\n\
+             c4[at] = select(vec4<f32>(0.0), c4[at], mask4[at] > vec4<f32>(0.0));\n}}"
+        );
+    } else {
+        if vec.b {
+            let _ = writeln!(
+                w,
+                "let scol = vec4<u32>(4u * min(gid.x * {bn4}u + j, last_n4)) + vec4<u32>(0u, 1u, 2u, 3u);"
+            );
+        } else {
+            w.push_str(
+                "let scol = min(vec4<u32>(n0 + 4u * j) + vec4<u32>(0u, 1u, 2u, 3u), last_n);\n",
+            );
+        }
+        for c in XYZW {
+            let _ = writeln!(
+                w,
+                "{{\nlet at = srow * dims.n + scol.{c};\nc[at] = select(0.0, c[at], mask[at] > 0.0);\n}}"
+            );
+        }
+    }
+    w.push_str("}\n");
 }
 
 /// (label, generated WGSL, override constants) of one matmul variant.
@@ -400,7 +480,7 @@ pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
         for bits in 0..16u32 {
             let (a, b, c) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
             let shared_a = bits & 8 != 0;
-            if shared_a && !(a && can_share_a(bm)) {
+            if shared_a && !can_share_a(bm, a) {
                 continue;
             }
             let vec = VecLoads { a, b, c, shared_a };
@@ -444,7 +524,9 @@ pub fn matmul<'a>(
         bail!("matmul: relu and relu_mask are exclusive");
     }
     let a_vec = flags.a_kmajor && m % 4 == 0 && args.a.offset.is_multiple_of(4);
-    let share_a = a_vec && ctx.subgroup_size == Some(SHARED_A_LANES);
+    // A row-major A is shared as vec4s along k (layer 2's forward, the input gradients).
+    let a_rows = !flags.a_kmajor && k % 4 == 0 && args.a.offset.is_multiple_of(4);
+    let share_a = (a_vec || a_rows) && ctx.subgroup_size == Some(SHARED_A_LANES);
     // A product narrower than a register block (the 10-wide output layer) runs in
     // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
     // twentieth of the compile time. Shared A loads pay in 32-row blocks (each B load
@@ -470,7 +552,7 @@ pub fn matmul<'a>(
                 a,
                 b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
                 c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
-                shared_a: a && share_a && can_share_a(bm),
+                shared_a: share_a && a == flags.a_kmajor && can_share_a(bm, a),
             }
         }
         Schedule::Tiled => VecLoads {
@@ -516,7 +598,7 @@ pub fn matmul<'a>(
             args.mask,
             (!vec.c).then_some(args.c),
             Some(Slice::whole(&dims)),
-            vec_view(args.a, m * k, vec.a),
+            vec_view(args.a, m * k, vec.a || vec.shared_a),
             vec_view(args.b, k * n, vec.b),
             vec_view(args.c, m * n, vec.c),
             args.mask.and_then(|s| vec_view(s, m * n, vec.c)),
