@@ -75,6 +75,11 @@ override F32_PIXELS: bool = false;
 // switch here cost 6x (5.1 ms against 0.8 ms per MNIST batch).
 override KIND: u32 = 0u;
 override AUGMENT: bool = false;
+// How many of data0..data3 hold samples: with one, loads skip the switch over them.
+override CHUNKS: u32 = 4u;
+// Read packed u8 pixels a word (4 pixels) per load: set when nothing moves pixels (no
+// augmentation, no warp) and every sample starts on a word (sample_dim % 4 == 0).
+override QUADS: bool = false;
 
 const KIND_CORNER: u32 = 1u;
 const KIND_NOISE: u32 = 2u;
@@ -96,6 +101,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     // Where the sample lives, decoded once per row (not per pixel).
     let chunk = sample / params.samples_per_chunk;
     let base = (sample % params.samples_per_chunk) * params.sample_dim;
+    if (QUADS) {
+        for (var q = lid.x; q < params.sample_dim / 4u; q += 64u) {
+            let w = word(chunk, base / 4u + q);
+            for (var i = 0u; i < 4u; i++) {
+                let p = 4u * q + i;
+                let v = triggered(sample, p, f32((w >> (8u * i)) & 255u) / 255.0, poisoned);
+                put(r, p, v);
+            }
+        }
+        return;
+    }
     let aug = draw_aug(sample);
     for (var p = lid.x; p < params.sample_dim; p += 64u) {
         var v: f32;
@@ -104,10 +120,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         } else {
             v = pixel(sample, chunk, base, p, poisoned, aug);
         }
-        x[r * params.sample_dim + p] = v;
-        if (WRITE_T) {
-            xt[p * params.rows + r] = v;
-        }
+        put(r, p, v);
+    }
+}
+
+fn put(r: u32, p: u32, v: f32) {
+    x[r * params.sample_dim + p] = v;
+    if (WRITE_T) {
+        xt[p * params.rows + r] = v;
     }
 }
 
@@ -174,13 +194,16 @@ fn aug_load(chunk: u32, base: u32, aug: Aug, x_in: u32, y_in: u32, c: u32) -> f3
 
 // Value p of the (augmented) sample at `base` of data{chunk}, with its trigger.
 fn pixel(sample: u32, chunk: u32, base: u32, p: u32, poisoned: bool, aug: Aug) -> f32 {
-    var v: f32;
     if (aug.on) {
         let pix = p / params.channels;
-        v = aug_load(chunk, base, aug, pix % params.width, pix / params.width, p % params.channels);
-    } else {
-        v = load(chunk, base + p);
+        return triggered(sample, p, aug_load(chunk, base, aug, pix % params.width, pix / params.width, p % params.channels), poisoned);
     }
+    return triggered(sample, p, load(chunk, base + p), poisoned);
+}
+
+// `value` of pixel p of `sample`, with the (corner or noise) trigger if poisoned.
+fn triggered(sample: u32, p: u32, value: f32, poisoned: bool) -> f32 {
+    var v = value;
     if (poisoned) {
         if (KIND == KIND_CORNER) {
             let pixel = p / params.channels;
@@ -200,6 +223,9 @@ fn pixel(sample: u32, chunk: u32, base: u32, p: u32, poisoned: bool, aug: Aug) -
 }
 
 fn word(chunk: u32, i: u32) -> u32 {
+    if (CHUNKS == 1u) {
+        return data0[i];
+    }
     switch chunk {
         case 0u: { return data0[i]; }
         case 1u: { return data1[i]; }

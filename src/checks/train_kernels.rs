@@ -579,15 +579,7 @@ pub const GATHER: Check = Check {
                     t => format!("{t:?}"),
                 });
                 c.variant(&name);
-                let (x, y, transposed) =
-                    gather_on_gpu(c.ctx, &gdata, &indices, (None, backdoor.as_ref()), (7, 2))
-                        .await?;
-                let (want_x, want_y) = batch_reference(&data, &indices, backdoor.as_ref(), (7, 2));
-                c.close("37 of 53 9x7 images", &x, &want_x, 1e-5, 1e-5);
-                c.equal("labels", &y, &want_y);
-                c.require("transposed copy", transposed, || {
-                    "differs from the rows".into()
-                });
+                let x = check_gather(c, &data, &gdata, &indices, backdoor.as_ref()).await?;
                 if let Some(Trigger::Wanet { .. }) = backdoor.map(|b| b.trigger) {
                     let (clean, _) = batch_reference(&data, &indices, None, (7, 2));
                     let moved = x
@@ -625,10 +617,48 @@ pub const GATHER: Check = Check {
             c.require("all relabelled", y.iter().all(|&l| l == 2), || {
                 format!("labels {y:?}")
             });
+            // Images of whole words of pixels (8x7) are read a word per load.
+            let words = Dataset::synthetic(53, 8, 7, 6);
+            let gwords = GpuDataset::upload(c.ctx, &words.as_images())?;
+            let cases = [
+                ("clean", None),
+                ("corner", Some(corner)),
+                ("noise", Some(noise(true))),
+            ];
+            for (name, backdoor) in cases {
+                c.variant(format!("8x7 images, {name}"));
+                check_gather(c, &words, &gwords, &indices, backdoor.as_ref()).await?;
+            }
             gather_augmented(c, &data, &gdata, &indices, &[corner, wanet(1.0, 1.0, 0.0)]).await
         })
     },
 };
+
+/// The batch kernel's rows, labels and transposed copy for `indices` (seed 7, epoch 2)
+/// against the reference; returns the rows.
+async fn check_gather(
+    c: &mut Checker<'_>,
+    data: &Dataset,
+    gdata: &GpuDataset,
+    indices: &[u32],
+    backdoor: Option<&Backdoor>,
+) -> Result<Vec<f32>> {
+    let (x, y, transposed) = gather_on_gpu(c.ctx, gdata, indices, (None, backdoor), (7, 2)).await?;
+    let (want_x, want_y) = batch_reference(data, indices, backdoor, (7, 2));
+    let case = format!(
+        "{} of {} {}x{} images",
+        indices.len(),
+        data.len(),
+        data.height,
+        data.width
+    );
+    c.close(case, &x, &want_x, 1e-5, 1e-5);
+    c.equal("labels", &y, &want_y);
+    c.require("transposed copy", transposed, || {
+        "differs from the rows".into()
+    });
+    Ok(x)
+}
 
 /// Augmentations alone and before triggers, against the reference. Rotated pixels whose
 /// source coordinate is within 1e-3 of a rounding tie may pick either neighbour in f32:

@@ -364,6 +364,10 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
             }
         }
     }
+    // Whole words of packed pixels: a quarter of the loads (an MNIST batch of 128 took
+    // 0.44-0.71 ms, now 0.33).
+    let quads =
+        !data.f32_pixels && augment.is_none() && kind != 3 && data.sample_dim().is_multiple_of(4);
     let kernel = simple_kernel(
         ctx,
         "gather_batch",
@@ -387,6 +391,8 @@ pub fn gather_batch(ctx: &GpuContext, g: &Gather<'_>, out: &BatchOutputs<'_>) ->
             ("F32_PIXELS", data.f32_pixels as u8 as f64),
             ("KIND", kind as f64),
             ("AUGMENT", augment.is_some() as u8 as f64),
+            ("CHUNKS", data.chunks.len() as f64),
+            ("QUADS", quads as u8 as f64),
         ],
     )?;
     let params = ctx.uniform("batch_params", &p);
