@@ -114,8 +114,8 @@ fn every_kernel_variant_translates_to_every_backend() {
     }
     let matmul = shaders.get("matmul");
     // Every block shape the engine generates: 16x16, 32x8 for shared A loads, and 4x4
-    // for narrow products.
-    let variants = [(16, 4), (32, 2), (4, 1)]
+    // (8x4 with shared A loads) for narrow products.
+    let variants = [(16, 4), (32, 2), (4, 1), (8, 1)]
         .into_iter()
         .flat_map(|(bm, bn4)| {
             cupbearer::gpu::matmul::generated_variants(bm, bn4)

@@ -22,9 +22,9 @@ use crate::gpu::reduce::{column_sums, column_sums_reference};
 use crate::gpu::{GpuContext, Slice, StepParams};
 
 // Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths) or K
-// a multiple of 4 (row-major A shared along k); the last ones span several 16x16 blocks
-// in both directions.
-const SHAPES: [(usize, usize, usize); 10] = [
+// a multiple of 4 (row-major A shared along k); the 132-row ones span several 16x16
+// blocks in both directions, the last two are narrower than one.
+const SHAPES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
     (37, 29, 53),
     (130, 70, 33),
@@ -35,6 +35,9 @@ const SHAPES: [(usize, usize, usize); 10] = [
     (132, 136, 9),
     (67, 131, 20),
     (132, 136, 12),
+    // Narrower than a block, with shared A loads.
+    (36, 10, 20),
+    (37, 9, 24),
 ];
 /// Every schedule the engine compiles: both register-block shapes (software adapters;
 /// 16x16 runs K-major products in 32x8 blocks where A loads are shared) and the tiled

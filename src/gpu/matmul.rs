@@ -529,14 +529,16 @@ pub fn matmul<'a>(
     let share_a = (a_vec || a_rows) && ctx.subgroup_size == Some(SHARED_A_LANES);
     // A product narrower than a register block (the 10-wide output layer) runs in
     // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
-    // twentieth of the compile time. Shared A loads pay in 32-row blocks (each B load
+    // twentieth of the compile time; in 8x4 ones with shared A loads (logits 0.37 ->
+    // 0.21 ms, their dW 0.31 -> 0.23). Shared A loads pay in 32-row blocks (each B load
     // feeds twice the rows): 32x8 blocks run layer 1 and the dW products 1.3-1.4x as
     // fast as 16x16 ones, as fast as 32x16 within noise at a third of its compile time
     // (0.3 vs 0.9 s a variant). The sums are the same, in the same order, whatever
     // the block.
     let schedule = match schedule {
         Schedule::RegisterBlocked { bn4, .. } if n < 4 * bn4 as usize => {
-            Schedule::RegisterBlocked { bm: 4, bn4: 1 }
+            let bm = if share_a { 8 } else { 4 };
+            Schedule::RegisterBlocked { bm, bn4: 1 }
         }
         Schedule::RegisterBlocked { bm: 16, .. } if share_a => {
             Schedule::RegisterBlocked { bm: 32, bn4: 2 }
