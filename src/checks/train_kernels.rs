@@ -23,8 +23,9 @@ use crate::gpu::{GpuContext, Slice, StepParams};
 
 // Odd shapes, and shapes with M and N multiples of 4 (the whole-vec4 load paths) or K
 // a multiple of 4 (row-major A shared along k); the 132-row ones span several 16x16
-// blocks in both directions, the last two are narrower than one.
-const SHAPES: [(usize, usize, usize); 12] = [
+// blocks in both directions; the last three are narrower than a block or one block
+// high.
+const SHAPES: [(usize, usize, usize); 13] = [
     (1, 1, 1),
     (37, 29, 53),
     (130, 70, 33),
@@ -35,9 +36,10 @@ const SHAPES: [(usize, usize, usize); 12] = [
     (132, 136, 9),
     (67, 131, 20),
     (132, 136, 12),
-    // Narrower than a block, with shared A loads.
+    // Narrower than a block, with shared A loads; one block high and two wide.
     (36, 10, 20),
     (37, 9, 24),
+    (9, 32, 40),
 ];
 /// Every schedule the engine compiles: both register-block shapes (software adapters;
 /// 16x16 runs K-major products in 32x8 blocks where A loads are shared) and the tiled

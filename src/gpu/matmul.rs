@@ -530,13 +530,18 @@ pub fn matmul<'a>(
     // A product narrower than a register block (the 10-wide output layer) runs in
     // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
     // twentieth of the compile time; in 8x4 ones with shared A loads (logits 0.37 ->
-    // 0.21 ms, their dW 0.31 -> 0.23). Shared A loads pay in 32-row blocks (each B load
+    // 0.21 ms, their dW 0.31 -> 0.23). So does a product whose grid would be a single
+    // workgroup, which leaves a core idle (conv 1's dW, 9x32x100352: 18.9 -> 10.3 ms).
+    // Shared A loads pay in 32-row blocks (each B load
     // feeds twice the rows): 32x8 blocks run layer 1 and the dW products 1.3-1.4x as
     // fast as 16x16 ones, as fast as 32x16 within noise at a third of its compile time
     // (0.3 vs 0.9 s a variant). The sums are the same, in the same order, whatever
     // the block.
     let schedule = match schedule {
-        Schedule::RegisterBlocked { bn4, .. } if n < 4 * bn4 as usize => {
+        Schedule::RegisterBlocked { bm, bn4 }
+            if n < 4 * bn4 as usize
+                || (n as u32).div_ceil(4 * bn4).div_ceil(8) * (m as u32).div_ceil(bm) < 2 =>
+        {
             let bm = if share_a { 8 } else { 4 };
             Schedule::RegisterBlocked { bm, bn4: 1 }
         }
