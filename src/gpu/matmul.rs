@@ -117,6 +117,16 @@ struct VecLoads {
     /// A is read as vec4s along k (K % 4 == 0: 4 k steps per load), `bm` a multiple
     /// of 8.
     shared_a: bool,
+    /// An N-major B is read as vec4s along k (K % 4 == 0): one load per column per 4 k
+    /// steps instead of one per step. With shared A loads only (their loops step k by
+    /// 4), and `bm` at least 8 where A is K-major.
+    b_kvec: bool,
+}
+
+/// Whether shared A loads of a `bm`-row block step k by at most 4 (K-major A, `kmajor`:
+/// 32 / bm steps a load), so that B can be read 4 k steps a load.
+fn can_read_b_along_k(bm: u32, kmajor: bool) -> bool {
+    !kmajor || bm >= 8
 }
 
 /// The subgroup size shared A loads are generated for: lavapipe's on 256-bit SIMD.
@@ -221,9 +231,15 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
         zero.join(" && ")
     };
     // One k step's B loads and fmas, given its A (aq* or as*) and `k`.
-    let step = |w: &mut String| {
+    let step = |w: &mut String, t: usize| {
         for j in cols.clone() {
-            if vec.b {
+            if vec.b_kvec {
+                let _ = writeln!(
+                    w,
+                    "let bv{j} = vec4<f32>(bk{j}_0.{c}, bk{j}_1.{c}, bk{j}_2.{c}, bk{j}_3.{c});",
+                    c = XYZW[t % 4]
+                );
+            } else if vec.b {
                 let _ = writeln!(
                     w,
                     "let bv{j} = b4[k * (dims.n / 4u) + min(gid.x * {bn4}u + {j}u, last_n4)];"
@@ -251,6 +267,19 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             }
         }
     };
+    // Column j's B vec4s along k at k0 (component c of col{j} is bk{j}_c).
+    let b_kvec_loads = |w: &mut String| {
+        if vec.b_kvec {
+            for j in cols.clone() {
+                for (e, c) in XYZW.iter().enumerate() {
+                    let _ = writeln!(
+                        w,
+                        "let bk{j}_{e} = b4[col{j}.{c} * (dims.k / 4u) + k0 / 4u];"
+                    );
+                }
+            }
+        }
+    };
     if vec.shared_a && !vec.a {
         // Lane l loads k steps k0..k0+3 of rows l, l + 8, ...; row i comes from lane
         // i % 8, its step s is component s.
@@ -270,6 +299,7 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
                 i % SHARED_A_LANES
             );
         }
+        b_kvec_loads(&mut w);
         for (s, c) in XYZW.iter().enumerate() {
             let _ = writeln!(w, "{{\nlet k = k0 + {s}u;");
             for i in rows.clone() {
@@ -278,27 +308,38 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             if flags.skip_zero_a {
                 let _ = writeln!(w, "if (!({})) {{", all_zero());
             }
-            step(&mut w);
+            step(&mut w, s);
             if flags.skip_zero_a {
                 w.push_str("}\n");
             }
             w.push_str("}\n");
         }
     } else if vec.shared_a {
-        // Lane l loads vec4 l % q of the row block at k step l / q.
-        let steps = SHARED_A_LANES / q;
-        let _ = writeln!(
-            w,
-            "for (var k0 = 0u; k0 < dims.k; k0 += {steps}u) {{\n\
-             let ashared = a4[min(k0 + lane / {q}u, dims.k - 1u) * (dims.m / 4u) + min(gid.y * {q}u + lane % {q}u, last_m4)];"
-        );
-        for s in 0..steps {
-            let _ = writeln!(w, "{{\nlet k = k0 + {s}u;");
+        // Lane l loads vec4 l % q of the row block at k step l / q: `steps` k steps per
+        // load, 4 per B load (whole loads: K % 4 == 0) where B is read along k.
+        let steps = (SHARED_A_LANES / q) as usize;
+        let per_loop = if vec.b_kvec { 4 } else { steps };
+        let _ = writeln!(w, "for (var k0 = 0u; k0 < dims.k; k0 += {per_loop}u) {{");
+        b_kvec_loads(&mut w);
+        for t in 0..per_loop {
+            let (g, s) = (t / steps, t % steps);
+            if s == 0 {
+                let _ = writeln!(
+                    w,
+                    "let ashared{g} = a4[min(k0 + {}u + lane / {q}u, dims.k - 1u) * (dims.m / 4u) + min(gid.y * {q}u + lane % {q}u, last_m4)];",
+                    g * steps
+                );
+            }
+            let _ = writeln!(w, "{{\nlet k = k0 + {t}u;");
             for i in 0..q {
-                let _ = writeln!(w, "let aq{i} = subgroupBroadcast(ashared, {}u);", s * q + i);
+                let _ = writeln!(
+                    w,
+                    "let aq{i} = subgroupBroadcast(ashared{g}, {}u);",
+                    s as u32 * q + i
+                );
             }
             let mut guard = Vec::new();
-            if s > 0 {
+            if t > 0 && !vec.b_kvec {
                 guard.push("k < dims.k".to_string());
             }
             if flags.skip_zero_a {
@@ -307,7 +348,7 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
             if !guard.is_empty() {
                 let _ = writeln!(w, "if ({}) {{", guard.join(" && "));
             }
-            step(&mut w);
+            step(&mut w, t);
             if !guard.is_empty() {
                 w.push_str("}\n");
             }
@@ -327,7 +368,7 @@ fn register_blocked(bm: u32, bn4: u32, vec: VecLoads, flags: MatmulFlags) -> Str
         if flags.skip_zero_a {
             let _ = writeln!(w, "if ({}) {{ continue; }}", all_zero());
         }
-        step(&mut w);
+        step(&mut w, 0);
     }
     let _ = writeln!(w, "}}");
     if vec.shared_a {
@@ -477,13 +518,22 @@ pub fn generated_variants(bm: u32, bn4: u32) -> Vec<GeneratedVariant> {
         ]
         .map(|(k, v)| (k.to_string(), f64::from(u8::from(v))))
         .to_vec();
-        for bits in 0..16u32 {
+        for bits in 0..32u32 {
             let (a, b, c) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
-            let shared_a = bits & 8 != 0;
+            let (shared_a, b_kvec) = (bits & 8 != 0, bits & 16 != 0);
             if shared_a && !can_share_a(bm, a) {
                 continue;
             }
-            let vec = VecLoads { a, b, c, shared_a };
+            if b_kvec && !(shared_a && flags.b_nmajor && !b && can_read_b_along_k(bm, a)) {
+                continue;
+            }
+            let vec = VecLoads {
+                a,
+                b,
+                c,
+                shared_a,
+                b_kvec,
+            };
             out.push((
                 format!("{flags:?} {vec:?}"),
                 register_blocked(bm, bn4, vec, flags),
@@ -560,6 +610,7 @@ pub fn matmul<'a>(
                 b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
                 c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
                 shared_a: share_a && a == flags.a_kmajor && can_share_a(bm, a),
+                b_kvec: false,
             }
         }
         Schedule::Tiled => VecLoads {
@@ -567,7 +618,19 @@ pub fn matmul<'a>(
             b: false,
             c: false,
             shared_a: false,
+            b_kvec: false,
         },
+    };
+    let vec = match schedule {
+        Schedule::RegisterBlocked { bm, .. } => VecLoads {
+            b_kvec: vec.shared_a
+                && flags.b_nmajor
+                && k % 4 == 0
+                && args.b.offset.is_multiple_of(4)
+                && can_read_b_along_k(bm, vec.a),
+            ..vec
+        },
+        Schedule::Tiled => vec,
     };
     let kernel = kernel(ctx, flags, schedule, vec)?;
     let vec_view = |s: Slice<'a>, len: usize, on: bool| {
@@ -606,7 +669,7 @@ pub fn matmul<'a>(
             (!vec.c).then_some(args.c),
             Some(Slice::whole(&dims)),
             vec_view(args.a, m * k, vec.a || vec.shared_a),
-            vec_view(args.b, k * n, vec.b),
+            vec_view(args.b, k * n, vec.b || vec.b_kvec),
             vec_view(args.c, m * n, vec.c),
             args.mask.and_then(|s| vec_view(s, m * n, vec.c)),
         ],
