@@ -123,6 +123,13 @@ struct VecLoads {
     b_kvec: bool,
 }
 
+/// Whether `matmul` shares the loads of a row-major A with `k` columns (bound at a
+/// 16-byte offset) on this context: where that holds, a row-major A is as fast as a
+/// K-major one, and a caller holding both layouts need not write the K-major one.
+pub fn shares_row_major_a(ctx: &GpuContext, k: usize) -> bool {
+    ctx.subgroup_size == Some(SHARED_A_LANES) && k.is_multiple_of(4)
+}
+
 /// Whether shared A loads of a `bm`-row block step k by at most 4 (K-major A, `kmajor`:
 /// 32 / bm steps a load), so that B can be read 4 k steps a load.
 fn can_read_b_along_k(bm: u32, kmajor: bool) -> bool {
@@ -575,8 +582,8 @@ pub fn matmul<'a>(
     }
     let a_vec = flags.a_kmajor && m % 4 == 0 && args.a.offset.is_multiple_of(4);
     // A row-major A is shared as vec4s along k (layer 2's forward, the input gradients).
-    let a_rows = !flags.a_kmajor && k % 4 == 0 && args.a.offset.is_multiple_of(4);
-    let share_a = (a_vec || a_rows) && ctx.subgroup_size == Some(SHARED_A_LANES);
+    let a_rows = !flags.a_kmajor && shares_row_major_a(ctx, k) && args.a.offset.is_multiple_of(4);
+    let share_a = (a_vec && ctx.subgroup_size == Some(SHARED_A_LANES)) || a_rows;
     // A product narrower than a register block (the 10-wide output layer) runs in
     // 4x4 blocks: 12x the invocations of 16x16 ones to spread over the cores, and a
     // twentieth of the compile time; in 8x4 ones with shared A loads (logits 0.37 ->

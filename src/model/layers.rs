@@ -12,7 +12,7 @@ use crate::gpu::conv::{
     conv_op, global_max_reference, im2col_reference, max_pool_reference, ConvArgs, ConvOp, Nhwc,
 };
 use crate::gpu::gate::{gate, gate_grad, gate_reference};
-use crate::gpu::matmul::{matmul, MatmulArgs, MatmulFlags, Schedule};
+use crate::gpu::matmul::{matmul, shares_row_major_a, MatmulArgs, MatmulFlags, Schedule};
 use crate::gpu::reduce::column_sums;
 use crate::gpu::{Dispatch, GpuContext, Slice};
 
@@ -242,8 +242,16 @@ impl Layer {
                 .then(|| ctx.zeros(name, rows * per))
                 .transpose()
         };
+        // Where row-major A loads are shared the forward reads the row-major columns the
+        // parameter gradients need anyway: the K-major copy is not written at all.
+        let rows_forward = match self {
+            Layer::Conv { input, .. } => {
+                param_grads && shares_row_major_a(ctx, 9 * input.channels())
+            }
+            _ => false,
+        };
         Ok(LayerBuffers {
-            cols_t: buf("cols_t", cols, true)?,
+            cols_t: buf("cols_t", cols, !rows_forward)?,
             cols: buf("cols", cols, param_grads)?,
             dcols: buf("dcols", cols, input_grad)?,
             argmax: buf("argmax", argmax, true)?,
@@ -275,8 +283,9 @@ impl Layer {
 /// A layer's batch buffers beyond its input and output.
 pub struct LayerBuffers {
     /// Conv: im2col of the input, K-major `[9·in][positions]` (the forward matmul's
-    /// fast layout) and, for parameter gradients, row-major `[positions][9·in]` (for
-    /// dW = colsᵀ·g); with an input gradient, the columns' gradient.
+    /// fast layout, unless it shares row-major loads) and, for parameter gradients,
+    /// row-major `[positions][9·in]` (for dW = colsᵀ·g); with an input gradient, the
+    /// columns' gradient.
     cols_t: Option<wgpu::Buffer>,
     cols: Option<wgpu::Buffer>,
     dcols: Option<wgpu::Buffer>,
@@ -386,14 +395,18 @@ impl BoundLayer<'_> {
                 relu,
             } => {
                 let p = self.params()?;
-                let cols_t = self.scratch(&b.cols_t, "im2col")?;
+                let (cols, cols_t) = (b.cols.as_ref().map(Slice::whole), b.cols_t.as_ref());
+                let a = match cols_t {
+                    Some(t) => Slice::whole(t),
+                    None => self.scratch(&b.cols, "im2col")?,
+                };
                 let im2col = ConvArgs {
-                    dst: b.cols.as_ref().map(Slice::whole),
-                    dst_t: Some(cols_t),
-                    ..ConvArgs::new(io.x, cols_t)
+                    dst: cols,
+                    dst_t: cols_t.map(Slice::whole),
+                    ..ConvArgs::new(io.x, a)
                 };
                 let flags = MatmulFlags {
-                    a_kmajor: true,
+                    a_kmajor: cols_t.is_some(),
                     bias: true,
                     relu,
                     ..Default::default()
@@ -402,7 +415,7 @@ impl BoundLayer<'_> {
                     m: rows * input.positions(),
                     n: out_channels,
                     k: 9 * input.channels(),
-                    a: cols_t,
+                    a,
                     b: p.kernel(),
                     c: io.out,
                     bias: Some(p.bias()),
