@@ -589,11 +589,10 @@ pub fn matmul<'a>(
     // twentieth of the compile time; in 8x4 ones with shared A loads (logits 0.37 ->
     // 0.21 ms, their dW 0.31 -> 0.23). So does a product whose grid would be a single
     // workgroup, which leaves a core idle (conv 1's dW, 9x32x100352: 18.9 -> 10.3 ms).
-    // Shared A loads pay in 32-row blocks (each B load
-    // feeds twice the rows): 32x8 blocks run layer 1 and the dW products 1.3-1.4x as
-    // fast as 16x16 ones, as fast as 32x16 within noise at a third of its compile time
-    // (0.3 vs 0.9 s a variant). The sums are the same, in the same order, whatever
-    // the block.
+    // Shared A loads pay in 32-row blocks (each B load feeds twice the rows): 32x8
+    // blocks run layer 1 and the dW products 1.3-1.4x as fast as 16x16 ones, as fast
+    // as 32x16 within noise at a third of its compile time (0.3 vs 0.9 s a variant).
+    // The sums are the same, in the same order, whatever the block.
     let schedule = match schedule {
         Schedule::RegisterBlocked { bm, bn4 }
             if n < 4 * bn4 as usize
@@ -612,12 +611,17 @@ pub fn matmul<'a>(
     let vec = match schedule {
         Schedule::RegisterBlocked { bm, .. } => {
             let a = a_vec && bm % 4 == 0;
+            let shared_a = share_a && a == flags.a_kmajor && can_share_a(bm, a);
             VecLoads {
                 a,
                 b: !flags.b_nmajor && n % 4 == 0 && args.b.offset.is_multiple_of(4),
                 c: n % 4 == 0 && args.c.offset.is_multiple_of(4) && aligned(&args.mask),
-                shared_a: share_a && a == flags.a_kmajor && can_share_a(bm, a),
-                b_kvec: false,
+                shared_a,
+                b_kvec: shared_a
+                    && flags.b_nmajor
+                    && k % 4 == 0
+                    && args.b.offset.is_multiple_of(4)
+                    && can_read_b_along_k(bm, a),
             }
         }
         Schedule::Tiled => VecLoads {
@@ -627,17 +631,6 @@ pub fn matmul<'a>(
             shared_a: false,
             b_kvec: false,
         },
-    };
-    let vec = match schedule {
-        Schedule::RegisterBlocked { bm, .. } => VecLoads {
-            b_kvec: vec.shared_a
-                && flags.b_nmajor
-                && k % 4 == 0
-                && args.b.offset.is_multiple_of(4)
-                && can_read_b_along_k(bm, vec.a),
-            ..vec
-        },
-        Schedule::Tiled => vec,
     };
     let kernel = kernel(ctx, flags, schedule, vec)?;
     let vec_view = |s: Slice<'a>, len: usize, on: bool| {
