@@ -175,7 +175,7 @@ fn bench_step(ctx: &GpuContext, name: &str, cnn: bool) -> anyhow::Result<serde_j
     );
     let mut kernels = Vec::new();
     for op in &ops {
-        let t = time_dispatch(ctx, op, 20)?.steady;
+        let t = time_dispatch(ctx, &[op], 20)?.steady;
         let name: String = op.label().chars().take(70).collect();
         println!("{name:<70} {:>9.3}", t * 1e3);
         kernels.push(json!({"kernel": op.label(), "ms": t * 1e3}));

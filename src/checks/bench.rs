@@ -47,17 +47,19 @@ pub struct DispatchTime {
     pub steady: f64,
 }
 
-/// Times `op` alone: its first run, then the median of `reps` submits that repeat it
-/// until each takes about 4 ms (at most 16 copies), so submit-and-wait's fixed cost
-/// (see [`BenchReport::submit_ms`]) is spread over the copies.
-pub fn time_dispatch(ctx: &GpuContext, op: &Dispatch, reps: usize) -> Result<DispatchTime> {
+/// Times `ops` (one dispatch, or a sequence timed as one): their first run, then the
+/// median of `reps` submits that repeat them until each takes about 4 ms (at most 16
+/// copies), so submit-and-wait's fixed cost (see [`BenchReport::submit_ms`]) is spread
+/// over the copies.
+pub fn time_dispatch(ctx: &GpuContext, ops: &[&Dispatch], reps: usize) -> Result<DispatchTime> {
     let t = Instant::now();
-    ctx.submit([op]);
+    ctx.submit(ops.iter().copied());
     ctx.wait(None)?;
     let first = t.elapsed().as_secs_f64();
-    let once = time_ops(ctx, &[op], 1)?;
+    let once = time_ops(ctx, ops, 1)?;
     let copies = ((4e-3 / once).ceil() as usize).clamp(1, 16);
-    let steady = time_ops(ctx, &vec![op; copies], reps)? / copies as f64;
+    let repeated: Vec<&Dispatch> = (0..copies).flat_map(|_| ops.iter().copied()).collect();
+    let steady = time_ops(ctx, &repeated, reps)? / copies as f64;
     Ok(DispatchTime { first, steady })
 }
 
@@ -163,7 +165,7 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
     let ops = training_step(ctx, &mnist_model(false))?;
     let mut kernels = Vec::with_capacity(ops.len());
     for op in &ops {
-        kernels.push(KernelTime::of(op, time_dispatch(ctx, op, opts.reps)?));
+        kernels.push(KernelTime::of(op, time_dispatch(ctx, &[op], opts.reps)?));
     }
     let submit_ms = time_ops(ctx, &[], opts.reps)? * 1e3;
     let all: Vec<&Dispatch> = ops.iter().collect();
@@ -197,7 +199,7 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
         ..Default::default()
     };
     let op = matmul(ctx, flags, Schedule::for_context(ctx), &args)?;
-    let matmul_1024 = KernelTime::of(&op, time_dispatch(ctx, &op, opts.reps.min(5))?);
+    let matmul_1024 = KernelTime::of(&op, time_dispatch(ctx, &[&op], opts.reps.min(5))?);
 
     let (rows, d) = (4096, 256);
     let stream = StreamingCovariance::new(ctx, d, rows, 0)?;
@@ -205,11 +207,8 @@ pub fn run(ctx: &GpuContext, opts: BenchOptions) -> Result<BenchReport> {
     stream.prepare(ctx, 0, rows as u64);
     let ops = stream.record(ctx, Schedule::for_context(ctx), rows, Slice::whole(&x))?;
     let all: Vec<&Dispatch> = ops.iter().collect();
-    let first = Instant::now();
-    ctx.submit(all.iter().copied());
-    ctx.wait(None)?;
-    let first_ms = first.elapsed().as_secs_f64() * 1e3;
-    let t = time_ops(ctx, &all, opts.reps.min(10))?;
+    let timed = time_dispatch(ctx, &all, opts.reps.min(10))?;
+    let (t, first_ms) = (timed.steady, timed.first * 1e3);
     // Read twice (mean, centring), the centred copy written once and read twice (Gram).
     let bytes = (rows * d * 4 * 5) as u64;
     let covariance_4096x256 = KernelTime {
